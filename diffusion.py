@@ -1,0 +1,242 @@
+"""DDPM (Ho et al. 2020) with the cosine schedule of Nichol & Dhariwal (2021), as the assignment defines it.
+
+Equation and algorithm numbers refer to the assignment (shared/seeds/assignment-programming-section.md).
+
+Conventions:
+- Timesteps are 0-indexed: code index ``t = 0 ... T-1`` stands for the paper's ``t = 1 ... T``. So
+  ``alphas_cumprod[t]`` is the paper's alpha_bar_{t+1}, and ``alphas_cumprod_prev[0] = 1`` is alpha_bar_0.
+- Images inside the model are in [-1, 1]; images returned by the samplers are in [0, 1].
+- Every per-timestep coefficient is computed once in float64 and stored as a float32 buffer named after
+  the math, so ``.to(device)`` moves the whole schedule with the network.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("l1", "l2", "huber")
+
+
+def cosine_alphas(timesteps: int, *, s: float = 0.008) -> torch.Tensor:
+    """alpha_t of Eq. (16) for paper t = 1 ... T, in float64: clip(alpha_bar_t / alpha_bar_{t-1}, 0.001, 1)."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_bar = f / f[0]  # paper alpha_bar_t = f(t) / f(0), t = 0 ... T
+    return (alphas_bar[1:] / alphas_bar[:-1]).clamp(0.001, 1.0)
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
+    """Pick ``a[t]`` for each batch element and shape it [B, 1, 1, ...] to broadcast against ``x_shape``."""
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+class Diffusion(nn.Module):
+    """Wraps a noise-prediction network ``model(x_t, t) -> eps`` with the forward and reverse processes.
+
+    Args:
+        model: the network eps_theta, kept as ``self.model``; called with x_t in [-1, 1] and 0-indexed t.
+        image_size: side of the square images.
+        channels: image channels.
+        timesteps: T, the number of diffusion steps.
+        loss_type: ``"l1"`` (the assignment's, default), ``"l2"`` or ``"huber"``.
+    """
+
+    def __init__(self, model: nn.Module, *, image_size: int, channels: int = 3, timesteps: int = 1000,
+                 loss_type: str = "l1"):
+        super().__init__()
+        if not isinstance(timesteps, int) or timesteps < 2:
+            raise ValueError(f"timesteps (T) must be an integer of at least 2, got {timesteps!r}")
+        if not isinstance(image_size, int) or image_size <= 0:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        if loss_type not in LOSSES:
+            raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
+        if hasattr(model, "check_image_size"):
+            model.check_image_size(image_size)
+        self.model = model
+        self.image_size, self.channels = image_size, channels
+        self.num_timesteps, self.loss_type = timesteps, loss_type
+
+        alphas = cosine_alphas(timesteps)  # Eq. (16)
+        betas = 1.0 - alphas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)  # Eq. (17): alpha_bar_t = prod_{i <= t} alpha_i
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        # Eq. (18): posterior q(x_{t-1} | x_t, x_0); at paper t = 1 its variance is 0.
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        buffers = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas": alphas.sqrt(),
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            # log(0) at paper t = 1 is replaced by the next step's value, as in improved-diffusion.
+            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            "posterior_mean_coef1": alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod),  # multiplies x_0
+            "posterior_mean_coef2": alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),  # x_t
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(torch.float32))
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    # ----------------------------------------------------------------------------------------------
+    # Training (Algorithm 1)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0), Eq. (15): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def p_loss(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, *,
+               loss_type: str | None = None) -> torch.Tensor:
+        """The loss between the true noise and eps_theta(x_t, t), Algorithm 1 line 6 (L1 by default); a scalar."""
+        loss_type = loss_type or self.loss_type
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        predicted = self.model(self.q_sample(x_start, t, noise), t)
+        if loss_type == "l1":
+            return F.l1_loss(predicted, noise)
+        if loss_type == "l2":
+            return F.mse_loss(predicted, noise)
+        if loss_type == "huber":
+            return F.smooth_l1_loss(predicted, noise)
+        raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
+
+    def forward(self, x_start: torch.Tensor) -> torch.Tensor:
+        """Algorithm 1 for a batch x_0 in [-1, 1]: t ~ Uniform({0 ... T-1}), eps ~ N(0, I); returns the loss."""
+        b, c, h, w = x_start.shape
+        if (c, h, w) != (self.channels, self.image_size, self.image_size):
+            raise ValueError(f"expected images of shape [B, {self.channels}, {self.image_size}, {self.image_size}], "
+                             f"got {list(x_start.shape)}")
+        t = torch.randint(0, self.num_timesteps, (b,), device=x_start.device)
+        return self.p_loss(x_start, t)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling (Algorithm 2)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_0 from x_t and the noise, Eq. (19): (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0), Eq. (18)."""
+        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        return mean, extract(self.posterior_variance, t, x_t.shape)
+
+    @torch.no_grad()
+    def p_sample(self, x: torch.Tensor, t: torch.Tensor, t_index: int, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3 to 9); ``t_index`` is t's 0-indexed value."""
+        eps = self.model(x, t)  # line 4
+        x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)  # lines 5 and 6
+        mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
+        if t_index == 0:  # line 3: z = 0 at the last step (paper t = 1)
+            return mean
+        z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        return mean + variance.sqrt() * z  # line 9
+
+    @torch.no_grad()
+    def p_sample_loop(self, shape_or_noise: Sequence[int] | torch.Tensor, *, start_t: int | None = None,
+                      return_steps: Iterable[int] = (), generator: torch.Generator | None = None,
+                      progress: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the reverse chain (Algorithm 2) and return images in [0, 1].
+
+        Args:
+            shape_or_noise: a shape [B, C, H, W] to start from x_T ~ N(0, I), or a tensor to start from.
+            start_t: 0-indexed timestep of the starting tensor (default T-1, i.e. x_T); the chain runs
+                ``start_t, ..., 0``. The visualization starts from a forward-process image this way.
+            return_steps: 0-indexed timesteps whose image x_t (the chain's state before the step at t, in
+                [0, 1]) is also returned; with any given, the result is ``(images, {t: x_t})``.
+            generator: random source for x_T and the per-step noise, for reproducible samples.
+        """
+        if isinstance(shape_or_noise, torch.Tensor):
+            x = shape_or_noise.to(self.device)
+        else:
+            x = torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
+        start_t = self.num_timesteps - 1 if start_t is None else start_t
+        if not 0 <= start_t < self.num_timesteps:
+            raise ValueError(f"start_t must be in [0, {self.num_timesteps - 1}], got {start_t}")
+        wanted = set(return_steps)
+        intermediates: dict[int, torch.Tensor] = {}
+        steps = range(start_t, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="sampling", leave=False)
+        for i in steps:
+            if i in wanted:
+                intermediates[i] = unnormalize(x)
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            x = self.p_sample(x, t, i, generator=generator)
+        images = unnormalize(x)
+        return (images, intermediates) if wanted else images
+
+    @torch.no_grad()
+    def ddim_sample(self, shape_or_noise: Sequence[int] | torch.Tensor, *, steps: int = 50, eta: float = 0.0,
+                    generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """DDIM (Song et al. 2021, Eq. 12) over ``steps`` evenly spaced timesteps; deterministic when eta = 0.
+
+        Uses the same network as DDPM. x_0 estimates are clamped to [-1, 1] as in Algorithm 2, and the noise
+        is recomputed from the clamped estimate. Returns images in [0, 1].
+        """
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"DDIM steps must be in [1, {self.num_timesteps}] (T), got {steps}")
+        if eta < 0:
+            raise ValueError(f"DDIM eta must be non-negative, got {eta}")
+        if isinstance(shape_or_noise, torch.Tensor):
+            x = shape_or_noise.to(self.device)
+        else:
+            x = torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
+        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        pairs = list(zip(times, times[1:] + [-1]))
+        if progress:
+            from tqdm.auto import tqdm
+            pairs = tqdm(pairs, desc="DDIM sampling", leave=False)
+        ones = torch.ones((), device=x.device)
+        for i, j in pairs:
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            abar = self.alphas_cumprod[i]
+            abar_next = self.alphas_cumprod[j] if j >= 0 else ones
+            eps = self.model(x, t)
+            x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)
+            eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
+            sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
+            x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
+            if eta > 0 and j >= 0:
+                x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        return unnormalize(x)
+
+    @torch.no_grad()
+    def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain, or DDIM over ``steps``."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        if sampler == "ddpm":
+            return self.p_sample_loop(shape, generator=generator, progress=progress)
+        if sampler == "ddim":
+            return self.ddim_sample(shape, steps=steps or min(50, self.num_timesteps), eta=eta,
+                                    generator=generator, progress=progress)
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return images * 2.0 - 1.0
+
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
