@@ -1,0 +1,144 @@
+"""Checkpoint files: written atomically, read with ``torch.load(weights_only=True)``, checked against the model.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled objects), so loading one that
+came from somewhere else cannot run code. It holds everything a resumed run needs to continue exactly:
+
+    {"format": 1, "step": int, "architecture": {...}, "config": {...},
+     "model": state_dict, "ema": state_dict, "optimizer": state_dict, "scaler": state_dict | None,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}, "data": {...}, "history": [{...}, ...],
+     "wandb_run_id": str | None}
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from errors import UserError
+
+FORMAT = 1
+# The settings that decide the network's shape and the meaning of its timesteps.
+ARCHITECTURE_KEYS = ("image_size", "channels", "time_steps", "unet_dim", "dim_mults", "num_res_blocks",
+                     "attention_levels")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, flush it to disk, then rename it over ``path``.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never a half-written
+    one. Raises UserError (with the previous file intact) when the folder cannot be written.
+    """
+    path = Path(path)
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous file there is intact; "
+                        f"free some disk space or pass a writable --save_folder") from e
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint safely; a missing, truncated, foreign or non-checkpoint file raises one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--load_path {path} does not exist; pass the model.pt that training wrote into its --save_folder")
+    if path.is_dir():
+        raise UserError(f"--load_path {path} is a folder; pass the checkpoint file inside it, such as {path / 'model.pt'}")
+    if path.stat().st_size == 0:
+        raise UserError(f"--load_path {path} is empty (0 bytes); pass a complete checkpoint such as results/model.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it contains Python objects other than tensors, which this package refuses to unpickle"
+        raise UserError(f"--load_path {path} is not a readable checkpoint of this package ({reason[:200]}); "
+                        f"pass a model.pt written by main.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        raise UserError(f"--load_path {path} is not a checkpoint of this package (no format-{FORMAT} model state); "
+                        f"pass a model.pt written by main.py")
+    return ckpt
+
+
+def check_architecture(saved: dict, current: dict, path: str | os.PathLike) -> None:
+    """Raise UserError naming every setting in which the checkpoint's network differs from this run's."""
+    diffs = [f"{key}={_show(saved.get(key))} in the checkpoint but {_show(current.get(key))} here"
+             for key in ARCHITECTURE_KEYS if _norm(saved.get(key)) != _norm(current.get(key))]
+    if diffs:
+        flags = " ".join(f"--{k} {_show(saved.get(k))}" for k in ARCHITECTURE_KEYS
+                         if _norm(saved.get(k)) != _norm(current.get(k)))
+        raise UserError(f"checkpoint {path} has a different architecture: {'; '.join(diffs)}; "
+                        f"rerun with {flags} or load another checkpoint")
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, what: str, path: str | os.PathLike) -> None:
+    """``load_state_dict`` that names the first mismatching tensor in a one-line UserError."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        if shapes:
+            k = shapes[0]
+            detail = f"{k} has shape {list(state[k].shape)} in the checkpoint but {list(own[k].shape)} here"
+        elif missing:
+            detail = f"{len(missing)} tensors missing, such as {missing[0]}"
+        else:
+            detail = f"{len(unexpected)} unexpected tensors, such as {unexpected[0]}"
+        raise UserError(f"checkpoint {path} does not fit this {what}: {detail}; "
+                        f"rerun with the architecture flags it was trained with")
+    module.load_state_dict(state)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _norm(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)

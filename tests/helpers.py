@@ -1,0 +1,48 @@
+"""Small builders shared by the tests: a tiny U-Net, fake batches, and image folders made with PIL."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusion import Diffusion
+from unet import Unet
+
+
+def tiny_diffusion(*, size: int = 16, T: int = 10, dim: int = 8) -> Diffusion:
+    net = Unet(dim, (1, 2), num_res_blocks=1, image_size=size)
+    return Diffusion(net, image_size=size, timesteps=T)
+
+
+class FakeBatches:
+    """An infinite, resumable stream of random batches in [-1, 1], like dataset.DeviceBatches."""
+
+    def __init__(self, batch_size: int = 4, size: int = 16, *, seed: int = 0):
+        self.batch_size, self.size, self.seed, self.world_size = batch_size, size, seed, 1
+        self.position = 0
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.position)
+            self.position += 1
+            yield torch.rand(self.batch_size, 3, self.size, self.size, generator=g) * 2 - 1
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def make_image_folder(root: Path, *, count: int = 12, size: int = 40, cls: str = "cat") -> Path:
+    """``root/train/<cls>/`` with ``count`` random-coloured JPEGs; returns ``root/train``."""
+    folder = root / "train" / cls
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = rng.integers(0, 256, size=3)
+        array = np.clip(base + rng.integers(-40, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(array).save(folder / f"img_{i:03d}.jpg", quality=95)
+    return root / "train"

@@ -1,0 +1,163 @@
+"""The Trainer with a tiny U-Net and fake batches: steps, EMA, precision, checkpoints, resume, NaN, figures."""
+import math
+
+import pytest
+import torch
+
+import checkpoint as ckpt_io
+from errors import UserError
+from helpers import FakeBatches, tiny_diffusion
+from trainer import TrainConfig, Trainer, TrainingDiverged, choose_precision
+
+ARCH = dict(image_size=16, channels=3, time_steps=10, unet_dim=8, dim_mults=[1, 2], num_res_blocks=1,
+            attention_levels=None)
+
+
+def make_trainer(tmp_path, **cfg):
+    torch.manual_seed(0)  # as main.py does before building the model
+    config = TrainConfig(**{"train_steps": 6, "save_and_sample_every": 3, "num_samples": 4, "log_every": 2, **cfg})
+    return Trainer(tiny_diffusion(), FakeBatches(), config=config, device="cpu", save_folder=tmp_path,
+                   run_config=dict(ARCH))
+
+
+def test_training_writes_checkpoints_grids_and_lowers_loss(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    assert trainer.step == 6
+    assert (tmp_path / "model.pt").exists()
+    assert (tmp_path / "sample-3.png").exists() and (tmp_path / "sample-6.png").exists()
+    losses = [r["loss"] for r in trainer.history if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "model.pt")
+    assert ckpt["step"] == 6 and set(ckpt) >= {"model", "ema", "optimizer", "rng", "data", "config", "history"}
+
+
+def test_ema_starts_at_model_and_lags_behind(tmp_path):
+    trainer = make_trainer(tmp_path, ema_decay=0.9, ema_warmup=False)
+    before = [p.clone() for p in trainer.ema.model.parameters()]
+    trainer.train_step()
+    for p_ema, p_old, p in zip(trainer.ema.model.parameters(), before, trainer.diffusion.model.parameters()):
+        assert torch.allclose(p_ema, 0.9 * p_old + 0.1 * p.detach(), atol=1e-6)
+    assert trainer.ema_decay_at(0) == pytest.approx(0.9)
+    trainer.config.ema_warmup = True
+    assert trainer.ema_decay_at(0) == pytest.approx(0.1)  # 1 / 10 with the warmup
+    assert trainer.ema_decay_at(10 ** 6) == pytest.approx(0.9)
+
+
+def test_lr_warmup_and_gradient_accumulation(tmp_path):
+    trainer = make_trainer(tmp_path, lr_warmup=4, grad_accum=3)
+    assert trainer.lr_at(0) == pytest.approx(0.25e-3) and trainer.lr_at(3) == pytest.approx(1e-3)
+    trainer.train_step()
+    assert trainer.batches.position == 3  # three batches per optimizer step
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.25e-3)
+
+
+def test_precision_choice():
+    assert choose_precision("auto", torch.device("cpu")) == "fp32"
+    assert choose_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError):
+        choose_precision("fp8", torch.device("cpu"))
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    trainer = make_trainer(tmp_path, precision="bf16")
+    loss = trainer.train_step()
+    assert torch.isfinite(loss)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    straight = make_trainer(tmp_path / "a", train_steps=6)
+    straight.train()
+    first = make_trainer(tmp_path / "b", train_steps=3)
+    first.train()
+    resumed = make_trainer(tmp_path / "b", train_steps=6)
+    resumed.load(tmp_path / "b" / "model.pt")
+    assert resumed.step == 3
+    resumed.train()
+    a = ckpt_io.load_checkpoint(tmp_path / "a" / "model.pt")
+    b = ckpt_io.load_checkpoint(tmp_path / "b" / "model.pt")
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    # the curve continues: every point of the straight run is there (plus the first run's last step)
+    assert {r["step"] for r in a["history"]} <= {r["step"] for r in b["history"]} == {2, 3, 4, 6}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, train_steps=20)
+    real = trainer.diffusion.p_loss
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if trainer.step >= 4 else loss
+
+    trainer.diffusion.p_loss = poisoned
+    with pytest.raises(TrainingDiverged, match="NaN or infinite"):
+        trainer.train()
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "model.pt")
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_other_architecture_is_refused_with_the_mismatch(tmp_path):
+    make_trainer(tmp_path, train_steps=3).train()
+    other = make_trainer(tmp_path / "x")
+    other.run_config["unet_dim"] = 16
+    with pytest.raises(UserError, match="unet_dim=8 in the checkpoint but 16 here"):
+        other.load(tmp_path / "model.pt")
+
+
+def test_broken_checkpoints_are_refused(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        ckpt_io.load_checkpoint(empty)
+    make_trainer(tmp_path, train_steps=3).train()
+    data = (tmp_path / "model.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        ckpt_io.load_checkpoint(cut)
+    with pytest.raises(UserError, match="does not exist"):
+        ckpt_io.load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a checkpoint of this package"):
+        ckpt_io.load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"format": 1, "model": {}, "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refuses to unpickle|not a readable checkpoint"):
+        ckpt_io.load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, train_steps=3)
+    trainer.train()
+    before = (tmp_path / "model.pt").read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*previous file there is intact"):
+        trainer.save()
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_visualize_writes_both_figures_and_the_gif(tmp_path):
+    trainer = make_trainer(tmp_path)
+    paths = trainer.visualize(torch.rand(3, 3, 16, 16) * 2 - 1)
+    assert sorted(p.name for p in paths) == ["backward_process.gif", "backward_process.png", "forward_process.png"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "backward_process.gif") as gif:
+        assert gif.n_frames == 11  # states t = 9 ... 0, then the output
+    with Image.open(tmp_path / "forward_process.png") as fig:
+        assert fig.width > 200 and fig.height > 150

@@ -1,0 +1,353 @@
+"""The training loop: Algorithm 1 with Adam, EMA, mixed precision, checkpoints, samples, FID and figures.
+
+``Trainer`` receives built objects (the diffusion model, an infinite iterator of batches in [-1, 1] on the
+device, a config) and keeps each job in a small method: ``train_step``, ``train``, ``sample``, ``save``,
+``load``, ``evaluate``, ``visualize``. Samples, figures and FID always use the EMA weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+import checkpoint as ckpt_io
+from diffusion import Diffusion
+from errors import UserError
+from metrics import MetricsLogger
+from visualize import diffusion_processes, save_gif, save_process_figure
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a SIGINT or SIGTERM once the checkpoint is saved; ``main.py`` exits 130."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last checkpoint on disk is from before that."""
+
+    exit_code = 1
+
+
+@dataclass
+class TrainConfig:
+    train_steps: int = 10000
+    learning_rate: float = 1e-3
+    save_and_sample_every: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    lr_warmup: int = 0  # steps of linear learning-rate warmup
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)), so short runs benefit
+    precision: str = "auto"
+    compile: bool = False
+    num_samples: int = 16  # images in each periodic sample grid
+    sampler: str = "ddpm"  # sampler of the periodic grids: the full chain, or DDIM over sample_steps
+    sample_steps: int = 50
+    fid_sampler: str = "ddpm"  # sampler of the FID samples
+    fid_sample_steps: int = 50
+    log_every: int = 10
+    seed: int = 0
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA GPUs with bf16 tensor cores (Ampere and newer), fp16 on older GPUs (T4), fp32 elsewhere."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
+    return "fp32"
+
+
+class Trainer:
+    def __init__(self, diffusion: Diffusion, batches, *, config: TrainConfig, device: torch.device | str,
+                 save_folder: str | Path, run_config: dict | None = None, logger: MetricsLogger | None = None,
+                 evaluator=None):
+        self.config = config
+        self.device = torch.device(device)
+        self.diffusion = diffusion.to(self.device)
+        self.batches = batches
+        self.data_iter = iter(batches)
+        self.save_folder = Path(save_folder)
+        self.run_config = dict(run_config or {})
+        self.logger = logger
+        self.evaluator = evaluator
+        self.step = 0
+        self.best_fid = math.inf
+        self.history: list[dict] = []
+
+        self.precision = choose_precision(config.precision, self.device)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        params = list(self.diffusion.model.parameters())
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=fused)
+        self.ema = copy.deepcopy(self.diffusion).eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if config.compile:
+            self.diffusion.model.compile()
+        self._sample_seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
+        self._stop_signal: str | None = None
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = 0
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    # ----------------------------------------------------------------------------------------------
+    # One optimisation step
+
+    def lr_at(self, step: int) -> float:
+        if self.config.lr_warmup > 0:
+            return self.config.learning_rate * min(1.0, (step + 1) / self.config.lr_warmup)
+        return self.config.learning_rate
+
+    def train_step(self) -> torch.Tensor:
+        """Algorithm 1 on ``grad_accum`` batches, one optimizer step, one EMA update; returns the loss (no sync)."""
+        self.diffusion.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.config.grad_accum):
+            batch = next(self.data_iter)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.diffusion(batch) / self.config.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach().float()
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.update_ema()
+        self.step += 1
+        return total
+
+    def ema_decay_at(self, step: int) -> float:
+        if self.config.ema_warmup:
+            return min(self.config.ema_decay, (1 + step) / (10 + step))
+        return self.config.ema_decay
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = self.ema_decay_at(self.step)
+        ema_params = list(self.ema.model.parameters())
+        params = [p.detach() for p in self.diffusion.model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buf, buf in zip(self.ema.model.buffers(), self.diffusion.model.buffers()):
+            ema_buf.copy_(buf)
+
+    # ----------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self) -> None:
+        """Train until ``train_steps``, saving and sampling every ``save_and_sample_every`` steps."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if self.step >= cfg.train_steps:
+            print(f"checkpoint is already at step {self.step} >= --train_steps {cfg.train_steps}; nothing to train")
+            return
+        previous = self._install_signal_handlers()
+        bar = tqdm(total=cfg.train_steps, initial=self.step, desc="training", dynamic_ncols=True)
+        last_time, last_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.train_steps:
+                loss = self.train_step()
+                self._loss_sum += loss
+                self._loss_count += 1
+                self._nonfinite |= ~torch.isfinite(loss)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.train_steps:
+                    now = time.perf_counter()
+                    images_per_sec = (self.step - last_step) * self._images_per_step() / max(now - last_time, 1e-9)
+                    last_time, last_step = now, self.step
+                    mean_loss = self._flush_loss()
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_sec:.0f}")
+                    self._log({"step": self.step, "loss": mean_loss, "lr": self.lr_at(self.step - 1),
+                               "images_per_sec": images_per_sec})
+                if self.step % cfg.save_and_sample_every == 0 or self.step == cfg.train_steps:
+                    self._check_finite()
+                    self.save_and_sample()
+                if self._stop_signal is not None:
+                    self._check_finite()
+                    path = self.save()
+                    raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: saved {path}; "
+                                              f"resume with --load_path {path}")
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous)
+
+    def _images_per_step(self) -> int:
+        batch_size = getattr(self.batches, "batch_size", 0)
+        world_size = getattr(self.batches, "world_size", 1)
+        return batch_size * self.config.grad_accum * world_size
+
+    def _flush_loss(self) -> float:
+        if bool(self._nonfinite):
+            self._raise_diverged()
+        mean = (self._loss_sum / max(self._loss_count, 1)).item()
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        return mean
+
+    def _check_finite(self) -> None:
+        if bool(self._nonfinite):
+            self._raise_diverged()
+
+    def _raise_diverged(self):
+        last = self.save_folder / "model.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(f"the loss became NaN or infinite by step {self.step}; stopped without saving; {kept}; "
+                               f"lower --learning_rate or keep --grad_clip on")
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.logger is not None:
+            self.logger.log(record)
+
+    def save_and_sample(self) -> None:
+        """The periodic job: a checkpoint, a sample grid, the curves, and FID when an evaluator is set."""
+        path = self.save()
+        grid = self.save_folder / f"sample-{self.step}.png"
+        images = self.sample(self.config.num_samples)
+        save_image(images, grid, nrow=max(1, int(math.sqrt(len(images)))))
+        if self.logger is not None:
+            self.logger.log_image("samples", grid, self.step, caption=f"step {self.step}")
+        if self.evaluator is not None:
+            self.evaluate()
+            path = self.save()  # the FID point and the best score belong in the checkpoint too
+        if self.logger is not None:
+            self.logger.plot()
+
+    def evaluate(self) -> dict | None:
+        """Score the EMA model with the FID evaluator; keeps ``model_best.pt`` at the best FID so far."""
+        cfg = self.config
+        generator = torch.Generator(self.device).manual_seed(self._sample_seed + 1)
+        result = self.evaluator.evaluate(
+            lambda n: self.sample(n, sampler=cfg.fid_sampler, steps=cfg.fid_sample_steps, generator=generator))
+        if result is None:
+            return None
+        record = {"step": self.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
+        self._log(record)
+        if result["fid"] < self.best_fid:
+            self.best_fid = result["fid"]
+            ckpt_io.atomic_save(self.state_dict(), self.save_folder / "model_best.pt")
+        return result
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling and figures (EMA weights)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images in [0, 1] from the EMA model.
+
+        Defaults to the preview sampler of the config, and to fixed noise (a generator seeded apart from the
+        training RNG) so that grids are comparable across steps and sampling never shifts the training RNG.
+        """
+        if generator is None:
+            generator = torch.Generator(self.device).manual_seed(self._sample_seed)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            images = self.ema.sample(n, sampler=sampler or self.config.sampler,
+                                     steps=steps or self.config.sample_steps, generator=generator)
+        return images.float()
+
+    @torch.no_grad()
+    def visualize(self, x_start: torch.Tensor) -> list[Path]:
+        """Figures of the forward and backward processes on ``x_start`` ([B, C, H, W] in [-1, 1]), and a GIF."""
+        generator = torch.Generator(self.device).manual_seed(self._sample_seed)
+        steps, forward, backward, frames = diffusion_processes(self.ema, x_start, generator=generator)
+        T = self.diffusion.num_timesteps
+        paths = [
+            save_process_figure(forward, self.save_folder / "forward_process.png",
+                                title=f"forward process q(x_t | x_0), T = {T}"),
+            save_process_figure(backward, self.save_folder / "backward_process.png",
+                                title=f"backward process from t = {steps[-1]}, step {self.step}"),
+            save_gif(frames, self.save_folder / "backward_process.gif", nrow=min(8, x_start.shape[0])),
+        ]
+        if self.logger is not None:
+            for path in paths:
+                self.logger.log_image(path.stem, path, self.step)
+        return paths
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def state_dict(self) -> dict:
+        data_state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
+        return {
+            "format": ckpt_io.FORMAT,
+            "step": self.step,
+            "architecture": {k: self.run_config.get(k) for k in ckpt_io.ARCHITECTURE_KEYS},
+            "config": {**self.run_config, "trainer": asdict(self.config)},
+            "model": self.diffusion.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": ckpt_io.rng_state(),
+            "data": data_state,
+            "history": [dict(r) for r in self.history],
+            "best_fid": self.best_fid,
+            "wandb_run_id": self.logger.wandb_run_id if self.logger is not None else None,
+        }
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path is not None else self.save_folder / "model.pt"
+        ckpt_io.atomic_save(self.state_dict(), path)
+        return path
+
+    def load(self, path: str | Path, *, resume: bool = True) -> dict:
+        """Load weights (and, with ``resume``, optimizer, scaler, step, RNG, data position and history)."""
+        ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
+        ckpt_io.check_architecture(ckpt.get("architecture", {}),
+                                   {k: self.run_config.get(k) for k in ckpt_io.ARCHITECTURE_KEYS}, path)
+        ckpt_io.load_state_strict(self.diffusion.model, ckpt["model"], "model", path)
+        ckpt_io.load_state_strict(self.ema.model, ckpt.get("ema", ckpt["model"]), "EMA model", path)
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+        self.best_fid = float(ckpt.get("best_fid", math.inf))
+        if resume:
+            if ckpt.get("optimizer"):
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("rng"):
+                ckpt_io.set_rng_state(ckpt["rng"])
+            if ckpt.get("data") and hasattr(self.batches, "load_state_dict"):
+                self.batches.load_state_dict(ckpt["data"])
+                self.data_iter = iter(self.batches)
+        return ckpt
+
+    # ----------------------------------------------------------------------------------------------
+    # Signals: Ctrl-C (SIGINT) and SIGTERM (Colab, schedulers) save a checkpoint, then stop
+
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

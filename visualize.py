@@ -1,0 +1,94 @@
+"""Figures of the assignment's 5.3 and 5.4: the forward and backward processes at fixed fractions of T.
+
+The forward figure shows q_sample(x_0, t) for t at 0, 25, 50, 75 and 99 % of T; the backward figure starts
+the reverse chain from the forward figure's last (noisiest) image and shows the chain's x_t at the same t.
+Each figure has a row per image and a column per timestep, labelled with t (0-indexed, as in the code).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffusion import Diffusion
+
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
+
+
+def timesteps_at(num_timesteps: int, fractions=FRACTIONS) -> list[int]:
+    """0-indexed timesteps at the given fractions of T: int(fraction * T), kept inside [0, T-1]."""
+    return [min(num_timesteps - 1, int(f * num_timesteps)) for f in fractions]
+
+
+@torch.no_grad()
+def diffusion_processes(diffusion: Diffusion, x_start: torch.Tensor, *, generator: torch.Generator | None = None):
+    """Run both processes on x_start ([B, C, H, W] in [-1, 1]).
+
+    Returns ``(steps, forward, backward, frames)``: ``forward[t]`` and ``backward[t]`` are [B, C, H, W]
+    images in [0, 1] at each t in ``steps``; ``frames`` is every state of the backward chain, noisiest first,
+    ending with its output.
+    """
+    steps = timesteps_at(diffusion.num_timesteps)
+    x_start = x_start.to(diffusion.device)
+    noise = torch.randn(x_start.shape, device=x_start.device, generator=generator)
+    forward = {}
+    for t in steps:
+        t_batch = torch.full((x_start.shape[0],), t, device=x_start.device, dtype=torch.long)
+        forward[t] = ((diffusion.q_sample(x_start, t_batch, noise) + 1) / 2).clamp(0, 1)
+    start = steps[-1]
+    x_noisy = forward[start] * 2 - 1
+    every = list(range(start, -1, -1))
+    final, states = diffusion.p_sample_loop(x_noisy, start_t=start, return_steps=every, generator=generator)
+    backward = {t: states[t] for t in steps}
+    frames = [states[t] for t in every] + [final]
+    return steps, forward, backward, frames
+
+
+def save_process_figure(images: dict[int, torch.Tensor], path: str | os.PathLike, *, title: str) -> Path:
+    """A grid with a row per image and a column per timestep, columns labelled ``t = ...``."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    steps = list(images)
+    rows = images[steps[0]].shape[0]
+    fig, axes = plt.subplots(rows, len(steps), figsize=(1.4 * len(steps), 1.4 * rows + 0.5), squeeze=False)
+    for col, t in enumerate(steps):
+        for row in range(rows):
+            ax = axes[row][col]
+            ax.imshow(images[t][row].permute(1, 2, 0).cpu().float().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"t = {t}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def save_gif(frames: list[torch.Tensor], path: str | os.PathLike, *, nrow: int = 8, scale: int = 2,
+             frame_ms: int = 80) -> Path:
+    """An animated GIF of a chain: each frame a grid of the batch, the last frame held for a second."""
+    from torchvision.utils import make_grid
+
+    pictures = []
+    for frame in frames:
+        grid = make_grid(frame.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+        array = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array)
+        if scale > 1:
+            picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        pictures.append(picture)
+    durations = [frame_ms] * (len(pictures) - 1) + [1000]
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.gif")
+    pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    os.replace(tmp, path)
+    return path
