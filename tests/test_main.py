@@ -1,0 +1,124 @@
+"""End-to-end runs of the real command on a tiny model and images the tests make (wandb off, CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from checkpoint import load_checkpoint
+from helpers import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
+        "--time_steps", "10", "--batch_size", "4", "--num_samples", "4", "--log_every", "2",
+        "--wandb", "disabled", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("afhq"), count=12)
+
+
+def args(data_path, save, *extra):
+    return [*TINY, "--data_path", str(data_path), "--save_folder", str(save), *map(str, extra)]
+
+
+def run_cli(argv, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], capture_output=True, text=True,
+                          env=env, cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 300), **kw)
+
+
+def test_train_command_writes_every_output(data_path, tmp_path):
+    result = run_cli(args(data_path, tmp_path / "out", "--train_steps", 4, "--save_and_sample_every", 2))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    for name in ("model.pt", "sample-2.png", "sample-4.png", "metrics.jsonl", "loss.png", "config.json"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_steps"] == 4 and config["time_steps"] == 10 and config["effective_batch_size"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    assert load_checkpoint(out / "model.pt")["step"] == 4
+    assert "learning_rate: 0.001" in result.stdout  # the config is printed at start
+
+
+def test_resume_through_the_command_matches_an_uninterrupted_run(data_path, tmp_path):
+    assert main.main(args(data_path, tmp_path / "a", "--train_steps", 4, "--save_and_sample_every", 2)) == 0
+    assert main.main(args(data_path, tmp_path / "b", "--train_steps", 2, "--save_and_sample_every", 2)) == 0
+    assert main.main(args(data_path, tmp_path / "b", "--train_steps", 4, "--save_and_sample_every", 2,
+                          "--load_path", tmp_path / "b" / "model.pt")) == 0
+    a, b = load_checkpoint(tmp_path / "a" / "model.pt"), load_checkpoint(tmp_path / "b" / "model.pt")
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # the curve continues from the checkpoint
+
+
+def test_visualize_writes_figures_and_gif(data_path, tmp_path):
+    save = tmp_path / "run"
+    assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2)) == 0
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--visualize", "--num_vis", 3)) == 0
+    for name in ("forward_process.png", "backward_process.png", "backward_process.gif"):
+        assert (save / name).stat().st_size > 0, name
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 4)) == 0
+    assert (save / "samples-2-ddpm.png").exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(data_path, tmp_path, capsys):
+    save = tmp_path / "run"
+    assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2)) == 0
+    code = main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--num_res_blocks", 2))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "num_res_blocks=1 in the checkpoint but 2 here" in err[-1] and "--num_res_blocks 1" in err[-1]
+
+
+def test_wandb_offline_keeps_a_local_run(data_path, tmp_path):
+    save = tmp_path / "run"
+    argv = args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2)
+    argv[argv.index("--wandb") + 1] = "offline"
+    assert main.main(argv) == 0
+    assert list((save / "wandb").glob("offline-run-*"))
+    assert (save / "metrics.jsonl").read_text().strip()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(data_path, tmp_path):
+    save = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"),
+                             *args(data_path, save, "--train_steps", 100000, "--save_and_sample_every", 100000)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    metrics = save / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "resume with --load_path" in err
+    assert load_checkpoint(save / "model.pt")["step"] >= 2
+
+
+@pytest.mark.parametrize("value,expected", [([], False), (["--fid"], True), (["--fid", "True"], True),
+                                            (["--fid", "False"], False), (["--fid", "no"], False)])
+def test_boolean_flags_take_both_forms(value, expected):
+    from cli import build_parser
+
+    assert build_parser().parse_args(value).fid is expected
+
+
+def test_defaults_are_the_assignments_recommended_command():
+    from cli import build_parser
+
+    a = build_parser().parse_args([])
+    assert (a.image_size, a.batch_size, a.time_steps, a.unet_dim, a.learning_rate) == (32, 32, 50, 16, 1e-3)
+    assert (a.train_steps, a.save_and_sample_every, a.data_class) == (10000, 1000, "cat")
+    assert Path(a.data_path) == Path("./data/train") and Path(a.save_folder) == Path("./results")
