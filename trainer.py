@@ -230,10 +230,13 @@ class Trainer:
             self.logger.plot()
 
     def evaluate(self) -> dict | None:
-        """Score the EMA model with the FID evaluator; keeps ``model_best.pt`` at the best FID so far."""
+        """Score the EMA model with the FID evaluator; keeps ``model_best.pt`` at the best FID so far.
+
+        The evaluator warns once and returns None when it cannot score (no Inception weights): training goes on.
+        """
         cfg = self.config
         generator = torch.Generator(self.device).manual_seed(self._sample_seed + 1)
-        result = self.evaluator.evaluate(
+        result = self.evaluator.evaluate_or_warn(
             lambda n: self.sample(n, sampler=cfg.fid_sampler, steps=cfg.fid_sample_steps, generator=generator))
         if result is None:
             return None

@@ -161,3 +161,39 @@ def test_visualize_writes_both_figures_and_the_gif(tmp_path):
         assert gif.n_frames == 11  # states t = 9 ... 0, then the output
     with Image.open(tmp_path / "forward_process.png") as fig:
         assert fig.width > 200 and fig.height > 150
+
+
+class FakeEvaluator:
+    """Stands in for fid.FIDEvaluator: records the sample calls and returns scripted FIDs."""
+
+    def __init__(self, scores):
+        self.scores, self.calls = list(scores), []
+
+    def evaluate_or_warn(self, sample_fn):
+        images = sample_fn(3)
+        self.calls.append(images.shape)
+        assert images.min() >= 0 and images.max() <= 1
+        score = self.scores.pop(0)
+        return None if score is None else {"fid": score, "kid": score / 100, "fid_samples": 3, "seconds": 0.1}
+
+
+def test_fid_points_are_logged_and_the_best_checkpoint_kept(tmp_path):
+    from metrics import MetricsLogger
+
+    trainer = make_trainer(tmp_path, train_steps=9)
+    trainer.evaluator = FakeEvaluator([50.0, 40.0, 45.0])
+    trainer.logger = MetricsLogger(tmp_path, config={}, wandb_mode="disabled")
+    trainer.train()
+    fids = [(r["step"], r["fid"]) for r in trainer.history if "fid" in r]
+    assert fids == [(3, 50.0), (6, 40.0), (9, 45.0)]
+    assert ckpt_io.load_checkpoint(tmp_path / "model_best.pt")["step"] == 6
+    assert ckpt_io.load_checkpoint(tmp_path / "model.pt")["best_fid"] == 40.0
+    assert (tmp_path / "fid.png").exists() and (tmp_path / "loss.png").exists()
+    assert trainer.evaluator.calls == [(3, 3, 16, 16)] * 3
+
+
+def test_training_goes_on_when_fid_cannot_be_scored(tmp_path):
+    trainer = make_trainer(tmp_path, train_steps=6)
+    trainer.evaluator = FakeEvaluator([None, None])
+    trainer.train()
+    assert trainer.step == 6 and not (tmp_path / "model_best.pt").exists()

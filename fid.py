@@ -1,0 +1,350 @@
+"""FID and KID of generated images against the training images, with cached reference statistics.
+
+Generated images (floats in [0, 1], [N, 3, H, W]) are quantized to uint8 exactly as a PNG from
+``torchvision.utils.save_image`` would hold them and scored in memory, never on disk. Real images (uint8,
+at the training resolution, preprocessed as training sees them) are scored once per (mode, image size,
+dataset); their features, mean and covariance are cached in ``fid_ref_{mode}_{image_size}px_{real_key}.npz``.
+Features come from clean-fid's Inception for a mode (``clean``, ``legacy_pytorch``, ``legacy_tensorflow``)
+after clean-fid's own resize to 299 x 299, so scores equal ``cleanfid.fid.compute_fid`` on PNG folders of
+the same images. FID at small N is biased upward (Chong & Forsyth 2020, "Effectively Unbiased FID"): compare
+scores only at equal N, which every result carries as ``fid_samples``; KID (Binkowski et al. 2018) is
+unbiased and comes with it. docs/fid.md explains the default N = 1000 against the assignment's N = 512.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+
+
+class InceptionUnavailable(UserError):
+    """clean-fid's Inception weights are neither on disk nor downloadable (no internet, or a corrupt file)."""
+
+
+def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1], [N, 3, H, W] -> uint8 on the CPU, the values a PNG from ``save_image`` holds.
+
+    Same arithmetic as ``save_image``: multiply by 255, add 0.5, clamp to [0, 255], truncate. Computed in
+    float32 whatever the input precision; NaNs become 0.
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"expected float images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    x = torch.nan_to_num(images.detach().to("cpu", torch.float32), nan=0.0)
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a covariance matrix; eigenvalues below zero (rounding) count as zero."""
+    eigenvalues, vectors = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
+                     sqrt_sigma2: np.ndarray | None = None) -> float:
+    """``|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` in float64.
+
+    ``Tr (sigma1 sigma2)^(1/2)`` is the sum of square roots of the eigenvalues of the symmetric PSD matrix
+    ``sigma2^(1/2) sigma1 sigma2^(1/2)`` (same eigenvalues), so no imaginary parts arise, and singular
+    covariances (fewer samples than feature dimensions, the usual case) need no ``eps`` offset: rounding's
+    tiny negative eigenvalues count as zero. ``sqrt_sigma2`` may pass a precomputed ``sigma2^(1/2)``.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched shapes: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("FID statistics are not finite (NaN or infinite features)")
+    root2 = _sqrt_psd(sigma2) if sqrt_sigma2 is None else np.asarray(sqrt_sigma2, dtype=np.float64)
+    middle = root2 @ sigma1 @ root2
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KID's polynomial kernel ``k(a, b) = (a . b / d + 1)^3`` between all rows: [n_a, d], [n_b, d] -> [n_a, n_b]."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def _pair_sums(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``wa[:, s]^T K(a, b) wb[:, s]`` for each column s of the 0/1 indicators ``wa`` [n_a, S], ``wb`` [n_b, S]."""
+    total, chunk = torch.zeros(wa.shape[1], dtype=a.dtype, device=a.device), max(1, (1 << 24) // len(b))
+    for start in range(0, len(a), chunk):  # [chunk, n_b] kernel rows at a time
+        total += ((_kernel(a[start:start + chunk], b) @ wb) * wa[start:start + chunk]).sum(0)
+    return total
+
+
+def _kid_sums_gram(x: torch.Tensor, y: torch.Tensor, draws: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """Per subset [S]: off-diagonal kernel sums within x's and y's subsets, and the cross sum; from the full
+    kernels with subset indicators, which costs ``(n1^2 + n2^2 + n1 n2) d`` instead of ``3 S m^2 d``."""
+    num_subsets = len(draws[0])
+    w = [torch.zeros(len(f), num_subsets, dtype=f.dtype, device=f.device) for f in (x, y)]
+    for wi, idx in zip(w, draws):
+        wi[torch.as_tensor(idx.T, device=wi.device), torch.arange(num_subsets, device=wi.device)] = 1
+    diag = [(f * f).sum(1) / f.shape[1] + 1 for f in (x, y)]  # k(f_i, f_i)^(1/3), [n]
+    xx, yy = (_pair_sums(f, f, wi, wi) - wi.T @ dg ** 3 for f, wi, dg in zip((x, y), w, diag))
+    return xx, yy, _pair_sums(x, y, w[0], w[1])
+
+
+def _kid_sums_subsets(x: torch.Tensor, y: torch.Tensor, draws: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """The same sums as ``_kid_sums_gram``, from each subset's own kernels (cheaper for sets far larger than m)."""
+    sums = []
+    for i1, i2 in zip(*(torch.as_tensor(idx, device=x.device) for idx in draws)):
+        kxx, kyy = _kernel(x[i1], x[i1]), _kernel(y[i2], y[i2])
+        sums.append(torch.stack([kxx.sum() - kxx.diagonal().sum(), kyy.sum() - kyy.diagonal().sum(),
+                                 _kernel(x[i1], y[i2]).sum()]))
+    return tuple(torch.stack(sums).T)
+
+
+def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, *, num_subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0, device: str | torch.device = "cpu") -> float:
+    """KID: the unbiased squared MMD with kernel ``(x . y / d + 1)^3``, averaged over random subsets.
+
+    Same estimator as clean-fid's ``kernel_distance`` (Binkowski et al. 2018): ``num_subsets`` draws of
+    ``m = min(n1, n2, subset_size)`` rows without replacement from each set, and per draw
+    ``(sum_{i!=j} k(x_i, x_j) + sum_{i!=j} k(y_i, y_j)) / (m (m - 1)) - 2 sum_{i,j} k(x_i, y_j) / m^2``.
+    Computed in float64 on ``device``; subsets are drawn from ``seed``, so the result is reproducible.
+    """
+    x = torch.as_tensor(np.asarray(feats1), dtype=torch.float64, device=device)
+    y = torch.as_tensor(np.asarray(feats2), dtype=torch.float64, device=device)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected features [n1, d] and [n2, d], got {tuple(x.shape)} and {tuple(y.shape)}")
+    m = min(len(x), len(y), subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 rows per set, got {len(x)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    draws = [np.stack([rng.choice(len(f), m, replace=False) for _ in range(num_subsets)]) for f in (x, y)]
+    gram_cheaper = len(x) ** 2 + len(y) ** 2 + len(x) * len(y) <= 3 * num_subsets * m * m
+    xx, yy, xy = (_kid_sums_gram if gram_cheaper else _kid_sums_subsets)(x, y, draws)
+    return float(((xx + yy) / (m * (m - 1)) - 2 * xy / (m * m)).mean())
+
+
+def weights_location(mode: str) -> tuple[str, str]:
+    """Where clean-fid keeps the Inception weights of ``mode`` on disk, and the URL it downloads them from."""
+    if mode == "legacy_pytorch":
+        from cleanfid.inception_pytorch import FID_WEIGHTS_URL
+        return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL)), FID_WEIGHTS_URL
+    from cleanfid.downloads_helper import inception_url
+    folder = "./" if platform.system() == "Windows" else "/tmp"  # as cleanfid.features.feature_extractor
+    return os.path.join(folder, os.path.basename(inception_url)), inception_url
+
+
+def _build_inception(mode: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """clean-fid's feature network for ``mode``; raises ``InceptionUnavailable`` when its weights cannot be had."""
+    from cleanfid.features import build_feature_extractor
+    path, url = weights_location(mode)
+    existed = os.path.exists(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            return build_feature_extractor(mode, device=device, use_dataparallel=False)
+    except (OSError, http.client.HTTPException, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not os.path.exists(path):
+            raise  # not about the weights file
+        if not existed and os.path.exists(path):
+            os.remove(path)  # a partial download of ours; clean-fid would take it for the weights next time
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        if existed:
+            raise InceptionUnavailable(f"FID's Inception network weights in {path} could not be loaded ({reason}); "
+                                       f"delete that file to download them again, or fetch {url} by hand to that "
+                                       f"path, or leave off --fid") from e
+        raise InceptionUnavailable(f"FID's Inception network weights could not be downloaded ({reason}); fetch "
+                                   f"{url} by hand and save it as {path}, or leave off --fid") from e
+
+
+class FeatureExtractor:
+    """clean-fid's feature network for a mode, built on first use, applied to uint8 images in memory.
+
+    ``model`` stands in for Inception (clean-fid's custom feature extractor convention): a callable taking
+    float32 [B, 3, 299, 299] with values in [0, 255] (native size in ``legacy_tensorflow`` mode, whose
+    network resizes inside) and returning [B, D] features.
+    """
+
+    def __init__(self, *, mode: str = "clean", device: str | torch.device = "cpu", batch_size: int = 100,
+                 model: Callable[[torch.Tensor], torch.Tensor] | None = None, num_threads: int | None = None):
+        if mode not in MODES:
+            raise UserError(f"--fid_mode {mode!r} is not one of {', '.join(MODES)}; pick one of those")
+        self.mode, self.device, self.batch_size = mode, torch.device(device), batch_size
+        self.name = "inception_v3" if model is None else f"custom:{type(model).__name__}"
+        self.num_threads = num_threads or min(8, os.cpu_count() or 1)
+        self._model, self._resize = model, None
+
+    def load(self) -> None:
+        """Build the resizer and the network now (downloading clean-fid's weights if needed)."""
+        if self._resize is None:
+            from cleanfid.resize import build_resizer
+            with warnings.catch_warnings():  # clean-fid's PyTorch resizer silences all warnings process-wide
+                self._resize = build_resizer(self.mode)
+        if self._model is None:
+            self._model = _build_inception(self.mode, self.device)
+        elif isinstance(self._model, torch.nn.Module):
+            self._model.to(self.device).eval()
+
+    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float32 [B, 3, 299, 299] in [0, 255], as clean-fid's ``ResizeDataset`` does."""
+        arrays = list(images.permute(0, 2, 3, 1).numpy())  # [H, W, 3] each
+        with ThreadPoolExecutor(self.num_threads) as pool:  # PIL resizes outside the GIL
+            resized = list(pool.map(self._resize, arrays))
+        tensors = [torch.from_numpy(np.ascontiguousarray(r.transpose(2, 0, 1))) for r in resized]
+        # ToTensor() scales uint8 to [0, 1] and clean-fid multiplies by 255 again; float32 passes through
+        return torch.stack([t.float().div(255) * 255 if t.dtype == torch.uint8 else t for t in tensors])
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """Features of uint8 images [N, 3, H, W] (CPU): float64 [N, D], computed in batches on ``device``."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.load()
+        feats = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                batch = self._preprocess(images[start:start + self.batch_size].cpu())
+                feats.append(self._model(batch.to(self.device)).detach().to("cpu", torch.float64).reshape(len(batch), -1))
+        return torch.cat(feats).numpy() if feats else np.zeros((0, 0))
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """The real images' features [M, D] (float32), their mean [D] and covariance [D, D] (float64)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray
+
+
+class FIDEvaluator:
+    """Scores a sampler against the real images: FID and KID over ``num_samples`` generated images.
+
+    ``real_batches()`` yields the real images as uint8 [B, 3, image_size, image_size]; ``real_key`` names
+    that data (a fingerprint of the files and preprocessing) in the cache file's name, so other data or
+    another size gets its own statistics. Only ``reference()`` touches the file system.
+    """
+
+    def __init__(self, *, real_key: str, image_size: int, real_batches: Callable[[], Iterable[torch.Tensor]],
+                 mode: str = "clean", num_samples: int = 1000, device: str | torch.device = "cpu",
+                 cache_dir: str | Path, extractor: FeatureExtractor | None = None, batch_size: int = 250):
+        if num_samples < 2:
+            raise UserError(f"--fid_samples {num_samples} is too small; FID needs at least 2 (1000 is the default)")
+        if not real_key or any(not (c.isalnum() or c in "-_.") for c in real_key):
+            raise ValueError(f"real_key {real_key!r} must be letters, digits, '-', '_' or '.'")
+        self.extractor = extractor or FeatureExtractor(mode=mode, device=device)
+        if self.extractor.mode != mode:
+            raise ValueError(f"extractor mode {self.extractor.mode!r} differs from mode {mode!r}")
+        self.real_key, self.image_size, self.real_batches, self.mode = real_key, image_size, real_batches, mode
+        self.num_samples, self.device, self.batch_size = num_samples, torch.device(device), batch_size
+        self.cache_path = Path(cache_dir) / f"fid_ref_{mode}_{image_size}px_{real_key}.npz"
+        self._reference, self._sqrt_sigma, self._unavailable = None, None, False  # set by reference(), evaluate_or_warn
+
+    def _meta(self) -> str:
+        return json.dumps({"version": 1, "mode": self.mode, "image_size": self.image_size,
+                           "real_key": self.real_key, "extractor": self.extractor.name}, sort_keys=True)
+
+    def _check(self, images: torch.Tensor, count: int | None, what: str) -> None:
+        """Real batches (``count`` None) must be uint8 [B, 3, S, S]; samples float [count, 3, S, S]."""
+        dtype_ok = images.dtype == torch.uint8 if count is None else images.is_floating_point()
+        if not dtype_ok or images.shape[1:] != (3, self.image_size, self.image_size) or \
+                (count is not None and len(images) != count):
+            kind = "uint8" if count is None else "float"
+            raise ValueError(f"{what} gave {images.dtype} {tuple(images.shape)}; expected {kind} "
+                             f"[{count or 'B'}, 3, {self.image_size}, {self.image_size}]")
+
+    def _load_cache(self) -> ReferenceStats | None:
+        """The cached statistics, or None (with a warning when a file exists but is unusable)."""
+        if not self.cache_path.exists():
+            return None
+        try:
+            with np.load(self.cache_path, allow_pickle=False) as f:
+                meta, stats = str(f["meta"]), ReferenceStats(f["mu"], f["sigma"], f["features"])
+            if meta != self._meta():
+                raise ValueError(f"it was made for {meta}")
+            if stats.sigma.shape != stats.mu.shape * 2 or stats.features.shape[1:] != stats.mu.shape:
+                raise ValueError("its arrays have inconsistent shapes")
+            return stats
+        except Exception as e:  # truncated, not an npz, missing arrays, other settings: all mean rebuild
+            warnings.warn(f"FID reference cache {self.cache_path} is unusable ({type(e).__name__}: {e}); "
+                          f"rebuilding it", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _save_cache(self, stats: ReferenceStats) -> None:
+        """Write the statistics atomically (temporary file, then rename); warn and go on if the folder is read-only."""
+        tmp = None
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=self.cache_path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, meta=np.array(self._meta()), mu=stats.mu, sigma=stats.sigma, features=stats.features)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.cache_path)
+        except OSError as e:
+            warnings.warn(f"could not cache FID reference statistics in {self.cache_path} ({e}); they will be "
+                          f"recomputed next run (pass a writable --cache_dir)", RuntimeWarning, stacklevel=3)
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+
+    def reference(self) -> ReferenceStats:
+        """The real images' statistics: from memory, else from the cache, else computed and cached.
+
+        Also loads the feature network, so that a missing Inception raises ``InceptionUnavailable`` here.
+        """
+        self.extractor.load()
+        if self._reference is None:
+            stats = self._load_cache()
+            if stats is None:
+                feats = []
+                for batch in self.real_batches():
+                    self._check(batch, None, "real_batches")
+                    feats.append(self.extractor(batch))
+                features = np.concatenate(feats or [np.zeros((0, 0))]).astype(np.float32)
+                if len(features) < 2:
+                    raise ValueError(f"FID needs at least 2 real images, real_batches gave {len(features)}")
+                stats = ReferenceStats(features.mean(0, dtype=np.float64),
+                                       np.cov(features.astype(np.float64), rowvar=False), features)
+                self._save_cache(stats)
+            self._reference, self._sqrt_sigma = stats, _sqrt_psd(stats.sigma)
+        return self._reference
+
+    def evaluate(self, sample_fn: Callable[[int], torch.Tensor]) -> dict:
+        """FID and KID of ``num_samples`` images from ``sample_fn(n)`` (n float images in [0, 1]).
+
+        Draws them in chunks of ``batch_size``, quantizes each chunk like a PNG and extracts its features
+        in memory. Returns ``{"fid", "kid", "fid_samples", "seconds"}``; ``seconds`` includes the reference
+        statistics when this call had to compute them.
+        """
+        start = time.perf_counter()
+        ref = self.reference()
+        feats = []
+        with torch.no_grad():
+            for first in range(0, self.num_samples, self.batch_size):
+                count = min(self.batch_size, self.num_samples - first)
+                images = sample_fn(count)
+                self._check(images, count, "sample_fn")
+                feats.append(self.extractor(quantize_uint8(images)))
+        gen = np.concatenate(feats)
+        fid = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mu, ref.sigma, sqrt_sigma2=self._sqrt_sigma)
+        kid = kernel_inception_distance(gen, ref.features, device=self.device)
+        return {"fid": fid, "kid": kid, "fid_samples": self.num_samples, "seconds": time.perf_counter() - start}
+
+    def evaluate_or_warn(self, sample_fn: Callable[[int], torch.Tensor]) -> dict | None:
+        """``evaluate``, except that a missing Inception warns once and gives None from then on (training goes on)."""
+        if self._unavailable:
+            return None
+        try:
+            return self.evaluate(sample_fn)
+        except InceptionUnavailable as e:
+            self._unavailable = True
+            warnings.warn(f"FID is skipped and training goes on: {e}", RuntimeWarning, stacklevel=2)
+            return None
