@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "sample_steps", positive_int, 50, "DDIM steps (with --sampler ddim)")
     _flag(s, "sample", non_negative_int, 0, "with --load_path: write a grid of this many samples, then exit")
     _flag(s, "num_vis", positive_int, 8, "images (rows) in the --visualize figures")
+    _flag(s, "evaluate", bool, False, "with --load_path: print the model's FID and KID, then exit")
     _flag(s, "fid_samples", positive_int, 1000, "generated images per FID evaluation")
     _flag(s, "fid_mode", str, "clean", "clean-fid mode", choices=("clean", "legacy_pytorch", "legacy_tensorflow"))
     _flag(s, "fid_sampler", str, "ddpm", "sampler of the FID images", choices=("ddpm", "ddim"))
@@ -123,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that involve several flags; each failure is one line and exit code 2 (argparse's error)."""
-    if (args.visualize or args.sample) and not args.load_path:
-        parser.error(f"--{'visualize' if args.visualize else 'sample'} needs a trained model: "
-                     f"add --load_path results/model.pt (the model.pt that training wrote)")
+    for mode in ("visualize", "sample", "evaluate"):
+        if getattr(args, mode) and not args.load_path:
+            parser.error(f"--{mode} needs a trained model: add --load_path results/model.pt "
+                         f"(the model.pt that training wrote)")
     levels = args.attention_levels or []
     if any(level >= len(args.dim_mults) for level in levels):
         parser.error(f"--attention_levels {levels} must be below the number of --dim_mults ({len(args.dim_mults)})")

@@ -77,7 +77,8 @@ def build_evaluator(args, device, image_set, *, required: bool):
         for start in range(0, len(image_set.images), 500):
             yield image_set.images[start:start + 500]
 
-    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.save_folder)
+    # the statistics live beside the decoded-image cache they are computed from
+    cache_dir = image_set.cache_path.parent if image_set.cache_path is not None else Path(args.save_folder)
     evaluator = fid_module.FIDEvaluator(real_key=image_set.key, image_size=args.image_size, real_batches=real_batches,
                                         mode=args.fid_mode, num_samples=args.fid_samples, device=device,
                                         cache_dir=cache_dir)
@@ -119,7 +120,7 @@ def run(args) -> int:
         seed=args.seed, cache_dir=args.cache_dir, progress=True)
     trainer = build_trainer(args, device, diffusion, batches)
     if args.load_path:
-        trainer.load(args.load_path, resume=not (args.visualize or args.sample))
+        trainer.load(args.load_path, resume=not (args.visualize or args.sample or args.evaluate))
     config = trainer.run_config
     width = max(map(len, config))
     print("\n".join(f"{k:>{width}}: {config[k]}" for k in sorted(config)))
@@ -148,6 +149,8 @@ def run(args) -> int:
             save_image(images, out, nrow=max(1, int(args.sample ** 0.5)))
             print(f"wrote {out}")
             return 0
+        if args.evaluate:
+            return evaluate_checkpoint(args, device, trainer, image_set)
         if args.fid:
             if image_set is None:
                 raise UserError("--fid needs the dataset in memory, but it is too large here; lower --image_size")
@@ -159,8 +162,20 @@ def run(args) -> int:
         trainer.logger.close()
 
 
+def evaluate_checkpoint(args, device, trainer, image_set) -> int:
+    """Score the loaded EMA model once with FID and KID and print the result; no training."""
+    if image_set is None:
+        raise UserError("--evaluate needs the dataset in memory, but it is too large here; lower --image_size")
+    evaluator = build_evaluator(args, device, image_set, required=True)
+    result = evaluator.evaluate(trainer.fid_sample_fn())
+    sampler = args.fid_sampler + (f" ({args.fid_sample_steps} steps)" if args.fid_sampler == "ddim" else "")
+    print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, {sampler} "
+          f"sampler, clean-fid mode {args.fid_mode}, step {trainer.step}, {result['seconds']:.0f} s)")
+    return 0
+
+
 def _saved_wandb_id(args):
-    if not args.load_path or args.visualize or args.sample:
+    if not args.load_path or args.visualize or args.sample or args.evaluate:
         return None
     from checkpoint import load_checkpoint
 

@@ -234,10 +234,7 @@ class Trainer:
 
         The evaluator warns once and returns None when it cannot score (no Inception weights): training goes on.
         """
-        cfg = self.config
-        generator = torch.Generator(self.device).manual_seed(self._sample_seed + 1)
-        result = self.evaluator.evaluate_or_warn(
-            lambda n: self.sample(n, sampler=cfg.fid_sampler, steps=cfg.fid_sample_steps, generator=generator))
+        result = self.evaluator.evaluate_or_warn(self.fid_sample_fn())
         if result is None:
             return None
         record = {"step": self.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
@@ -249,6 +246,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     # Sampling and figures (EMA weights)
+
+    def fid_sample_fn(self):
+        """``n -> n images in [0, 1]`` from the EMA model with the FID sampler; each call continues one noise stream."""
+        generator = torch.Generator(self.device).manual_seed(self._sample_seed + 1)
+        return lambda n: self.sample(n, sampler=self.config.fid_sampler, steps=self.config.fid_sample_steps,
+                                     generator=generator)
 
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None,
@@ -275,7 +278,7 @@ class Trainer:
             save_process_figure(forward, self.save_folder / "forward_process.png",
                                 title=f"forward process q(x_t | x_0), T = {T}"),
             save_process_figure(backward, self.save_folder / "backward_process.png",
-                                title=f"backward process from t = {steps[-1]}, step {self.step}"),
+                                title=f"backward process from t = {steps[-1]}, after {self.step} training steps"),
             save_gif(frames, self.save_folder / "backward_process.gif", nrow=min(8, x_start.shape[0])),
         ]
         if self.logger is not None:

@@ -41,7 +41,7 @@ def diffusion_processes(diffusion: Diffusion, x_start: torch.Tensor, *, generato
     x_noisy = forward[start] * 2 - 1
     every = list(range(start, -1, -1))
     final, states = diffusion.p_sample_loop(x_noisy, start_t=start, return_steps=every, generator=generator)
-    backward = {t: states[t] for t in steps}
+    backward = {t: states[t] for t in reversed(steps)}  # noisiest first, as the chain runs
     frames = [states[t] for t in every] + [final]
     return steps, forward, backward, frames
 

@@ -122,3 +122,57 @@ def test_defaults_are_the_assignments_recommended_command():
     assert (a.image_size, a.batch_size, a.time_steps, a.unet_dim, a.learning_rate) == (32, 32, 50, 16, 1e-3)
     assert (a.train_steps, a.save_and_sample_every, a.data_class) == (10000, 1000, "cat")
     assert Path(a.data_path) == Path("./data/train") and Path(a.save_folder) == Path("./results")
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stands in for Inception: float [B, 3, 299, 299] in [0, 255] -> [B, 16] features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = torch.nn.Conv2d(3, 16, 9, stride=8)
+
+    def forward(self, x):
+        return self.conv(x / 255).mean(dim=(2, 3))
+
+
+@pytest.fixture
+def stand_in_inception(monkeypatch):
+    import fid
+
+    monkeypatch.setattr(fid, "_build_inception", lambda mode, device: TinyFeatures().eval())
+
+
+def test_fid_curve_and_standalone_score(data_path, tmp_path, stand_in_inception, capsys):
+    save = tmp_path / "run"
+    cache = tmp_path / "cache"
+    argv = args(data_path, save, "--train_steps", 4, "--save_and_sample_every", 2, "--fid", "--fid_samples", 6,
+                "--cache_dir", cache)
+    assert main.main(argv) == 0
+    fids = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in fids if "fid" in r]
+    assert [r["step"] for r in fids] == [2, 4] and all(r["fid_samples"] == 6 and r["fid"] >= 0 for r in fids)
+    assert (save / "fid.png").exists() and (save / "model_best.pt").exists()
+    assert len(list(cache.glob("fid_ref_clean_16px_*.npz"))) == 1  # reference statistics cached once
+    capsys.readouterr()
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 6,
+                          "--cache_dir", cache)) == 0
+    out = capsys.readouterr().out
+    assert "FID " in out and "KID " in out and "(6 samples, ddpm sampler" in out
+
+
+def test_fid_offline_warns_and_trains_on_but_standalone_score_fails(data_path, tmp_path, monkeypatch, capsys):
+    import fid
+
+    def offline(mode, device):
+        raise fid.InceptionUnavailable("FID's Inception network weights could not be downloaded (URLError); "
+                                       "fetch it by hand, or leave off --fid")
+
+    monkeypatch.setattr(fid, "_build_inception", offline)
+    save = tmp_path / "run"
+    with pytest.warns(UserWarning, match="FID is skipped and training goes on"):
+        code = main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, "--fid"))
+    assert code == 0 and (save / "model.pt").exists()
+    code = main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "could not be downloaded" in err[-1]

@@ -197,3 +197,14 @@ def test_training_goes_on_when_fid_cannot_be_scored(tmp_path):
     trainer.evaluator = FakeEvaluator([None, None])
     trainer.train()
     assert trainer.step == 6 and not (tmp_path / "model_best.pt").exists()
+
+
+def test_process_figures_run_in_process_order():
+    from visualize import diffusion_processes
+
+    d = tiny_diffusion(T=20)
+    steps, forward, backward, frames = diffusion_processes(d, torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert steps == [0, 5, 10, 15, 19]
+    assert list(forward) == steps and list(backward) == steps[::-1]
+    assert torch.equal(backward[19], forward[19])  # the chain starts from the forward process's last image
+    assert len(frames) == 21
