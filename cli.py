@@ -54,8 +54,15 @@ def _flag(group, name, kind, default, help_text, **kw):
         group.add_argument(f"--{name}", type=kind, default=default, help=help_text, **kw)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (what is wrong, and where to look) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (python main.py --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a DDPM on AFHQ cats, visualize its diffusion processes, sample it and score it with FID.")
 
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "compile", bool, False, "compile the U-Net with torch.compile")
     _flag(t, "device", str, "auto", "where to run: auto = CUDA, else MPS, else CPU", choices=("auto", "cpu", "cuda", "mps"))
     _flag(t, "seed", non_negative_int, 0, "random seed (data order, noise, timesteps)")
+    _flag(t, "overwrite", bool, False, "let a new run replace the model.pt already in --save_folder")
     _flag(t, "log_every", positive_int, 10, "steps between loss records (the loss is averaged over them)")
 
     d = p.add_argument_group("data")

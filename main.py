@@ -14,24 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+import distributed
 from cli import build_parser, check_args
 from errors import UserError
-
-
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; pass --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but Apple's MPS backend is not available; pass --device auto or cpu")
-    return torch.device(name)
 
 
 def build_diffusion(args):
@@ -47,15 +32,17 @@ def build_diffusion(args):
         raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 
 
-def run_config(args, device) -> dict:
-    config = {k: v for k, v in vars(args).items()}
+def run_config(args, device, ctx) -> dict:
+    """Every flag, plus what follows from them: the device, the process count and the effective batch size."""
+    config = dict(vars(args))
     config["channels"] = 3
     config["device"] = str(device)
-    config["effective_batch_size"] = args.batch_size * args.grad_accum
+    config["world_size"] = ctx.world_size
+    config["effective_batch_size"] = args.batch_size * args.grad_accum * ctx.world_size
     return config
 
 
-def build_trainer(args, device, diffusion, batches):
+def build_trainer(args, device, diffusion, batches, ctx):
     from trainer import TrainConfig, Trainer
 
     train_config = TrainConfig(
@@ -66,7 +53,7 @@ def build_trainer(args, device, diffusion, batches):
         fid_sampler=args.fid_sampler, fid_sample_steps=args.fid_sample_steps, log_every=args.log_every,
         seed=args.seed)
     return Trainer(diffusion, batches, config=train_config, device=device, save_folder=args.save_folder,
-                   run_config=run_config(args, device))
+                   run_config=run_config(args, device, ctx), dist_ctx=ctx)
 
 
 def build_evaluator(args, device, image_set, *, required: bool):
@@ -104,36 +91,72 @@ def check_save_folder(folder: str) -> None:
         raise UserError(f"--save_folder {folder} cannot be written ({e.strerror or e}); pass a folder you can write to") from None
 
 
-def run(args) -> int:
-    import torch
+def check_not_overwriting(args) -> None:
+    """A new run must not replace another run's checkpoint unless asked to (resuming that checkpoint is fine)."""
+    existing = Path(args.save_folder) / "model.pt"
+    if args.overwrite or not existing.exists():
+        return
+    if args.load_path and Path(args.load_path).resolve() == existing.resolve():
+        return
+    raise UserError(f"{existing} already holds a trained model; resume it with --load_path {existing}, "
+                    f"pass another --save_folder, or add --overwrite to replace it")
 
+
+def load_data(args, device, ctx):
+    """The batches (sharded per rank) and the decoded images; rank 0 downloads and builds the cache first."""
     import dataset
     import download
 
-    check_save_folder(args.save_folder)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    diffusion = build_diffusion(args)
-    download.ensure_dataset(args.data_path, args.data_class, download=args.download, source=args.dataset_source)
-    batches, image_set = dataset.make_batches(
-        args.data_path, args.data_class, args.image_size, args.batch_size, device=device, flip=args.flip,
-        seed=args.seed, cache_dir=args.cache_dir, progress=True)
-    trainer = build_trainer(args, device, diffusion, batches)
-    if args.load_path:
-        trainer.load(args.load_path, resume=not (args.visualize or args.sample or args.evaluate))
-    config = trainer.run_config
+    if ctx.is_main:
+        download.ensure_dataset(args.data_path, args.data_class, download=args.download, source=args.dataset_source)
+    for turn in ("main", "others"):  # the other ranks read the cache rank 0 has just written
+        if (turn == "main") == ctx.is_main:
+            batches, image_set = dataset.make_batches(
+                args.data_path, args.data_class, args.image_size, args.batch_size, device=device, flip=args.flip,
+                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size, cache_dir=args.cache_dir,
+                progress=ctx.is_main)
+        distributed.barrier(ctx)
+    return batches, image_set
+
+
+def print_config(config: dict, trainer, device) -> None:
     width = max(map(len, config))
     print("\n".join(f"{k:>{width}}: {config[k]}" for k in sorted(config)))
     print(f"device {device}, precision {trainer.precision}, "
-          f"{sum(p.numel() for p in diffusion.model.parameters()):,} parameters, "
-          f"effective batch size {config['effective_batch_size']}, learning rate {args.learning_rate:g}")
-    (Path(args.save_folder) / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+          f"{sum(p.numel() for p in trainer.diffusion.model.parameters()):,} parameters, "
+          f"effective batch size {config['effective_batch_size']}, learning rate {config['learning_rate']:g}")
+
+
+def run(args, ctx) -> int:
+    import torch
 
     from metrics import MetricsLogger
 
-    trainer.logger = MetricsLogger(args.save_folder, config=config, wandb_mode=args.wandb,
-                                   project=args.wandb_project, run_name=args.run_name, history=trainer.history,
-                                   resume_step=trainer.step, wandb_run_id=_saved_wandb_id(args))
+    training = not (args.visualize or args.sample or args.evaluate)
+    if ctx.enabled and not training:
+        raise UserError("--visualize, --sample and --evaluate run in one process; start them without torchrun")
+    if ctx.is_main:
+        check_save_folder(args.save_folder)
+        if training:
+            check_not_overwriting(args)
+    device = distributed.setup(ctx, args.device)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    diffusion = build_diffusion(args)
+    batches, image_set = load_data(args, device, ctx)
+    trainer = build_trainer(args, device, diffusion, batches, ctx)
+    loaded = trainer.load(args.load_path, resume=training) if args.load_path else {}
+    if not loaded:
+        torch.manual_seed(args.seed + ctx.rank)  # each rank draws its own timesteps and noise
+    elif ctx.rank > 0:  # a checkpoint holds rank 0's RNG state; the others continue on streams of their own
+        torch.manual_seed(args.seed + ctx.rank + 1_000_003 * trainer.step)
+    config = trainer.run_config
+    if ctx.is_main:
+        print_config(config, trainer, device)
+        (Path(args.save_folder) / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        trainer.logger = MetricsLogger(args.save_folder, config=config, wandb_mode=args.wandb,
+                                       project=args.wandb_project, run_name=args.run_name,
+                                       history=trainer.history if training else None, resume_step=trainer.step,
+                                       wandb_run_id=loaded.get("wandb_run_id") if training else None)
     try:
         if args.visualize:
             first = image_set.images[: args.num_vis] if image_set is not None else next(iter(batches))[: args.num_vis]
@@ -151,15 +174,17 @@ def run(args) -> int:
             return 0
         if args.evaluate:
             return evaluate_checkpoint(args, device, trainer, image_set)
-        if args.fid:
+        if args.fid and ctx.is_main:
             if image_set is None:
                 raise UserError("--fid needs the dataset in memory, but it is too large here; lower --image_size")
             trainer.evaluator = build_evaluator(args, device, image_set, required=False)
         trainer.train()
-        print(f"done: {Path(args.save_folder) / 'model.pt'} at step {trainer.step}")
+        if ctx.is_main:
+            print(f"done: {Path(args.save_folder) / 'model.pt'} at step {trainer.step}")
         return 0
     finally:
-        trainer.logger.close()
+        if trainer.logger is not None:
+            trainer.logger.close()
 
 
 def evaluate_checkpoint(args, device, trainer, image_set) -> int:
@@ -172,14 +197,6 @@ def evaluate_checkpoint(args, device, trainer, image_set) -> int:
     print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, {sampler} "
           f"sampler, clean-fid mode {args.fid_mode}, step {trainer.step}, {result['seconds']:.0f} s)")
     return 0
-
-
-def _saved_wandb_id(args):
-    if not args.load_path or args.visualize or args.sample or args.evaluate:
-        return None
-    from checkpoint import load_checkpoint
-
-    return load_checkpoint(args.load_path).get("wandb_run_id")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -195,14 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     check_args(parser, args)
     from trainer import TrainingInterrupted
 
+    ctx = distributed.from_environment()
     try:
-        return run(args)
+        return run(args, ctx)
     except TrainingInterrupted as e:
-        print(f"\ninterrupted: {e}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"\ninterrupted: {e}", file=sys.stderr)
         return 130
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if not ctx.enabled else f"error (rank {ctx.rank}): {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        distributed.cleanup(ctx)
 
 
 if __name__ == "__main__":

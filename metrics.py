@@ -35,15 +35,24 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 class MetricsLogger:
-    """Append-only metrics for one run: ``log(record)``, ``log_image(name, path, step)``, ``plot()``, ``close()``."""
+    """Append-only metrics for one run: ``log(record)``, ``log_image(name, path, step)``, ``plot()``, ``close()``.
+
+    ``history`` is the run's record so far (from its checkpoint; empty for a new run): ``metrics.jsonl`` is
+    rewritten to hold exactly it, records past ``resume_step`` dropped. ``history=None`` (visualizing or
+    sampling a saved model) leaves the file as it is and only appends.
+    """
 
     def __init__(self, save_folder: str | os.PathLike, *, config: dict, wandb_mode: str = "disabled",
                  project: str = "ddpm-afhq", run_name: str | None = None, history: list[dict] | None = None,
                  resume_step: int = 0, wandb_run_id: str | None = None):
         self.folder = Path(save_folder)
         self.path = self.folder / "metrics.jsonl"
-        self.history = [r for r in (history or []) if r.get("step", 0) <= resume_step]
-        self._rewrite()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if history is None:
+            self.history = []
+        else:
+            self.history = [r for r in history if r.get("step", 0) <= resume_step]
+            self._rewrite()
         self.wandb_mode = resolve_wandb_mode(wandb_mode)
         self.run = None
         if self.wandb_mode != "disabled":
@@ -54,7 +63,6 @@ class MetricsLogger:
         return self.run.id if self.run is not None else None
 
     def _rewrite(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         os.replace(tmp, self.path)

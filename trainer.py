@@ -6,6 +6,7 @@ device, a config) and keeps each job in a small method: ``train_step``, ``train`
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import signal
@@ -17,6 +18,7 @@ import torch
 from torchvision.utils import save_image
 
 import checkpoint as ckpt_io
+import distributed
 from diffusion import Diffusion
 from errors import UserError
 from metrics import MetricsLogger
@@ -71,8 +73,9 @@ def choose_precision(requested: str, device: torch.device) -> str:
 class Trainer:
     def __init__(self, diffusion: Diffusion, batches, *, config: TrainConfig, device: torch.device | str,
                  save_folder: str | Path, run_config: dict | None = None, logger: MetricsLogger | None = None,
-                 evaluator=None):
+                 evaluator=None, dist_ctx: distributed.Context = distributed.Context()):
         self.config = config
+        self.dist = dist_ctx
         self.device = torch.device(device)
         self.diffusion = diffusion.to(self.device)
         self.batches = batches
@@ -96,6 +99,12 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         if config.compile:
             self.diffusion.model.compile()
+        self.train_module = self.diffusion  # what the training forward pass calls
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.diffusion, device_ids=device_ids, broadcast_buffers=False)
         self._sample_seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
         self._stop_signal: str | None = None
         self._loss_sum = torch.zeros((), device=self.device)
@@ -116,11 +125,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.config.grad_accum):
+        for micro in range(self.config.grad_accum):
             batch = next(self.data_iter)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = self.diffusion(batch) / self.config.grad_accum
-            self.scaler.scale(loss).backward()
+            last = micro == self.config.grad_accum - 1
+            # with DDP, gradients are averaged across ranks once, on the last micro-batch
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_module.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                      enabled=self.autocast_dtype is not None):
+                loss = self.train_module(batch) / self.config.grad_accum
+                self.scaler.scale(loss).backward()
             total += loss.detach().float()
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -153,12 +166,13 @@ class Trainer:
         """Train until ``train_steps``, saving and sampling every ``save_and_sample_every`` steps."""
         from tqdm.auto import tqdm
 
-        cfg = self.config
+        cfg, main_rank = self.config, self.dist.is_main
         if self.step >= cfg.train_steps:
-            print(f"checkpoint is already at step {self.step} >= --train_steps {cfg.train_steps}; nothing to train")
+            if main_rank:
+                print(f"checkpoint is already at step {self.step} >= --train_steps {cfg.train_steps}; nothing to train")
             return
         previous = self._install_signal_handlers()
-        bar = tqdm(total=cfg.train_steps, initial=self.step, desc="training", dynamic_ncols=True)
+        bar = tqdm(total=cfg.train_steps, initial=self.step, desc="training", dynamic_ncols=True, disable=not main_rank)
         last_time, last_step = time.perf_counter(), self.step
         try:
             while self.step < cfg.train_steps:
@@ -167,7 +181,14 @@ class Trainer:
                 self._loss_count += 1
                 self._nonfinite |= ~torch.isfinite(loss)
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.train_steps:
+                at_log = self.step % cfg.log_every == 0 or self.step == cfg.train_steps
+                at_save = self.step % cfg.save_and_sample_every == 0 or self.step == cfg.train_steps
+                # The NaN flag is read (a host sync) only at log and save points; ranks agree on a stop there too,
+                # while a single process acts on Ctrl-C at once.
+                stop = self._stop_signal is not None and not self.dist.enabled
+                if at_log or at_save or stop:
+                    stop = self._agree_on_flags()
+                if at_log:
                     now = time.perf_counter()
                     images_per_sec = (self.step - last_step) * self._images_per_step() / max(now - last_time, 1e-9)
                     last_time, last_step = now, self.step
@@ -175,17 +196,29 @@ class Trainer:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_sec:.0f}")
                     self._log({"step": self.step, "loss": mean_loss, "lr": self.lr_at(self.step - 1),
                                "images_per_sec": images_per_sec})
-                if self.step % cfg.save_and_sample_every == 0 or self.step == cfg.train_steps:
-                    self._check_finite()
+                if at_save:
                     self.save_and_sample()
-                if self._stop_signal is not None:
-                    self._check_finite()
+                if stop:
                     path = self.save()
                     raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: saved {path}; "
                                               f"resume with --load_path {path}")
+            if not distributed.parameters_agree(self.diffusion.model, self.dist):
+                raise RuntimeError("the ranks' weights differ after training; DistributedDataParallel lost sync")
+            if self.dist.enabled and main_rank:
+                print(f"weights identical on all {self.dist.world_size} ranks")
         finally:
             bar.close()
             self._restore_signal_handlers(previous)
+
+    def _agree_on_flags(self) -> bool:
+        """Share the NaN flag and a pending stop signal between ranks; raise on a NaN anywhere, else say whether to stop."""
+        stop = torch.tensor(self._stop_signal is not None, device=self.device)
+        flags = distributed.any_rank(torch.stack([self._nonfinite, stop]), self.dist).tolist()
+        if flags[0]:
+            self._raise_diverged()
+        if flags[1] and self._stop_signal is None:
+            self._stop_signal = "a stop signal on another rank"
+        return bool(flags[1])
 
     def _images_per_step(self) -> int:
         batch_size = getattr(self.batches, "batch_size", 0)
@@ -193,16 +226,15 @@ class Trainer:
         return batch_size * self.config.grad_accum * world_size
 
     def _flush_loss(self) -> float:
-        if bool(self._nonfinite):
-            self._raise_diverged()
-        mean = (self._loss_sum / max(self._loss_count, 1)).item()
+        """The mean loss since the last call, over all ranks."""
+        mean = self._loss_sum / max(self._loss_count, 1)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(mean)
+            mean = mean / self.dist.world_size
+        mean = mean.item()
         self._loss_sum.zero_()
         self._loss_count = 0
         return mean
-
-    def _check_finite(self) -> None:
-        if bool(self._nonfinite):
-            self._raise_diverged()
 
     def _raise_diverged(self):
         last = self.save_folder / "model.pt"
@@ -216,7 +248,13 @@ class Trainer:
             self.logger.log(record)
 
     def save_and_sample(self) -> None:
-        """The periodic job: a checkpoint, a sample grid, the curves, and FID when an evaluator is set."""
+        """The periodic job: a checkpoint, a sample grid, the curves, and FID when an evaluator is set.
+
+        Rank 0 does it alone while the other ranks wait at a barrier.
+        """
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)
+            return
         path = self.save()
         grid = self.save_folder / f"sample-{self.step}.png"
         images = self.sample(self.config.num_samples)
@@ -228,6 +266,7 @@ class Trainer:
             path = self.save()  # the FID point and the best score belong in the checkpoint too
         if self.logger is not None:
             self.logger.plot()
+        distributed.barrier(self.dist)
 
     def evaluate(self) -> dict | None:
         """Score the EMA model with the FID evaluator; keeps ``model_best.pt`` at the best FID so far.
@@ -308,8 +347,10 @@ class Trainer:
         }
 
     def save(self, path: str | Path | None = None) -> Path:
+        """Write the checkpoint (rank 0 only; the path is returned on every rank)."""
         path = Path(path) if path is not None else self.save_folder / "model.pt"
-        ckpt_io.atomic_save(self.state_dict(), path)
+        if self.dist.is_main:
+            ckpt_io.atomic_save(self.state_dict(), path)
         return path
 
     def load(self, path: str | Path, *, resume: bool = True) -> dict:

@@ -176,3 +176,34 @@ def test_fid_offline_warns_and_trains_on_but_standalone_score_fails(data_path, t
     code = main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "could not be downloaded" in err[-1]
+
+
+def test_a_new_run_does_not_replace_another_runs_model(data_path, tmp_path, capsys):
+    save = tmp_path / "run"
+    assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2)) == 0
+    before = (save / "model.pt").read_bytes()
+    metrics = (save / "metrics.jsonl").read_text()
+    assert main.main(args(data_path, save, "--train_steps", 2)) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert (save / "model.pt").read_bytes() == before
+    # visualizing and sampling a saved model leave the run's metrics as they are
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 2)) == 0
+    assert (save / "metrics.jsonl").read_text() == metrics
+    assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, "--overwrite")) == 0
+
+
+def test_two_processes_with_torchrun_keep_identical_weights(data_path, tmp_path):
+    save = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "main.py"), *args(data_path, save, "--train_steps", 4,
+                                                          "--save_and_sample_every", 2)],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in result.stdout
+    config = json.loads((save / "config.json").read_text())
+    assert config["world_size"] == 2 and config["effective_batch_size"] == 8
+    assert load_checkpoint(save / "model.pt")["step"] == 4
+    assert result.stdout.count("done:") == 1  # rank 0 alone reports, saves and samples
+    # the checkpoint of a 2-process run loads in a single-process run
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 2)) == 0

@@ -1,0 +1,62 @@
+"""Every way of calling main.py wrongly: one line on stderr, exit code 2, never a traceback (the real command)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
+        "--time_steps", "10", "--batch_size", "4", "--wandb", "disabled", "--device", "cpu", "--train_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    data = make_image_folder(root, count=6)
+    (root / "notes.txt").write_text("not a checkpoint")
+    return {"data": str(data), "root": str(root)}
+
+
+CASES = [
+    # (extra flags, text the one line must contain); {data} and {root} are filled in
+    (["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag"),
+    (["--batch_size", "abc"], "--batch_size: expected a positive integer, got 'abc'"),
+    (["--batch_size", "0"], "--batch_size: expected a positive integer, got '0'"),
+    (["--train_steps", "-5"], "--train_steps: expected a positive integer"),
+    (["--image_size", "0"], "--image_size: expected a positive integer"),
+    (["--time_steps", "1"], "--time_steps: expected an integer of at least 2"),
+    (["--learning_rate", "5"], "--learning_rate: expected a learning rate in (0, 1]"),
+    (["--learning_rate", "0"], "--learning_rate: expected a learning rate in (0, 1]"),
+    (["--learning_rate", "nan"], "--learning_rate: expected a learning rate in (0, 1]"),
+    (["--fid", "maybe"], "--fid: expected True or False"),
+    (["--data_class", "horse"], "--data_class: invalid choice: 'horse'"),
+    (["--visualize"], "--visualize needs a trained model: add --load_path"),
+    (["--evaluate"], "--evaluate needs a trained model: add --load_path"),
+    (["--load_path", "{root}/missing.pt"], "does not exist"),
+    (["--load_path", "{root}/notes.txt"], "is not a readable checkpoint"),
+    (["--save_folder", "{root}/notes.txt/sub"], "cannot be written"),
+    (["--batch_size", "64"], "--batch_size 64 is larger than the 6 images"),
+    (["--image_size", "15"], "image size 15 is not divisible by 2"),
+    (["--unet_dim", "12"], "GroupNorm cannot split into 8 groups"),
+    (["--data_path", "{root}/nowhere"], "does not exist"),
+    (["--attention_levels", "5"], "--attention_levels [5] must be below the number of --dim_mults"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_call_gets_one_line_and_exit_2(world, tmp_path, extra, expected):
+    extra = [e.format(**world) for e in extra]
+    argv = [*TINY, "--data_path", world["data"], "--save_folder", str(tmp_path / "out"), *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error:", "main.py: error:"))]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(errors) == 1, result.stderr  # progress bars and warnings may come before it
+    assert expected in errors[0], errors[0]
+    assert result.stderr.rstrip().endswith(errors[0].rstrip())
