@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, flush it to disk, then rename it over ``path``.
 
     A crash or a full disk at any moment leaves either the old file or the new one, never a half-written
-    one. Raises UserError (with the previous file intact) when the folder cannot be written.
+    one. Raises UserError (with the previous file intact) when the folder cannot be written. Temporary files
+    left behind by an earlier process that was killed while saving ``path`` are removed after a success.
     """
     path = Path(path)
     tmp_name = None
@@ -37,7 +39,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            sink = _WriteErrorKeeper(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                # torch's zip writer reports a failed write (full disk, file size limit) as a vague
+                # RuntimeError; the OSError underneath says what happened.
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -52,6 +62,29 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
                 os.unlink(tmp_name)
             except OSError:
                 pass
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
+class _WriteErrorKeeper:
+    """The file object handed to ``torch.save``, keeping the first OSError a write raised."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -79,9 +112,16 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        with open(path, "rb") as f:
+            starts_like_a_zip = f.read(4) == b"PK\x03\x04"
+        if not starts_like_a_zip:
+            reason = "it is not a PyTorch checkpoint file at all"
+        elif not zipfile.is_zipfile(path):
+            reason = "it is truncated or damaged: its zip archive has no end, as when a copy or download stopped early"
+        elif "Unsupported global" in str(e) or "weights_only" in str(e):
             reason = "it contains Python objects other than tensors, which this package refuses to unpickle"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--load_path {path} is not a readable checkpoint of this package ({reason[:200]}); "
                         f"pass a model.pt written by main.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:

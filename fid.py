@@ -304,10 +304,15 @@ class FIDEvaluator:
         if self._reference is None:
             stats = self._load_cache()
             if stats is None:
+                from tqdm.auto import tqdm
+
                 feats = []
-                for batch in self.real_batches():
-                    self._check(batch, None, "real_batches")
-                    feats.append(self.extractor(batch))
+                with tqdm(desc="FID reference statistics (once; cached for later runs)", unit="img",
+                          dynamic_ncols=True, leave=False) as bar:
+                    for batch in self.real_batches():
+                        self._check(batch, None, "real_batches")
+                        feats.append(self.extractor(batch))
+                        bar.update(len(batch))
                 features = np.concatenate(feats or [np.zeros((0, 0))]).astype(np.float32)
                 if len(features) < 2:
                     raise ValueError(f"FID needs at least 2 real images, real_batches gave {len(features)}")
@@ -327,12 +332,16 @@ class FIDEvaluator:
         start = time.perf_counter()
         ref = self.reference()
         feats = []
-        with torch.no_grad():
+        from tqdm.auto import tqdm
+
+        with torch.no_grad(), tqdm(total=self.num_samples, desc="FID: sampling and scoring", unit="img",
+                                   dynamic_ncols=True, leave=False) as bar:
             for first in range(0, self.num_samples, self.batch_size):
                 count = min(self.batch_size, self.num_samples - first)
                 images = sample_fn(count)
                 self._check(images, count, "sample_fn")
                 feats.append(self.extractor(quantize_uint8(images)))
+                bar.update(count)
         gen = np.concatenate(feats)
         fid = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mu, ref.sigma, sqrt_sigma2=self._sqrt_sigma)
         kid = kernel_inception_distance(gen, ref.features, device=self.device)

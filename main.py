@@ -165,11 +165,9 @@ def run(args, ctx) -> int:
                 print(f"wrote {path}")
             return 0
         if args.sample:
-            from torchvision.utils import save_image
+            from visualize import save_grid
 
-            images = trainer.sample(args.sample)
-            out = Path(args.save_folder) / f"samples-{trainer.step}-{args.sampler}.png"
-            save_image(images, out, nrow=max(1, int(args.sample ** 0.5)))
+            out = save_grid(trainer.sample(args.sample), Path(args.save_folder) / f"samples-{trainer.step}-{args.sampler}.png")
             print(f"wrote {out}")
             return 0
         if args.evaluate:
@@ -207,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines appear at once under nohup, pipes and notebooks
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
@@ -222,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}" if not ctx.enabled else f"error (rank {ctx.rank}): {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the disk filled up or a folder became unwritable outside a checkpoint save
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; the last checkpoint in {args.save_folder} is intact; "
+              f"free some disk space or check the folder's permissions, then resume with --load_path",
+              file=sys.stderr)
+        return 1
     finally:
         distributed.cleanup(ctx)
 

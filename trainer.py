@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 import checkpoint as ckpt_io
 import distributed
 from diffusion import Diffusion
 from errors import UserError
 from metrics import MetricsLogger
-from visualize import diffusion_processes, save_gif, save_process_figure
+from visualize import diffusion_processes, save_gif, save_grid, save_process_figure
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -255,15 +254,14 @@ class Trainer:
         if not self.dist.is_main:
             distributed.barrier(self.dist)
             return
-        path = self.save()
+        self.save()
         grid = self.save_folder / f"sample-{self.step}.png"
-        images = self.sample(self.config.num_samples)
-        save_image(images, grid, nrow=max(1, int(math.sqrt(len(images)))))
+        save_grid(self.sample(self.config.num_samples), grid)
         if self.logger is not None:
             self.logger.log_image("samples", grid, self.step, caption=f"step {self.step}")
         if self.evaluator is not None:
             self.evaluate()
-            path = self.save()  # the FID point and the best score belong in the checkpoint too
+            self.save()  # the FID point and the best score belong in the checkpoint too
         if self.logger is not None:
             self.logger.plot()
         distributed.barrier(self.dist)

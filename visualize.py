@@ -73,6 +73,17 @@ def save_process_figure(images: dict[int, torch.Tensor], path: str | os.PathLike
     return path
 
 
+def save_grid(images: torch.Tensor, path: str | os.PathLike) -> Path:
+    """A square-ish grid of images in [0, 1] as one PNG, written whole or not at all (temp file, then rename)."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(images, tmp, nrow=max(1, int(len(images) ** 0.5)))
+    os.replace(tmp, path)
+    return path
+
+
 def save_gif(frames: list[torch.Tensor], path: str | os.PathLike, *, nrow: int = 8, scale: int = 2,
              frame_ms: int = 80) -> Path:
     """An animated GIF of a chain: each frame a grid of the batch, the last frame held for a second."""

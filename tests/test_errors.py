@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import main
 from helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,10 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     data = make_image_folder(root, count=6)
     (root / "notes.txt").write_text("not a checkpoint")
+    assert main.main([*TINY, "--train_steps", "1", "--data_path", str(data), "--save_folder", str(root / "run")]) == 0
+    good = (root / "run" / "model.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(good[: len(good) * 2 // 3])
+    (root / "empty.pt").write_bytes(b"")
     return {"data": str(data), "root": str(root)}
 
 
@@ -37,7 +42,11 @@ CASES = [
     (["--visualize"], "--visualize needs a trained model: add --load_path"),
     (["--evaluate"], "--evaluate needs a trained model: add --load_path"),
     (["--load_path", "{root}/missing.pt"], "does not exist"),
-    (["--load_path", "{root}/notes.txt"], "is not a readable checkpoint"),
+    (["--load_path", "{root}/notes.txt"], "is not a PyTorch checkpoint file at all"),
+    (["--load_path", "{root}/truncated.pt"], "it is truncated or damaged"),
+    (["--load_path", "{root}/empty.pt"], "is empty (0 bytes)"),
+    (["--load_path", "{root}/run"], "is a folder; pass the checkpoint file inside it"),
+    (["--load_path", "{root}/run/model.pt", "--unet_dim", "16"], "unet_dim=8 in the checkpoint but 16 here"),
     (["--save_folder", "{root}/notes.txt/sub"], "cannot be written"),
     (["--batch_size", "64"], "--batch_size 64 is larger than the 6 images"),
     (["--image_size", "15"], "image size 15 is not divisible by 2"),

@@ -79,6 +79,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for index, state in a["optimizer"]["state"].items():  # Adam's moments and step counts too
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][name])), name
     # the curve continues: every point of the straight run is there (plus the first run's last step)
     assert {r["step"] for r in a["history"]} <= {r["step"] for r in b["history"]} == {2, 3, 4, 6}
 
@@ -116,7 +119,7 @@ def test_broken_checkpoints_are_refused(tmp_path):
     data = (tmp_path / "model.pt").read_bytes()
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="truncated or damaged"):
         ckpt_io.load_checkpoint(cut)
     with pytest.raises(UserError, match="does not exist"):
         ckpt_io.load_checkpoint(tmp_path / "nope.pt")
@@ -131,7 +134,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
             return (print, ("this must never run",))
 
     torch.save({"format": 1, "model": {}, "payload": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="refuses to unpickle|not a readable checkpoint"):
+    with pytest.raises(UserError, match="refuses to unpickle"):
         ckpt_io.load_checkpoint(tmp_path / "evil.pt")
 
 
