@@ -98,35 +98,10 @@ def bench_package(folder: Path, args, device, cache_dir: Path) -> dict:
 
 
 def bench_reference(folder: Path, args, device, workers: int) -> dict:
-    import torch
-    from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision import transforms as T
-
-    class ReferenceFolder(Dataset):
-        """The reference solutions' Dataset: open, decode in full and transform every sample."""
-
-        def __init__(self, root: Path, image_size: int):
-            self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-            self.transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.RandomHorizontalFlip(),
-                                        T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-
-        def __len__(self):
-            return len(self.files)
-
-        def __getitem__(self, index):
-            return self.transform(Image.open(self.files[index]).convert("RGB"))
-
-    loader = DataLoader(ReferenceFolder(folder, args.image_size), batch_size=args.batch_size, shuffle=True,
-                        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))
-
-    def endless():
-        while True:
-            yield from loader
+    from reference_way import reference_loader
 
     n = max(1, args.n_batches // 4)  # the baseline is slow; fewer batches give the same rate
-    first, rate = time_batches(endless(), n, device)
+    first, rate = time_batches(reference_loader(folder, args.image_size, args.batch_size, workers, device), n, device)
     return {"pipeline": f"reference DataLoader, {workers} workers", "build_s": None, "reload_s": None,
             "first_batch_s": first, "batches_per_s": rate}
 
@@ -170,7 +145,8 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package root, for `python bench/...`
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here.parent), str(here)]  # the package root and bench/, for `python bench/...`
     args = parse_args(argv)
     args.n_batches = 20 if args.quick else args.batches
     results = run(args)

@@ -1,0 +1,77 @@
+"""The benchmark's own parts: the reference solutions' pipeline it measures against, one measured row in its
+own process, and a clear exit when the data is missing. Timings themselves are never asserted here."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import make_image_folder, tiny_diffusion
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "bench.py"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from reference_way import ReferenceFolder, ReferenceStep, reference_loader  # noqa: E402
+
+
+def test_reference_folder_decodes_every_image_into_the_normalised_range(tmp_path):
+    folder = make_image_folder(tmp_path, count=5, size=40) / "cat"
+    data = ReferenceFolder(folder, 16)
+    assert len(data) == 5
+    image = data[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert -1.0 <= image.min() < image.max() <= 1.0
+
+
+def test_reference_step_trains_the_same_diffusion_and_reads_the_loss_every_step(tmp_path):
+    folder = make_image_folder(tmp_path, count=8, size=24) / "cat"
+    batches = reference_loader(folder, 16, batch_size=4, workers=0, device=torch.device("cpu"))
+    diffusion = tiny_diffusion(size=16, T=5)
+    before = [p.detach().clone() for p in diffusion.parameters()]
+    step = ReferenceStep(diffusion, batches, learning_rate=1e-3, device=torch.device("cpu"))
+    for _ in range(3):  # more steps than one epoch of 8 images holds: the loader starts the next epoch
+        step()
+    assert len(step.losses) == 3 and all(isinstance(x, float) and x > 0 for x in step.losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, diffusion.parameters()))
+
+
+def _row(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH), "--row", json.dumps(spec)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+TINY = {"image_size": 16, "batch_size": 4, "time_steps": 5, "unet_dim": 8, "learning_rate": 1e-3, "device": "cpu"}
+
+
+def test_a_training_row_reports_throughput_and_peak_memory(tmp_path):
+    row = _row({"kind": "train", "pipeline": "synthetic", "steps": 2, "warmup": 1, "workers": 0, **TINY})
+    assert row["precision"] == "fp32"
+    assert row["seconds"] > 0 and row["images_per_s"] == row["steps_per_s"] * 4
+    assert row["peak_rss_mib"] > 50  # torch alone takes more than this
+
+
+def test_a_training_row_through_the_package_pipeline_uses_the_image_cache(tmp_path):
+    data = make_image_folder(tmp_path, count=8, size=24) / "cat"
+    cache = tmp_path / "cache"
+    row = _row({"kind": "train", "pipeline": "package", "data": str(data.parent), "cache_dir": str(cache),
+                "steps": 2, "warmup": 1, "workers": 0, **TINY})
+    assert row["steps_per_s"] > 0
+    assert list(cache.glob("cat_16px_*.npy")), "the package pipeline decodes once into its cache"
+
+
+def test_a_sampling_row_times_the_asked_sampler():
+    row = _row({"kind": "sample", "sampler": "ddim", "steps": 3, "batch": 2, **TINY})
+    assert row["seconds"] > 0 and abs(row["images_per_s"] - 2 / row["seconds"]) < 1e-9
+
+
+def test_missing_data_is_one_line_and_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH), "--data_path", str(tmp_path / "nowhere"), "--quick"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "--data_path" in out.stderr
