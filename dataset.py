@@ -4,7 +4,8 @@ Each image is decoded once (``images.decode_image``) into one uint8 tensor [N, 3
 saved beside the data as ``<tag>_<S>px_<key>.npy`` plus a JSON file holding the key, shape and CRC-32 of
 the array. The key (16 hex digits) hashes the file list with sizes and modification times, the image size
 and the preprocessing, so a changed folder gets a new cache, and a truncated or edited cache fails its
-check and is rebuilt. ``DeviceBatches`` keeps that tensor on the training device and serves float32
+check and is rebuilt. A second key hashes the decoded pixels; the FID statistics are named by it, so they
+survive a folder that is copied or re-extracted with the same images. ``DeviceBatches`` keeps that tensor on the training device and serves float32
 batches in [-1, 1] with random horizontal flips applied there; ``StreamingBatches`` decodes per sample
 through a DataLoader when the tensor would not fit in memory. ``make_batches`` picks between the two.
 """
@@ -30,7 +31,7 @@ from errors import UserError
 from images import CLASSES, MAX_PIXELS, UnreadableImage, decode_image, find_images
 
 __all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches", "available_memory_bytes",
-           "cache_key", "find_images", "load_images", "make_batches", "resolve_cache_dir"]
+           "cache_key", "find_images", "load_images", "make_batches", "pixels_key", "resolve_cache_dir"]
 
 PREPROCESSING = "exif/rgb-on-white/center-square/lanczos/jpeg-draft-2x"
 CACHE_FORMAT = 1
@@ -41,7 +42,9 @@ class ImageSet:
     """The decoded images of one (folder, class, size).
 
     ``images`` is uint8 [N, 3, S, S] on the CPU; row i is ``files[i]`` (files that could not be read are
-    left out and counted in ``skipped``). ``key`` names the cache and anything derived from these images.
+    left out and counted in ``skipped``). ``key`` fingerprints the files (names, sizes, modification times)
+    and names the cache; ``pixels_key`` fingerprints the decoded pixels themselves and names what is derived
+    from them (the FID statistics), so that a copied or touched folder with the same images reuses it.
     """
 
     images: torch.Tensor
@@ -51,6 +54,18 @@ class ImageSet:
     upsampled: int = 0
     cache_path: Path | None = None
     from_cache: bool = False
+    pixels_key: str = ""
+
+    def __post_init__(self):
+        if not self.pixels_key:
+            self.pixels_key = pixels_key(self.images.numpy())
+
+
+def pixels_key(array: np.ndarray) -> str:
+    """16 hex digits hashing the decoded images (their shape and every byte)."""
+    digest = hashlib.blake2b(str(array.shape).encode(), digest_size=8)
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def cache_key(files: list[Path], image_size: int, *, root: Path, max_pixels: int = MAX_PIXELS) -> str:
@@ -105,7 +120,7 @@ def load_images(data_path: str | Path, data_class: str, image_size: int, *, cach
         array, meta = cached
         kept = [root / name for name in meta["files"]]
         image_set = ImageSet(torch.from_numpy(array), key, kept, len(meta["skipped"]), meta["upsampled"],
-                             folder / f"{stem}.npy", from_cache=True)
+                             folder / f"{stem}.npy", from_cache=True, pixels_key=meta.get("pixels_key", ""))
         _warn_about_files(root, image_size, meta["skipped"], meta["upsampled"])
         return image_set
     array, kept, skipped, upsampled = _decode_all(files, image_size, progress=progress, max_pixels=max_pixels)
@@ -115,13 +130,15 @@ def load_images(data_path: str | Path, data_class: str, image_size: int, *, cach
                         f"(e.g. {path.relative_to(root)}: {reason}); "
                         f"replace them or pass another --data_path")
     meta = {"format": CACHE_FORMAT, "key": key, "shape": list(array.shape), "crc32": zlib.crc32(array),
+            "pixels_key": pixels_key(array),
             "image_size": image_size, "preprocessing": PREPROCESSING, "upsampled": len(upsampled),
             "root": str(root.resolve()),
             "files": [p.relative_to(root).as_posix() for p in kept],
             "skipped": [[p.relative_to(root).as_posix(), reason] for p, reason in skipped]}
     path = _write_cache(folder, stem, array, meta) if folder is not None else None
     _warn_about_files(root, image_size, meta["skipped"], len(upsampled), example=upsampled[:1])
-    return ImageSet(torch.from_numpy(array), key, kept, len(skipped), len(upsampled), path, from_cache=False)
+    return ImageSet(torch.from_numpy(array), key, kept, len(skipped), len(upsampled), path, from_cache=False,
+                    pixels_key=meta["pixels_key"])
 
 
 def _decode_all(files: list[Path], image_size: int, *, progress: bool, max_pixels: int):

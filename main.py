@@ -66,7 +66,7 @@ def build_evaluator(args, device, image_set, *, required: bool):
 
     # the statistics live beside the decoded-image cache they are computed from
     cache_dir = image_set.cache_path.parent if image_set.cache_path is not None else Path(args.save_folder)
-    evaluator = fid_module.FIDEvaluator(real_key=image_set.key, image_size=args.image_size, real_batches=real_batches,
+    evaluator = fid_module.FIDEvaluator(real_key=image_set.pixels_key, image_size=args.image_size, real_batches=real_batches,
                                         mode=args.fid_mode, num_samples=args.fid_samples, device=device,
                                         cache_dir=cache_dir)
     try:

@@ -95,6 +95,31 @@ def test_cache_is_rebuilt_when_the_folder_changes(folder, change):
     assert len(caches) == expected and not any(name.endswith(".tmp") for name in caches)
 
 
+def test_pixels_key_follows_the_pixels_not_the_files(folder, tmp_path):
+    first, _ = load(folder)
+    for path in (folder / "cat").iterdir():  # re-extracted or copied: every file is newer, the pixels are not
+        os.utime(path, ns=(10**18, 10**18))
+    touched, _ = load(folder)
+    assert not touched.from_cache and touched.key != first.key
+    assert touched.pixels_key == first.pixels_key == dataset.pixels_key(first.images.numpy())
+    reread, _ = load(folder)
+    assert reread.from_cache and reread.pixels_key == first.pixels_key
+    Image.new("RGB", (24, 24), (200, 1, 1)).save(folder / "cat" / "rgb3.png")  # one image changes
+    changed, _ = load(folder)
+    assert changed.pixels_key != first.pixels_key and len(changed.pixels_key) == 16
+    assert dataset.pixels_key(np.zeros((2, 3, 4, 4), np.uint8)) != dataset.pixels_key(np.zeros((1, 3, 8, 4), np.uint8))
+
+
+def test_a_cache_written_without_a_pixels_key_still_gets_one(folder):
+    first, _ = load(folder)
+    meta_path = first.cache_path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    del meta["pixels_key"]
+    meta_path.write_text(json.dumps(meta))
+    second, _ = load(folder)
+    assert second.from_cache and second.pixels_key == first.pixels_key
+
+
 def test_cache_is_plain_npy_and_json(folder):
     image_set, _ = load(folder)
     assert image_set.cache_path.parent == folder / ".cache"

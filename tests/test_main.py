@@ -142,6 +142,22 @@ def test_fid_curve_and_standalone_score(data_path, tmp_path, stand_in_inception,
     assert "FID " in out and "KID " in out and "(6 samples, ddpm sampler" in out
 
 
+def test_fid_statistics_survive_a_re_extracted_data_folder(tmp_path, stand_in_inception):
+    data = make_image_folder(tmp_path / "afhq", count=12)
+    cache = tmp_path / "cache"
+    run = lambda name: main.main(args(data, tmp_path / name, "--train_steps", 2, "--save_and_sample_every", 2,  # noqa: E731
+                                      "--fid", "--fid_samples", 4, "--cache_dir", cache))
+    assert run("a") == 0
+    [stats] = cache.glob("fid_ref_clean_16px_*.npz")
+    written = stats.stat().st_mtime_ns
+    image_caches = set(cache.glob("cat_16px_*.npy"))
+    for path in (data / "cat").iterdir():
+        os.utime(path, ns=(10**18, 10**18))
+    assert run("b") == 0
+    assert set(cache.glob("cat_16px_*.npy")) != image_caches  # the files changed: the image cache is rebuilt
+    assert list(cache.glob("fid_ref_*.npz")) == [stats] and stats.stat().st_mtime_ns == written  # the pixels did not
+
+
 def test_fid_offline_warns_and_trains_on_but_standalone_score_fails(data_path, tmp_path, monkeypatch, capsys):
     import fid
 
