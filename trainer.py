@@ -48,6 +48,7 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)), so short runs benefit
     precision: str = "auto"
     compile: bool = False
+    cuda_graph: bool = False  # capture the whole step (forward, backward, clipping, Adam, EMA) in one CUDA graph
     num_samples: int = 16  # images in each periodic sample grid
     sampler: str = "ddpm"  # sampler of the periodic grids: the full chain, or DDIM over sample_steps
     sample_steps: int = 50
@@ -85,15 +86,26 @@ class Trainer:
         self.evaluator = evaluator
         self.step = 0
         self.best_fid = math.inf
+        self._periodic_seconds = self._fid_seconds = 0.0  # time spent in save_and_sample and in FID by train()
         self.history: list[dict] = []
 
         self.precision = choose_precision(config.precision, self.device)
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if config.cuda_graph:
+            self._check_graph_capture()
         params = list(self.diffusion.model.parameters())
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=fused)
+        # a captured step reads the learning rate and Adam's step count from device tensors
+        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=fused, capturable=config.cuda_graph)
+        self._set_optimizer_for_capture()
         self.ema = copy.deepcopy(self.diffusion).eval().requires_grad_(False)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_eager_steps = 3  # eager steps on a side stream before the capture, as CUDA graphs need
+        self._static_batch: torch.Tensor | None = None
+        self._static_loss = torch.zeros((), device=self.device)
+        self._ema_weight = torch.zeros((), device=self.device)  # 1 - decay, read by the captured EMA update
+        self._graph_values: tuple[float, float] | None = None  # (lr, 1 - decay) last written to the device
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if config.compile:
@@ -118,8 +130,36 @@ class Trainer:
             return self.config.learning_rate * min(1.0, (step + 1) / self.config.lr_warmup)
         return self.config.learning_rate
 
+    def _check_graph_capture(self) -> None:
+        """--cuda_graph captures one whole step; say which setting rules that out."""
+        cfg, why = self.config, None
+        if self.device.type != "cuda":
+            why = f"needs a CUDA GPU, and this run is on {self.device.type}; leave it off"
+        elif self.precision == "fp16":
+            why = ("cannot capture fp16 loss scaling (its overflow check reads the GPU every step); "
+                   "pass --precision bf16 or fp32 with it")
+        elif cfg.grad_accum != 1:
+            why = "captures one batch per step; pass --grad_accum 1 with it, or leave it off"
+        elif self.dist.enabled:
+            why = "runs in a single process; leave it off under torchrun"
+        elif cfg.compile:
+            why = "and --compile both take over the step; choose one"
+        if why:
+            raise UserError(f"--cuda_graph {why}")
+
+    def _set_optimizer_for_capture(self) -> None:
+        """With --cuda_graph, the learning rate lives on the device and Adam is capturable (also after loading a
+        checkpoint written without it); without, a plain float as usual."""
+        for group in self.optimizer.param_groups:
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=self.device) if self.config.cuda_graph else lr
+            group["capturable"] = self.config.cuda_graph
+        self._graph_values = None
+
     def train_step(self) -> torch.Tensor:
         """Algorithm 1 on ``grad_accum`` batches, one optimizer step, one EMA update; returns the loss (no sync)."""
+        if self.config.cuda_graph:
+            return self._graph_step()
         self.diffusion.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
@@ -143,6 +183,59 @@ class Trainer:
         self.update_ema()
         self.step += 1
         return total
+
+    def _graph_step(self) -> torch.Tensor:
+        """``train_step`` as one replay of a captured CUDA graph: the same work, launched at once.
+
+        The first steps run the same code eagerly on a side stream (the warm-up capture needs); then one
+        capture, replayed at every later step with the next batch copied into the static input.
+        """
+        values = (self.lr_at(self.step), 1.0 - self.ema_decay_at(self.step))
+        if values != self._graph_values:  # learning-rate warm-up and EMA warm-up: one tiny fill each
+            for group in self.optimizer.param_groups:
+                group["lr"].fill_(values[0])
+            self._ema_weight.fill_(values[1])
+            self._graph_values = values
+        batch = next(self.data_iter)
+        if self._static_batch is None:
+            self._static_batch = torch.empty_like(batch)
+        self._static_batch.copy_(batch)
+        if self._graph is not None:
+            self._graph.replay()
+        elif self._graph_eager_steps > 0:
+            self._graph_eager_steps -= 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._captured_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # the gradients are then allocated inside the graph
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._captured_step()
+            self._graph.replay()
+        self.step += 1
+        return self._static_loss.clone()
+
+    def _captured_step(self) -> None:
+        """What the graph holds: forward, backward, clipping, Adam and the EMA, reading only static tensors."""
+        self.diffusion.train()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                            cache_enabled=False):
+            loss = self.diffusion(self._static_batch)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip, foreach=True)
+        self.optimizer.step()
+        ema_params = list(self.ema.model.parameters())
+        difference = torch._foreach_sub([p.detach() for p in self.diffusion.model.parameters()], ema_params)
+        torch._foreach_mul_(difference, self._ema_weight)
+        torch._foreach_add_(ema_params, difference)
+        for ema_buf, buf in zip(self.ema.model.buffers(), self.diffusion.model.buffers()):
+            ema_buf.copy_(buf)
+        self._static_loss.copy_(loss.detach().float())
 
     def ema_decay_at(self, step: int) -> float:
         if self.config.ema_warmup:
@@ -173,6 +266,7 @@ class Trainer:
         previous = self._install_signal_handlers()
         bar = tqdm(total=cfg.train_steps, initial=self.step, desc="training", dynamic_ncols=True, disable=not main_rank)
         last_time, last_step = time.perf_counter(), self.step
+        start_time, start_step, self._periodic_seconds, self._fid_seconds = last_time, self.step, 0.0, 0.0
         try:
             while self.step < cfg.train_steps:
                 loss = self.train_step()
@@ -208,6 +302,11 @@ class Trainer:
         finally:
             bar.close()
             self._restore_signal_handlers(previous)
+        if main_rank:
+            total = time.perf_counter() - start_time
+            periodic = self._periodic_seconds - self._fid_seconds
+            print(f"done: {self.step - start_step} steps in {total:.1f} s: training {total - self._periodic_seconds:.1f} s, "
+                  f"checkpoints and sample grids {periodic:.1f} s, FID {self._fid_seconds:.1f} s")
 
     def _agree_on_flags(self) -> bool:
         """Share the NaN flag and a pending stop signal between ranks; raise on a NaN anywhere, else say whether to stop."""
@@ -251,8 +350,10 @@ class Trainer:
 
         Rank 0 does it alone while the other ranks wait at a barrier.
         """
+        started = time.perf_counter()
         if not self.dist.is_main:
             distributed.barrier(self.dist)
+            self._periodic_seconds += time.perf_counter() - started
             return
         self.save()
         grid = self.save_folder / f"sample-{self.step}.png"
@@ -260,11 +361,14 @@ class Trainer:
         if self.logger is not None:
             self.logger.log_image("samples", grid, self.step, caption=f"step {self.step}")
         if self.evaluator is not None:
+            fid_started = time.perf_counter()
             self.evaluate()
+            self._fid_seconds += time.perf_counter() - fid_started
             self.save()  # the FID point and the best score belong in the checkpoint too
         if self.logger is not None:
             self.logger.plot()
         distributed.barrier(self.dist)
+        self._periodic_seconds += time.perf_counter() - started
 
     def evaluate(self) -> dict | None:
         """Score the EMA model with the FID evaluator; keeps ``model_best.pt`` at the best FID so far.
@@ -364,6 +468,7 @@ class Trainer:
         if resume:
             if ckpt.get("optimizer"):
                 self.optimizer.load_state_dict(ckpt["optimizer"])
+                self._set_optimizer_for_capture()
             if ckpt.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(ckpt["scaler"])
             if ckpt.get("rng"):

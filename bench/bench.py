@@ -123,8 +123,8 @@ def measure_training(spec: dict) -> dict:
         else:  # synthetic: one batch already on the device, served again and again
             batches = itertools.repeat(torch.rand(batch_size, 3, size, size, device=device) * 2 - 1)
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(diffusion, batches, config=TrainConfig(learning_rate=spec["learning_rate"]),
-                              device=device, save_folder=tmp)
+            config = TrainConfig(learning_rate=spec["learning_rate"], cuda_graph=spec.get("cuda_graph", False))
+            trainer = Trainer(diffusion, batches, config=config, device=device, save_folder=tmp)
         step, precision = trainer.train_step, trainer.precision
     for _ in range(spec["warmup"]):
         step()
@@ -189,16 +189,17 @@ def train_section(args, device: str, tmp: Path, log) -> list[dict]:
     for name, folder in sets:
         cache_dir = tmp / f"cache-{name}"
         dataset.load_images(folder, "cat", RECOMMENDED["image_size"], cache_dir=cache_dir, progress=False)  # untimed
-        for pipeline in ("reference", "package", "synthetic"):
+        graphs = (False, True) if device.startswith("cuda") else (False,)  # --cuda_graph rows on a GPU
+        for pipeline, graph in [("reference", False)] + [(p, g) for g in graphs for p in ("package", "synthetic")]:
             if pipeline == "synthetic" and name != sets[0][0]:
                 continue  # the same with any data
             spec = {"kind": "train", "pipeline": pipeline, "dataset": name if pipeline != "synthetic" else "-",
                     "data": str(folder), "cache_dir": str(cache_dir), "steps": steps, "warmup": warmup,
-                    "workers": args.workers, "device": device, **RECOMMENDED}
+                    "workers": args.workers, "device": device, "cuda_graph": graph, **RECOMMENDED}
             row = in_subprocess(spec)
             rows.append(row)
-            log(f"train  {row['dataset']:<11} {pipeline:<10} {row['images_per_s']:9.1f} img/s  "
-                f"{row['steps_per_s']:7.2f} steps/s  RSS {row['peak_rss_mib']:.0f} MiB")
+            log(f"train  {row['dataset']:<11} {pipeline + (' +graph' if graph else ''):<17} {row['images_per_s']:9.1f} "
+                f"img/s  {row['steps_per_s']:7.2f} steps/s  RSS {row['peak_rss_mib']:.0f} MiB")
     return rows
 
 
@@ -241,13 +242,15 @@ def print_table(results: dict) -> None:
     train = results.get("train") or []
     if train:
         base = {r["dataset"]: r["images_per_s"] for r in train if r["pipeline"] == "reference"}
-        synthetic = next((r["images_per_s"] for r in train if r["pipeline"] == "synthetic"), None)
+        synthetic = {r.get("cuda_graph", False): r["images_per_s"] for r in train if r["pipeline"] == "synthetic"}
         print(f"\n{'training':<34} {'img/s':>9} {'steps/s':>8} {'x baseline':>11} {'of synthetic':>13} {'peak MiB':>9}")
         for r in train:
             ref = base.get(r["dataset"], base.get("afhq128"))
             memory = r.get("peak_gpu_mib") or r["peak_rss_mib"]
-            share = f"{r['images_per_s'] / synthetic:12.0%}" if synthetic else "-"
-            print(f"{r['dataset'] + ', ' + r['pipeline']:<34} {r['images_per_s']:>9.1f} {r['steps_per_s']:>8.2f} "
+            same = synthetic.get(r.get("cuda_graph", False))
+            share = f"{r['images_per_s'] / same:12.0%}" if same and r["pipeline"] != "reference" else "-"
+            name = r["dataset"] + ", " + r["pipeline"] + (" + CUDA graph" if r.get("cuda_graph") else "")
+            print(f"{name:<34} {r['images_per_s']:>9.1f} {r['steps_per_s']:>8.2f} "
                   f"{r['images_per_s'] / ref:>10.2f}x {share:>13} {memory:>9.0f}")
     sample = results.get("sample") or []
     if sample:

@@ -53,6 +53,7 @@ CASES = [
     (["--unet_dim", "12"], "GroupNorm cannot split into 8 groups"),
     (["--data_path", "{root}/nowhere"], "does not exist"),
     (["--attention_levels", "5"], "--attention_levels [5] must be below the number of --dim_mults"),
+    (["--cuda_graph"], "--cuda_graph needs a CUDA GPU, and this run is on cpu; leave it off"),
 ]
 
 

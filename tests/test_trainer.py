@@ -1,5 +1,7 @@
 """The Trainer with a tiny U-Net and fake batches: steps, EMA, precision, checkpoints, resume, NaN, figures."""
 import math
+import re
+import time
 
 import pytest
 import torch
@@ -20,9 +22,19 @@ def make_trainer(tmp_path, **cfg):
                    run_config=dict(ARCH))
 
 
-def test_training_writes_checkpoints_grids_and_lowers_loss(tmp_path):
+def time_summary(out: str) -> dict:
+    """The numbers of the trainer's last line: ``done: N steps in T s: training A s, ... B s, FID C s``."""
+    line = [x for x in out.splitlines() if x.startswith("done: ")][-1]
+    steps, total, training, periodic, fid = map(float, re.findall(r"(\d+(?:\.\d+)?)(?= s| steps)", line))
+    return {"steps": steps, "total": total, "training": training, "periodic": periodic, "fid": fid}
+
+
+def test_training_writes_checkpoints_grids_and_lowers_loss(tmp_path, capsys):
     trainer = make_trainer(tmp_path)
     trainer.train()
+    times = time_summary(capsys.readouterr().out)
+    assert times["steps"] == 6 and times["fid"] == 0 and times["periodic"] > 0 and times["training"] > 0
+    assert abs(times["training"] + times["periodic"] + times["fid"] - times["total"]) <= 0.15
     assert trainer.step == 6
     assert (tmp_path / "model.pt").exists()
     assert (tmp_path / "sample-3.png").exists() and (tmp_path / "sample-6.png").exists()
@@ -176,17 +188,20 @@ class FakeEvaluator:
         images = sample_fn(3)
         self.calls.append(images.shape)
         assert images.min() >= 0 and images.max() <= 1
+        time.sleep(0.1)  # stands for Inception's time, which the trainer reports apart
         score = self.scores.pop(0)
         return None if score is None else {"fid": score, "kid": score / 100, "fid_samples": 3, "seconds": 0.1}
 
 
-def test_fid_points_are_logged_and_the_best_checkpoint_kept(tmp_path):
+def test_fid_points_are_logged_and_the_best_checkpoint_kept(tmp_path, capsys):
     from metrics import MetricsLogger
 
     trainer = make_trainer(tmp_path, train_steps=9)
     trainer.evaluator = FakeEvaluator([50.0, 40.0, 45.0])
     trainer.logger = MetricsLogger(tmp_path, config={}, wandb_mode="disabled")
     trainer.train()
+    times = time_summary(capsys.readouterr().out)
+    assert times["steps"] == 9 and times["fid"] >= 0.3 and times["periodic"] > 0
     fids = [(r["step"], r["fid"]) for r in trainer.history if "fid" in r]
     assert fids == [(3, 50.0), (6, 40.0), (9, 45.0)]
     assert ckpt_io.load_checkpoint(tmp_path / "model_best.pt")["step"] == 6
@@ -211,3 +226,64 @@ def test_process_figures_run_in_process_order():
     assert list(forward) == steps and list(backward) == steps[::-1]
     assert torch.equal(backward[19], forward[19])  # the chain starts from the forward process's last image
     assert len(frames) == 21
+
+
+def test_the_captured_step_body_does_what_the_eager_step_does(tmp_path):
+    """--cuda_graph replays ``_captured_step``; run eagerly here, it must match ``train_step``: the same loss,
+    weights, Adam state and EMA after each of three steps (the capture itself needs a GPU)."""
+    eager = make_trainer(tmp_path / "eager", ema_decay=0.9)
+    body = make_trainer(tmp_path / "body", ema_decay=0.9)
+    batches = iter(FakeBatches())
+    for step in range(3):
+        batch = next(batches)
+        eager.data_iter = iter([batch])
+        torch.manual_seed(step)
+        loss = eager.train_step()
+        body._static_batch = batch.clone()
+        body._ema_weight.fill_(1 - body.ema_decay_at(step))
+        body.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(step)
+        body._captured_step()
+        body.step += 1
+        assert torch.equal(body._static_loss, loss)
+        for a, b in zip(eager.diffusion.parameters(), body.diffusion.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for a, b in zip(eager.ema.parameters(), body.ema.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert [s["step"] for s in body.optimizer.state_dict()["state"].values()] == [3] * len(body.optimizer.state)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, "needs a CUDA GPU, and this run is on cpu"),
+    ({"precision": "fp16"}, "needs a CUDA GPU"),  # the device is checked first
+])
+def test_cuda_graph_settings_are_checked_with_one_line(tmp_path, settings, message):
+    with pytest.raises(UserError, match=message):
+        make_trainer(tmp_path, cuda_graph=True, **settings)
+
+
+def test_cuda_graph_blockers_name_the_flag_to_change(tmp_path, monkeypatch):
+    """Each setting a captured step cannot hold gets its own message (checked as on a GPU)."""
+    trainer = make_trainer(tmp_path)
+    trainer.device = torch.device("cuda")
+    for changes, message in [({"precision": "fp16"}, "pass --precision bf16 or fp32"),
+                             ({"grad_accum": 2}, "pass --grad_accum 1"),
+                             ({"compile": True}, "and --compile both take over the step")]:
+        trainer.precision = changes.get("precision", "fp32")
+        trainer.config = TrainConfig(cuda_graph=True, **{k: v for k, v in changes.items() if k != "precision"})
+        with pytest.raises(UserError, match=message):
+            trainer._check_graph_capture()
+
+
+def test_a_checkpoint_moves_between_graph_and_eager_optimizer_settings(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train_step()
+    path = trainer.save()
+    other = make_trainer(tmp_path / "other")
+    other.config.cuda_graph = True  # as a --cuda_graph run would configure its Adam after loading
+    other.load(path, resume=True)
+    group = other.optimizer.param_groups[0]
+    assert isinstance(group["lr"], torch.Tensor) and group["capturable"] and float(group["lr"]) == pytest.approx(1e-3)
+    other.config.cuda_graph = False
+    other._set_optimizer_for_capture()
+    assert other.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3) and not other.optimizer.param_groups[0]["capturable"]
