@@ -305,7 +305,7 @@ class Trainer:
         if main_rank:
             total = time.perf_counter() - start_time
             periodic = self._periodic_seconds - self._fid_seconds
-            print(f"done: {self.step - start_step} steps in {total:.1f} s: training {total - self._periodic_seconds:.1f} s, "
+            print(f"trained: {self.step - start_step} steps in {total:.1f} s: training {total - self._periodic_seconds:.1f} s, "
                   f"checkpoints and sample grids {periodic:.1f} s, FID {self._fid_seconds:.1f} s")
 
     def _agree_on_flags(self) -> bool:

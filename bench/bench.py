@@ -181,7 +181,7 @@ def train_section(args, device: str, tmp: Path, log) -> list[dict]:
     files = find_images(Path(args.data_path), args.data_class)
     if args.quick:
         files = files[:512]
-    sets = [("afhq128", make_copy(files, tmp / "small", size=None))]
+    sets = [(Path(args.data_path).resolve().parent.name, make_copy(files, tmp / "small", size=None))]
     if args.large:
         sets.append(("512px jpeg", make_copy(files, tmp / "large", size=512)))
     steps, warmup = (10, 3) if args.quick else (args.steps, 10)
@@ -245,7 +245,7 @@ def print_table(results: dict) -> None:
         synthetic = {r.get("cuda_graph", False): r["images_per_s"] for r in train if r["pipeline"] == "synthetic"}
         print(f"\n{'training':<34} {'img/s':>9} {'steps/s':>8} {'x baseline':>11} {'of synthetic':>13} {'peak MiB':>9}")
         for r in train:
-            ref = base.get(r["dataset"], base.get("afhq128"))
+            ref = base.get(r["dataset"], next(iter(base.values())))
             memory = r.get("peak_gpu_mib") or r["peak_rss_mib"]
             same = synthetic.get(r.get("cuda_graph", False))
             share = f"{r['images_per_s'] / same:12.0%}" if same and r["pipeline"] != "reference" else "-"

@@ -25,6 +25,19 @@ def test_every_readme_command_parses():
         parser.parse_args(shlex.split(line.split("#")[0]))
 
 
+def test_every_readme_benchmark_command_parses():
+    sys.path.insert(0, str(README.parent / "bench"))
+    import bench
+    import profile_step
+
+    text = README.read_text().replace("\\\n", " ")
+    for script, parse in (("bench", bench.parse_args), ("profile_step", profile_step.parse_args)):
+        commands = re.findall(rf"^python bench/{script}\.py(.*?)$", text, re.M)
+        assert commands, f"README.md shows no bench/{script}.py command"
+        for line in commands:
+            parse(shlex.split(line.split("#")[0]))
+
+
 def refresh() -> None:
     text = README.read_text()
     new = re.sub(r"(<!-- flags:begin.*?-->\n).*?(<!-- flags:end -->)",

@@ -23,8 +23,8 @@ def make_trainer(tmp_path, **cfg):
 
 
 def time_summary(out: str) -> dict:
-    """The numbers of the trainer's last line: ``done: N steps in T s: training A s, ... B s, FID C s``."""
-    line = [x for x in out.splitlines() if x.startswith("done: ")][-1]
+    """The numbers of the trainer's last line: ``trained: N steps in T s: training A s, ... B s, FID C s``."""
+    line = [x for x in out.splitlines() if x.startswith("trained: ")][-1]
     steps, total, training, periodic, fid = map(float, re.findall(r"(\d+(?:\.\d+)?)(?= s| steps)", line))
     return {"steps": steps, "total": total, "training": training, "periodic": periodic, "fid": fid}
 
