@@ -95,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "grad_accum", positive_int, 1, "batches accumulated into each optimizer step")
     _flag(t, "grad_clip", non_negative_float, 1.0, "clip the gradient norm to this (0 = off)")
     _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warmup")
+    _flag(t, "lr_decay", str, "none", "learning-rate decay after the warmup: none, or cosine down to 0 at "
+          "--train_steps", choices=("none", "cosine"))
     _flag(t, "ema_decay", fraction, 0.999, "decay of the exponential moving average of the weights")
     _flag(t, "ema_warmup", bool, True, "ramp the EMA decay up as min(decay, (1 + step) / (10 + step))")
-    _flag(t, "precision", str, "auto", "mixed precision: auto = bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU",
-          choices=("auto", "fp32", "fp16", "bf16"))
+    _flag(t, "precision", str, "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and on CPUs with bf16 "
+          "instructions (AVX512-BF16, AMX), fp16 on older GPUs, fp32 elsewhere", choices=("auto", "fp32", "fp16", "bf16"))
     _flag(t, "compile", bool, False, "compile the U-Net with torch.compile")
     _flag(t, "cuda_graph", bool, False, "capture each whole training step in one CUDA graph (single CUDA GPU, "
           "bf16 or fp32): removes the launch overhead that bounds small models")

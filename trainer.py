@@ -24,6 +24,7 @@ from metrics import MetricsLogger
 from visualize import diffusion_processes, save_gif, save_grid, save_process_figure
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LR_DECAYS = ("none", "cosine")
 
 
 class TrainingInterrupted(Exception):
@@ -44,6 +45,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     lr_warmup: int = 0  # steps of linear learning-rate warmup
+    lr_decay: str = "none"  # "cosine": from the peak after warmup down to 0 at train_steps
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)), so short runs benefit
     precision: str = "auto"
@@ -59,7 +61,9 @@ class TrainConfig:
 
 
 def choose_precision(requested: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA GPUs with bf16 tensor cores (Ampere and newer), fp16 on older GPUs (T4), fp32 elsewhere."""
+    """``auto``: bf16 on CUDA GPUs with bf16 tensor cores (Ampere and newer), fp16 on older GPUs (T4), bf16 on
+    CPUs with bf16 instructions (AVX512-BF16 or AMX), fp32 elsewhere (other CPUs, where bf16 is emulated and
+    slower, and MPS)."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     if requested != "auto":
@@ -67,13 +71,23 @@ def choose_precision(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return "bf16" if major >= 8 else "fp16"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16"
     return "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), which makes bf16 autocast pay on it."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 class Trainer:
     def __init__(self, diffusion: Diffusion, batches, *, config: TrainConfig, device: torch.device | str,
                  save_folder: str | Path, run_config: dict | None = None, logger: MetricsLogger | None = None,
                  evaluator=None, dist_ctx: distributed.Context = distributed.Context()):
+        if config.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {config.lr_decay!r}")
         self.config = config
         self.dist = dist_ctx
         self.device = torch.device(device)
@@ -126,9 +140,15 @@ class Trainer:
     # One optimisation step
 
     def lr_at(self, step: int) -> float:
-        if self.config.lr_warmup > 0:
-            return self.config.learning_rate * min(1.0, (step + 1) / self.config.lr_warmup)
-        return self.config.learning_rate
+        """The learning rate of optimizer step ``step`` (0-indexed): linear warmup, then constant or cosine decay."""
+        cfg = self.config
+        if cfg.lr_warmup > 0 and step < cfg.lr_warmup:
+            return cfg.learning_rate * (step + 1) / cfg.lr_warmup
+        if cfg.lr_decay == "cosine":
+            span = max(1, cfg.train_steps - cfg.lr_warmup)
+            progress = min(1.0, (step - cfg.lr_warmup) / span)
+            return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.learning_rate
 
     def _check_graph_capture(self) -> None:
         """--cuda_graph captures one whole step; say which setting rules that out."""

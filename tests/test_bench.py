@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from helpers import make_image_folder, tiny_diffusion
+from trainer import choose_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench.py"
@@ -51,7 +52,7 @@ TINY = {"image_size": 16, "batch_size": 4, "time_steps": 5, "unet_dim": 8, "lear
 
 def test_a_training_row_reports_throughput_and_peak_memory(tmp_path):
     row = _row({"kind": "train", "pipeline": "synthetic", "steps": 2, "warmup": 1, "workers": 0, **TINY})
-    assert row["precision"] == "fp32"
+    assert row["precision"] == choose_precision("auto", torch.device("cpu"))  # the package's own choice
     assert row["seconds"] > 0 and row["images_per_s"] == row["steps_per_s"] * 4
     assert row["peak_rss_mib"] > 50  # torch alone takes more than this
 
@@ -68,6 +69,7 @@ def test_a_training_row_through_the_package_pipeline_uses_the_image_cache(tmp_pa
 def test_a_sampling_row_times_the_asked_sampler():
     row = _row({"kind": "sample", "sampler": "ddim", "steps": 3, "batch": 2, **TINY})
     assert row["seconds"] > 0 and abs(row["images_per_s"] - 2 / row["seconds"]) < 1e-9
+    assert row["precision"] == choose_precision("auto", torch.device("cpu"))  # the trainer samples this way
 
 
 def test_missing_data_is_one_line_and_exit_2(tmp_path):

@@ -64,8 +64,30 @@ def test_lr_warmup_and_gradient_accumulation(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.25e-3)
 
 
-def test_precision_choice():
+def test_cosine_learning_rate_decay_after_the_warmup(tmp_path):
+    trainer = make_trainer(tmp_path, train_steps=10, lr_warmup=2, lr_decay="cosine")
+    lrs = [trainer.lr_at(step) for step in range(11)]
+    assert lrs[:3] == pytest.approx([0.5e-3, 1e-3, 1e-3])  # warmup, then the peak
+    assert lrs[6] == pytest.approx(0.5e-3)  # half-way through the decay
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    trainer.train()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[9])  # the last step's rate was applied
+    assert make_trainer(tmp_path, train_steps=10).lr_at(9) == pytest.approx(1e-3)  # no decay by default
+    with pytest.raises(ValueError, match="lr_decay"):
+        make_trainer(tmp_path, lr_decay="linear")
+
+
+def test_precision_choice(monkeypatch):
+    import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: False)
     assert choose_precision("auto", torch.device("cpu")) == "fp32"
+    assert choose_precision("auto", torch.device("mps")) == "fp32"
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)
+    assert choose_precision("auto", torch.device("cpu")) == "bf16"  # a CPU with bf16 instructions
+    assert choose_precision("auto", torch.device("mps")) == "fp32"
+    assert choose_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice always wins
     assert choose_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError):
         choose_precision("fp8", torch.device("cpu"))
@@ -231,8 +253,8 @@ def test_process_figures_run_in_process_order():
 def test_the_captured_step_body_does_what_the_eager_step_does(tmp_path):
     """--cuda_graph replays ``_captured_step``; run eagerly here, it must match ``train_step``: the same loss,
     weights, Adam state and EMA after each of three steps (the capture itself needs a GPU)."""
-    eager = make_trainer(tmp_path / "eager", ema_decay=0.9)
-    body = make_trainer(tmp_path / "body", ema_decay=0.9)
+    eager = make_trainer(tmp_path / "eager", ema_decay=0.9, precision="fp32")  # fp32: tolerances of rounding only
+    body = make_trainer(tmp_path / "body", ema_decay=0.9, precision="fp32")
     batches = iter(FakeBatches())
     for step in range(3):
         batch = next(batches)
