@@ -213,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import TrainingInterrupted
 
     ctx = distributed.from_environment()
+    ended_normally = False
     try:
-        return run(args, ctx)
+        code = run(args, ctx)
+        ended_normally = True
+        return code
     except TrainingInterrupted as e:
         if ctx.is_main:
             print(f"\ninterrupted: {e}", file=sys.stderr)
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        distributed.cleanup(ctx)
+        distributed.cleanup(ctx, together=ended_normally)
 
 
 if __name__ == "__main__":
