@@ -102,10 +102,6 @@ def parameters_agree(module: torch.nn.Module, ctx: Context) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def cleanup(ctx: Context, *, together: bool = False) -> None:
-    """Tear the process group down. ``together`` (a run that ended normally on every rank): meet at a barrier
-    first, so that no rank closes its connections while another is still using them (gloo aborts then)."""
+def cleanup(ctx: Context) -> None:
     if ctx.enabled and dist.is_initialized():
-        if together:
-            dist.barrier()
         dist.destroy_process_group()

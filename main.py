@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import TrainingInterrupted
 
     ctx = distributed.from_environment()
-    ended_normally = False
     try:
         code = run(args, ctx)
-        ended_normally = True
+        # every rank reaches the teardown together: gloo aborts a rank whose peer has already closed its connections
+        distributed.barrier(ctx)
         return code
     except TrainingInterrupted as e:
         if ctx.is_main:
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        distributed.cleanup(ctx, together=ended_normally)
+        distributed.cleanup(ctx)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from visualize import diffusion_processes, save_gif, save_grid, save_process_fig
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_DECAYS = ("none", "cosine")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # fp32 runs without autocast
 
 
 class TrainingInterrupted(Exception):
@@ -104,7 +105,7 @@ class Trainer:
         self.history: list[dict] = []
 
         self.precision = choose_precision(config.precision, self.device)
-        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if config.cuda_graph:
             self._check_graph_capture()

@@ -142,13 +142,13 @@ def measure_training(spec: dict) -> dict:
 def measure_sampling(spec: dict) -> dict:
     import torch
 
-    from trainer import choose_precision
+    from trainer import AUTOCAST_DTYPES, choose_precision
 
     device = _device(spec["device"])
     diffusion = _diffusion(spec).to(device).eval()
     generator = torch.Generator(device).manual_seed(0)
     precision = choose_precision("auto", device)  # as the trainer samples its grids and FID images
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         diffusion.sample(min(spec["batch"], 4), sampler=spec["sampler"], steps=spec["steps"], generator=generator)
         _sync(device)
