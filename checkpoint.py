@@ -23,7 +23,9 @@ from errors import UserError
 FORMAT = 1
 # The settings that decide the network's shape and the meaning of its timesteps.
 ARCHITECTURE_KEYS = ("image_size", "channels", "time_steps", "unet_dim", "dim_mults", "num_res_blocks",
-                     "attention_levels")
+                     "attention_levels", "rescale_timesteps", "weight_standardization")
+# What a checkpoint written before a key existed was trained with.
+ARCHITECTURE_DEFAULTS = {"rescale_timesteps": False, "weight_standardization": False}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -132,6 +134,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 def check_architecture(saved: dict, current: dict, path: str | os.PathLike) -> None:
     """Raise UserError naming every setting in which the checkpoint's network differs from this run's."""
+    saved, current = _with_defaults(saved), _with_defaults(current)
     diffs = [f"{key}={_show(saved.get(key))} in the checkpoint but {_show(current.get(key))} here"
              for key in ARCHITECTURE_KEYS if _norm(saved.get(key)) != _norm(current.get(key))]
     if diffs:
@@ -172,6 +175,11 @@ def set_rng_state(state: dict) -> None:
     if torch.cuda.is_available() and state.get("cuda"):
         cuda_states = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _with_defaults(architecture: dict) -> dict:
+    return {key: ARCHITECTURE_DEFAULTS.get(key) if architecture.get(key) is None else architecture[key]
+            for key in ARCHITECTURE_KEYS}
 
 
 def _norm(value):

@@ -20,7 +20,7 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def _number(kind, *, minimum=None, exclusive=False, maximum=None, what="a number"):
+def _number(kind, *, minimum=None, exclusive=False, maximum=None, exclusive_max=False, what="a number"):
     def parse(text: str):
         try:
             value = kind(text)
@@ -30,7 +30,7 @@ def _number(kind, *, minimum=None, exclusive=False, maximum=None, what="a number
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         if minimum is not None and (value <= minimum if exclusive else value < minimum):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        if maximum is not None and value > maximum:
+        if maximum is not None and (value >= maximum if exclusive_max else value > maximum):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -43,6 +43,7 @@ non_negative_int = _number(int, minimum=0, what="a non-negative integer")
 non_negative_float = _number(float, minimum=0.0, what="a non-negative number")
 learning_rate = _number(float, minimum=0.0, exclusive=True, maximum=1.0, what="a learning rate in (0, 1]")
 fraction = _number(float, minimum=0.0, maximum=1.0, what="a number in [0, 1]")
+adam_beta = _number(float, minimum=0.0, maximum=1.0, exclusive_max=True, what="a number in [0, 1)")
 dropout = _number(float, minimum=0.0, maximum=0.99, what="a dropout rate in [0, 0.99]")
 
 
@@ -89,10 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention_levels", type=non_negative_int, nargs="*", default=None,
                    help="U-Net levels (0 = highest resolution) with self-attention; default: the lowest only")
     _flag(m, "dropout", dropout, 0.0, "dropout inside the residual blocks")
+    _flag(m, "rescale_timesteps", bool, False, "feed the network t * 1000 / T instead of t, so its sinusoidal "
+          "time embedding spans all its frequencies whatever T is")
+    _flag(m, "weight_standardization", bool, False, "standardise the residual blocks' 3x3 kernels per output "
+          "channel (zero mean, unit variance) before each convolution")
     _flag(m, "loss", str, "l1", "loss on the predicted noise (the assignment's is L1)", choices=("l1", "l2", "huber"))
 
     t = p.add_argument_group("training")
     _flag(t, "grad_accum", positive_int, 1, "batches accumulated into each optimizer step")
+    _flag(t, "timestep_sampling", str, "uniform", "how training draws t: independently (Algorithm 1), or "
+          "stratified (one random offset spreads the batch evenly over the timestep distribution)", choices=("uniform", "stratified"))
+    _flag(t, "timestep_gamma", _number(float, minimum=0.0, maximum=4.0, what="a number in [0, 4]"), 0.0,
+          "draw training timesteps with probability proportional to (1 - alpha_bar_t)^gamma, favouring the noisy "
+          "ones (the P2 weighting of Choi et al. 2022); 0 = uniform")
+    _flag(t, "adam_beta2", adam_beta, 0.999, "Adam's second-moment decay")
     _flag(t, "grad_clip", non_negative_float, 1.0, "clip the gradient norm to this (0 = off)")
     _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warmup")
     _flag(t, "lr_decay", str, "none", "learning-rate decay after the warmup: none, or cosine down to 0 at "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LOSSES = ("l1", "l2", "huber")
+TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 
 
 def cosine_alphas(timesteps: int, *, s: float = 0.008) -> torch.Tensor:
@@ -43,11 +44,20 @@ class Diffusion(nn.Module):
         channels: image channels.
         timesteps: T, the number of diffusion steps.
         loss_type: ``"l1"`` (the assignment's, default), ``"l2"`` or ``"huber"``.
+        timestep_sampling: how training draws its timesteps, ``"uniform"`` (independently, Algorithm 1) or
+            ``"stratified"`` (see ``sample_timesteps``).
+        timestep_gamma: training timesteps are drawn with probability proportional to
+            (1 - alpha_bar_t) ** gamma; 0 (the default) is the uniform distribution of Algorithm 1.
     """
 
     def __init__(self, model: nn.Module, *, image_size: int, channels: int = 3, timesteps: int = 1000,
-                 loss_type: str = "l1"):
+                 loss_type: str = "l1", timestep_sampling: str = "uniform", timestep_gamma: float = 0.0):
         super().__init__()
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
+        if not 0.0 <= timestep_gamma <= 4.0:
+            raise ValueError(f"timestep_gamma must be in [0, 4], got {timestep_gamma}")
+        self.timestep_sampling, self.timestep_gamma = timestep_sampling, timestep_gamma
         if not isinstance(timesteps, int) or timesteps < 2:
             raise ValueError(f"timesteps (T) must be an integer of at least 2, got {timesteps!r}")
         if not isinstance(image_size, int) or image_size <= 0:
@@ -84,6 +94,12 @@ class Diffusion(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.to(torch.float32))
+        # P(t) proportional to (1 - alpha_bar_t)^gamma = (1 + SNR_t)^-gamma: the P2 weighting of Choi et al.
+        # (2022) realised by drawing t instead of weighting the loss; gamma = 0 is the uniform distribution.
+        probs = (1.0 - alphas_cumprod) ** timestep_gamma
+        probs = probs / probs.sum()
+        self.register_buffer("timestep_probs", probs.to(torch.float32), persistent=False)
+        self.register_buffer("timestep_cdf", probs.cumsum(0).to(torch.float32), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -115,13 +131,30 @@ class Diffusion(nn.Module):
         raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
 
     def forward(self, x_start: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1 for a batch x_0 in [-1, 1]: t ~ Uniform({0 ... T-1}), eps ~ N(0, I); returns the loss."""
+        """Algorithm 1 for a batch x_0 in [-1, 1]: t from ``sample_timesteps`` (Uniform({0 ... T-1}) by default),
+        eps ~ N(0, I); returns the loss."""
         b, c, h, w = x_start.shape
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape [B, {self.channels}, {self.image_size}, {self.image_size}], "
                              f"got {list(x_start.shape)}")
-        t = torch.randint(0, self.num_timesteps, (b,), device=x_start.device)
-        return self.p_loss(x_start, t)
+        return self.p_loss(x_start, self.sample_timesteps(b, x_start.device))
+
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Training timesteps [B] (Algorithm 1 line 3), drawn from ``timestep_probs``.
+
+        ``timestep_sampling="uniform"`` draws them independently; ``"stratified"`` draws one offset
+        u ~ U[0, 1) and spreads the batch over the whole distribution as u_i = frac(u + i / B) (each u_i
+        is still U[0, 1), so each t_i keeps its distribution), which lowers the variance of the loss and of
+        its gradient: the low-discrepancy sampler of Kingma et al. (2021, Variational Diffusion Models).
+        """
+        if self.timestep_sampling == "uniform" and self.timestep_gamma == 0:
+            return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
+        if self.timestep_sampling == "uniform":
+            u = torch.rand(batch_size, device=device)
+        else:
+            u = torch.remainder(torch.rand((), device=device) + torch.arange(batch_size, device=device) / batch_size, 1.0)
+        t = torch.searchsorted(self.timestep_cdf, u.to(self.timestep_cdf.dtype), right=True)  # inverse CDF
+        return t.clamp_(max=self.num_timesteps - 1)
 
     # ----------------------------------------------------------------------------------------------
     # Sampling (Algorithm 2)

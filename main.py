@@ -26,8 +26,11 @@ def build_diffusion(args):
     try:
         net = Unet(args.unet_dim, tuple(args.dim_mults), channels=3, num_res_blocks=args.num_res_blocks,
                    attention_levels=tuple(args.attention_levels) if args.attention_levels else None,
-                   dropout=args.dropout, image_size=args.image_size)
-        return Diffusion(net, image_size=args.image_size, channels=3, timesteps=args.time_steps, loss_type=args.loss)
+                   dropout=args.dropout, time_scale=1000.0 / args.time_steps if args.rescale_timesteps else 1.0,
+                   weight_standardization=args.weight_standardization,
+                   image_size=args.image_size)
+        return Diffusion(net, image_size=args.image_size, channels=3, timesteps=args.time_steps, loss_type=args.loss,
+                         timestep_sampling=args.timestep_sampling, timestep_gamma=args.timestep_gamma)
     except ValueError as e:
         raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 
@@ -48,6 +51,7 @@ def build_trainer(args, device, diffusion, batches, ctx):
     train_config = TrainConfig(
         train_steps=args.train_steps, learning_rate=args.learning_rate,
         save_and_sample_every=args.save_and_sample_every, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
+        adam_beta2=args.adam_beta2,
         lr_warmup=args.lr_warmup, lr_decay=args.lr_decay, ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, precision=args.precision,
         compile=args.compile, cuda_graph=args.cuda_graph, num_samples=args.num_samples, sampler=args.sampler, sample_steps=args.sample_steps,
         fid_sampler=args.fid_sampler, fid_sample_steps=args.fid_sample_steps, log_every=args.log_every,

@@ -44,6 +44,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     save_and_sample_every: int = 1000
     grad_accum: int = 1
+    adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     lr_warmup: int = 0  # steps of linear learning-rate warmup
     lr_decay: str = "none"  # "cosine": from the peak after warmup down to 0 at train_steps
@@ -112,7 +113,7 @@ class Trainer:
         params = list(self.diffusion.model.parameters())
         fused = self.device.type == "cuda"
         # a captured step reads the learning rate and Adam's step count from device tensors
-        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=fused, capturable=config.cuda_graph)
+        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, betas=(0.9, config.adam_beta2), fused=fused, capturable=config.cuda_graph)
         self._set_optimizer_for_capture()
         self.ema = copy.deepcopy(self.diffusion).eval().requires_grad_(False)
         self._graph: torch.cuda.CUDAGraph | None = None

@@ -9,10 +9,12 @@ output on the way down is kept and concatenated, in reverse order, on the way up
 GroupNorm and SiLU and take the time embedding as a per-channel scale and shift of their second
 normalisation. Self-attention (``F.scaled_dot_product_attention``) runs in the middle block and at the
 levels named in ``attention_levels`` (by default the lowest resolution only). The last convolution is
-zero-initialised, so an untrained network predicts zero noise. Nothing here standardises weights, so
-fp16 and bf16 autocast are safe.
+zero-initialised, so an untrained network predicts zero noise. Optionally the residual blocks' kernels are
+weight-standardised (statistics in float32, so fp16 and bf16 autocast stay safe).
 
-Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T.
+Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T, but
+``time_scale`` multiplies t before the embedding (1000 / T puts any T on the 0 ... 1000 scale, where the
+embedding's lowest frequencies turn through about a radian).
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from torch import nn
 class SinusoidalTimeEmbedding(nn.Module):
     """Transformer-style sinusoidal embedding of a timestep: [B] -> [B, dim]."""
 
-    def __init__(self, dim: int, *, max_period: float = 10000.0):
+    def __init__(self, dim: int, *, max_period: float = 10000.0, scale: float = 1.0):
         super().__init__()
+        self.scale = scale
         if dim % 2:
             raise ValueError(f"the time embedding size must be even, got {dim}")
         half = dim // 2
@@ -35,21 +38,40 @@ class SinusoidalTimeEmbedding(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = t.float()[:, None] * self.freqs[None, :]  # [B, half]
+        args = (t.float() * self.scale)[:, None] * self.freqs[None, :]  # [B, half]
         return torch.cat([args.sin(), args.cos()], dim=-1)  # [B, dim]
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """A convolution whose kernel is standardised per output channel (zero mean, unit variance) on every call.
+
+    Weight standardisation (Qiao et al. 2019) beside GroupNorm smooths the loss landscape. The statistics
+    are taken in float32 whatever the autocast dtype, so the kernel handed to the convolution is the same
+    under fp32, fp16 and bf16 up to the final cast.
+    """
+
+    eps = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float()
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) * torch.rsqrt(var + self.eps)
+        return self._conv_forward(x, w.to(self.weight.dtype), self.bias)
 
 
 class ResidualBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, then GroupNorm modulated by the time embedding -> SiLU -> dropout -> conv."""
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, *, groups: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, *, groups: int, dropout: float,
+                 standardize: bool = False):
         super().__init__()
+        conv = StandardizedConv2d if standardize else nn.Conv2d
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -110,13 +132,15 @@ class Unet(nn.Module):
         dropout: dropout inside the residual blocks.
         groups: GroupNorm groups; every level's channel count must be divisible by it.
         attn_head_dim: channels per attention head.
+        time_scale: factor applied to t before the sinusoidal embedding.
+        weight_standardization: use ``StandardizedConv2d`` for the residual blocks' 3x3 convolutions.
         image_size: if given, checked at construction (see ``check_image_size``).
     """
 
     def __init__(self, dim: int, dim_mults: tuple[int, ...] = (1, 2, 4, 8), channels: int = 3, *,
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] | None = None,
                  dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32,
-                 image_size: int | None = None):
+                 time_scale: float = 1.0, weight_standardization: bool = False, image_size: int | None = None):
         super().__init__()
         dim_mults = tuple(dim_mults)
         _check_sizes(dim, dim_mults, channels, num_res_blocks, groups, dropout)
@@ -134,9 +158,9 @@ class Unet(nn.Module):
             self.check_image_size(image_size)
 
         time_dim = 4 * dim
-        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(dim), nn.Linear(dim, time_dim), nn.SiLU(),
+        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(dim, scale=time_scale), nn.Linear(dim, time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim))
-        block = dict(time_dim=time_dim, groups=groups, dropout=dropout)
+        block = dict(time_dim=time_dim, groups=groups, dropout=dropout, standardize=weight_standardization)
         self.input_conv = nn.Conv2d(channels, dim, 3, padding=1)
 
         # Down path: every module's output is pushed as a skip connection.

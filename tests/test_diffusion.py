@@ -193,6 +193,43 @@ def test_forward_draws_uniform_timesteps_and_returns_scalar_with_grad():
         d(torch.rand(2, 3, 16, 16))
 
 
+def test_stratified_timesteps_cover_the_range_evenly_and_stay_uniform():
+    d = make(T=10, timestep_sampling="stratified")
+    torch.manual_seed(0)
+    draws = [d.sample_timesteps(20, torch.device("cpu")) for _ in range(2000)]
+    for t in draws[:50]:
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 9
+        assert torch.bincount(t, minlength=10).tolist() == [2] * 10  # B = 2 T: every timestep twice
+    # 16 = 1.6 T: each timestep once or twice per batch, and uniform over many batches
+    counts = torch.zeros(10)
+    for _ in range(4000):
+        c = torch.bincount(d.sample_timesteps(16, torch.device("cpu")), minlength=10)
+        assert c.min() >= 1 and c.max() <= 2
+        counts += c
+    assert (counts / counts.sum() - 0.1).abs().max() < 0.01
+    # independent draws do not cover the range in every batch
+    u = make(T=10)
+    assert any(torch.bincount(u.sample_timesteps(20, torch.device("cpu")), minlength=10).min() == 0 for _ in range(20))
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        make(timestep_sampling="sorted")
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "stratified"])
+def test_timestep_gamma_draws_t_in_proportion_to_one_minus_alpha_bar(sampling):
+    d = make(T=20, timestep_sampling=sampling, timestep_gamma=1.0)
+    _, alphas_bar = reference_schedule(20)
+    expected = (1 - alphas_bar) / (1 - alphas_bar).sum()
+    np.testing.assert_allclose(d.timestep_probs.numpy(), expected, rtol=1e-5)
+    torch.manual_seed(0)
+    t = torch.cat([d.sample_timesteps(40, torch.device("cpu")) for _ in range(5000)])
+    freq = torch.bincount(t, minlength=20).double().numpy() / len(t)
+    np.testing.assert_allclose(freq, expected, atol=0.004)
+    assert freq[-1] > 10 * freq[0]  # the noisiest timestep far more often than the cleanest
+    np.testing.assert_allclose(make(T=20, timestep_gamma=0.0).timestep_probs.numpy(), np.full(20, 0.05), rtol=1e-6)
+    with pytest.raises(ValueError, match="timestep_gamma"):
+        make(timestep_gamma=-1.0)
+
+
 def test_last_step_adds_no_noise_and_others_do():
     d = make(T=50)
     x = torch.randn(4, 3, 8, 8)

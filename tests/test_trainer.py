@@ -15,11 +15,11 @@ ARCH = dict(image_size=16, channels=3, time_steps=10, unet_dim=8, dim_mults=[1, 
             attention_levels=None)
 
 
-def make_trainer(tmp_path, **cfg):
+def make_trainer(tmp_path, rc=None, **cfg):
     torch.manual_seed(0)  # as main.py does before building the model
     config = TrainConfig(**{"train_steps": 6, "save_and_sample_every": 3, "num_samples": 4, "log_every": 2, **cfg})
     return Trainer(tiny_diffusion(), FakeBatches(), config=config, device="cpu", save_folder=tmp_path,
-                   run_config=dict(ARCH))
+                   run_config={**ARCH, **(rc or {})})
 
 
 def time_summary(out: str) -> dict:
@@ -142,6 +142,24 @@ def test_other_architecture_is_refused_with_the_mismatch(tmp_path):
     other.run_config["unet_dim"] = 16
     with pytest.raises(UserError, match="unet_dim=8 in the checkpoint but 16 here"):
         other.load(tmp_path / "model.pt")
+
+
+def test_checkpoints_from_before_a_switch_existed_load_as_trained(tmp_path):
+    make_trainer(tmp_path, train_steps=3).train()
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "model.pt")
+    for key in ("rescale_timesteps", "weight_standardization"):
+        ckpt["architecture"].pop(key, None)  # as written before these switches existed
+    torch.save(ckpt, tmp_path / "old.pt")
+    make_trainer(tmp_path / "a", rc={"rescale_timesteps": False}).load(tmp_path / "old.pt")
+    switched = make_trainer(tmp_path / "b", rc={"rescale_timesteps": True})
+    with pytest.raises(UserError, match="rescale_timesteps=False in the checkpoint but True here; "
+                                        "rerun with --rescale_timesteps False"):
+        switched.load(tmp_path / "old.pt")
+
+
+def test_adam_second_moment_decay_is_configurable(tmp_path):
+    assert make_trainer(tmp_path).optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert make_trainer(tmp_path / "x", adam_beta2=0.99).optimizer.param_groups[0]["betas"] == (0.9, 0.99)
 
 
 def test_broken_checkpoints_are_refused(tmp_path):

@@ -1,9 +1,10 @@
 """The U-Net: shapes, gradients, time conditioning, and the size checks at construction."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffusion import Diffusion
-from unet import Unet
+from unet import StandardizedConv2d, Unet
 
 
 @pytest.mark.parametrize("size,dim,mults", [(32, 16, (1, 2, 4, 8)), (64, 8, (1, 2, 2, 4)), (128, 8, (1, 1, 2, 2, 4)),
@@ -30,6 +31,39 @@ def test_time_embedding_changes_the_output():
     torch.nn.init.normal_(net.output[-1].weight, std=0.1)
     x = torch.randn(1, 3, 8, 8)
     assert not torch.allclose(net(x, torch.tensor([0])), net(x, torch.tensor([30])))
+
+
+def test_time_scale_multiplies_the_timestep_the_embedding_sees():
+    torch.manual_seed(0)
+    plain = Unet(8, (1, 2), num_res_blocks=1)
+    torch.nn.init.normal_(plain.output[-1].weight, std=0.1)
+    scaled = Unet(8, (1, 2), num_res_blocks=1, time_scale=20.0)
+    scaled.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 41])
+    torch.testing.assert_close(scaled(x, t), plain(x, t * 20.0))
+    assert not torch.allclose(scaled(x, t), plain(x, t))
+
+
+def test_weight_standardization_ignores_the_kernels_scale_and_offset():
+    torch.manual_seed(0)
+    conv = StandardizedConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    w = conv.weight.detach()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    std = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False).add(conv.eps).sqrt()
+    torch.testing.assert_close(conv(x), F.conv2d(x, (w - mean) / std, conv.bias, padding=1))
+    y = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(3.0).add_(0.5)  # affine changes of the kernel leave the output alone (up to eps)
+    assert (conv(x) - y).abs().max() < 0.005 * y.abs().max()
+    net = Unet(8, (1, 2), num_res_blocks=1, weight_standardization=True)
+    kinds = {type(m) for name, m in net.named_modules() if name.endswith(("conv1", "conv2"))}
+    assert kinds == {StandardizedConv2d}
+    assert sum(isinstance(m, StandardizedConv2d) for m in Unet(8, (1, 2), num_res_blocks=1).modules()) == 0
+    torch.nn.init.normal_(net.output[-1].weight, std=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert torch.isfinite(out.float()).all()
 
 
 def test_default_recommended_size_parameter_count():
