@@ -1,4 +1,5 @@
-"""Small builders shared by the tests: a tiny U-Net, fake batches, and image folders made with PIL."""
+"""Small builders shared by the tests: a tiny U-Net, fake batches, a stand-in for Inception, and image folders
+made with PIL."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,6 +35,18 @@ class FakeBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stands in for Inception (FeatureExtractor's custom-model convention): float [B, 3, 299, 299] in [0, 255] -> [B, 16] features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = torch.nn.Conv2d(3, 16, 9, stride=8)
+
+    def forward(self, x):
+        return self.conv(x / 255).mean(dim=(2, 3))
 
 
 def make_image_folder(root: Path, *, count: int = 12, size: int = 40, cls: str = "cat") -> Path:

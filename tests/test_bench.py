@@ -1,5 +1,6 @@
 """The benchmark's own parts: the reference solutions' pipeline it measures against, one measured row in its
-own process, and a clear exit when the data is missing. Timings themselves are never asserted here."""
+own process, a clear exit when the data is missing, and the FID comparison at the stored image size.
+Timings themselves are never asserted here."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 
-from helpers import make_image_folder, tiny_diffusion
+from errors import UserError
+from helpers import TinyFeatures, make_image_folder, tiny_diffusion
 from trainer import choose_precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,3 +81,37 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--data_path" in out.stderr
+
+
+def test_native_resolution_fid_scores_one_sample_set_at_both_sizes(tmp_path, monkeypatch):
+    import fid
+    import fid_native_resolution as native
+    import main
+
+    monkeypatch.setattr(fid, "_build_inception", lambda mode, device: TinyFeatures().eval())
+    data, cache, save = make_image_folder(tmp_path / "afhq", count=12, size=24), tmp_path / "cache", tmp_path / "run"
+    tiny = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
+            "--time_steps", "10", "--batch_size", "4", "--num_samples", "4", "--wandb", "disabled", "--device", "cpu"]
+    assert main.main([*tiny, "--data_path", str(data), "--save_folder", str(save), "--train_steps", "2",
+                      "--save_and_sample_every", "2", "--fid", "--fid_samples", "4", "--cache_dir", str(cache),
+                      "--network_output", "v"]) == 0
+    [trainer_stats] = cache.glob("fid_ref_clean_16px_*.npz")
+    out = tmp_path / "native.json"
+    assert native.main(["--load_path", str(save / "model.pt"), "--data_path", str(data), "--samples", "3", "5",
+                        "--batch_size", "2", "--cache_dir", str(cache), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["samples"], r["step"], r["training_size"], r["native_size"]) for r in rows] == [(3, 2, 16, 24), (5, 2, 16, 24)]
+    for r in rows:
+        assert r["fid_native"] > 0 and r["fid_training_size"] > 0 and r["fid_native"] != r["fid_training_size"]
+    # the training-size statistics are the trainer's own cache file; the stored size gets one of its own
+    assert list(cache.glob("fid_ref_clean_16px_*.npz")) == [trainer_stats]
+    assert len(list(cache.glob("fid_ref_clean_24px_*.npz"))) == 1
+
+
+def test_native_resolution_fid_needs_one_stored_size(tmp_path):
+    import fid_native_resolution as native
+    data = make_image_folder(tmp_path, count=3, size=24)
+    assert native.native_size(str(data), "cat") == 24
+    Image.new("RGB", (30, 30)).save(data / "cat" / "odd.jpg")
+    with pytest.raises(UserError, match=r"sizes \[\(24, 24\), \(30, 30\)\]; this comparison needs one square size"):
+        native.native_size(str(data), "cat")

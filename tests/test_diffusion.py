@@ -301,3 +301,49 @@ def test_bad_arguments_fail_with_messages():
         d.ddim_sample((1, 3, 8, 8), steps=11)
     with pytest.raises(ValueError, match="sampler"):
         d.sample(1, sampler="euler")
+
+
+class OracleV(nn.Module):
+    """Knows x_0 and the noise, and returns the exact v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0."""
+
+    def __init__(self, x_start, noise):
+        super().__init__()
+        self.x_start, self.noise, self.diffusion = x_start, noise, None
+
+    def forward(self, x_t, t):
+        d = self.diffusion
+        a = extract(d.sqrt_alphas_cumprod, t, x_t.shape)
+        b = extract(d.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+        return a * self.noise - b * self.x_start
+
+
+def test_v_output_turns_the_exact_v_into_the_exact_noise_at_every_t():
+    g = torch.Generator().manual_seed(0)
+    x_start = torch.rand(50, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(50, 3, 8, 8, generator=g)
+    oracle = OracleV(x_start, noise)
+    d = make(oracle, network_output="v")
+    oracle.diffusion = d
+    t = torch.arange(50)  # every timestep, including T-1 where 1 / sqrt(alpha_bar) is about 1,000
+    x_t = d.q_sample(x_start, t, noise)
+    torch.testing.assert_close(d.predict_noise(x_t, t), noise, atol=2e-5, rtol=0)
+    assert d.p_loss(x_start, t, noise).item() < 2e-5
+    # and so Eq. (19) recovers x_0 from it
+    torch.testing.assert_close(d.predict_start_from_noise(x_t, t, d.predict_noise(x_t, t))[:-1], x_start[:-1],
+                               atol=1e-3, rtol=0)
+
+
+def test_v_output_of_zero_means_x0_estimate_sqrt_alpha_bar_times_x_t():
+    d = make(network_output="v")
+    x_t = torch.randn(50, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.arange(50)
+    x0 = d.predict_start_from_noise(x_t, t, d.predict_noise(x_t, t))
+    # v = 0: x_0 = sqrt(alpha_bar) x_t (to float32 cancellation in Eq. 19 at T-1), bounded by |x_t| even at T-1, where an eps network that is
+    # off by 1e-3 would put x_0 off by about 1
+    torch.testing.assert_close(x0, extract(d.sqrt_alphas_cumprod, t, x_t.shape) * x_t, atol=1e-3, rtol=0)
+    assert make(network_output="eps").predict_noise(x_t, t).abs().max() == 0  # eps output is the network's
+
+
+def test_network_output_is_checked():
+    with pytest.raises(ValueError, match="network_output must be one of"):
+        make(network_output="x0")

@@ -41,6 +41,7 @@ CASES = [
     (["--adam_beta2", "1"], "--adam_beta2: expected a number in [0, 1), got '1'"),
     (["--timestep_gamma", "-0.5"], "--timestep_gamma: expected a number in [0, 4]"),
     (["--timestep_sampling", "sorted"], "--timestep_sampling: invalid choice: 'sorted'"),
+    (["--network_output", "x0"], "--network_output: invalid choice: 'x0'"),
     (["--weight_standardization", "perhaps"], "--weight_standardization: expected True or False"),
     (["--data_class", "horse"], "--data_class: invalid choice: 'horse'"),
     (["--visualize"], "--visualize needs a trained model: add --load_path"),

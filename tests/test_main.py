@@ -10,7 +10,7 @@ import torch
 
 import main
 from checkpoint import load_checkpoint
-from helpers import make_image_folder
+from helpers import TinyFeatures, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
@@ -85,18 +85,19 @@ def test_experimental_switches_reach_the_model_and_the_checkpoint(data_path, tmp
     monkeypatch.setattr(main, "build_diffusion", lambda a: built.append(real(a)) or built[-1])
     save = tmp_path / "run"
     extra = ["--timestep_sampling", "stratified", "--timestep_gamma", 0.5, "--weight_standardization",
-             "--rescale_timesteps", "--adam_beta2", 0.99]
+             "--rescale_timesteps", "--adam_beta2", 0.99, "--network_output", "v"]
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *extra)) == 0
     d = built[-1]
-    assert (d.timestep_sampling, d.timestep_gamma) == ("stratified", 0.5)
+    assert (d.timestep_sampling, d.timestep_gamma, d.network_output) == ("stratified", 0.5, "v")
     assert d.model.time_embed[0].scale == pytest.approx(100.0)  # 1000 / T with T = 10
     assert type(d.model.down[0].conv1).__name__ == "StandardizedConv2d"
     ckpt = load_checkpoint(save / "model.pt")
     assert ckpt["architecture"]["rescale_timesteps"] is True and ckpt["architecture"]["weight_standardization"] is True
+    assert ckpt["architecture"]["network_output"] == "v"
     assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
     code = main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--visualize"))
     assert code == 2
-    assert "--rescale_timesteps True --weight_standardization True" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--rescale_timesteps True --weight_standardization True --network_output v" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_wandb_offline_keeps_a_local_run(data_path, tmp_path):
@@ -123,18 +124,6 @@ def test_defaults_are_the_assignments_recommended_command():
     assert (a.image_size, a.batch_size, a.time_steps, a.unet_dim, a.learning_rate) == (32, 32, 50, 16, 1e-3)
     assert (a.train_steps, a.save_and_sample_every, a.data_class) == (10000, 1000, "cat")
     assert Path(a.data_path) == Path("./data/train") and Path(a.save_folder) == Path("./results")
-
-
-class TinyFeatures(torch.nn.Module):
-    """Stands in for Inception: float [B, 3, 299, 299] in [0, 255] -> [B, 16] features."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(123)
-        self.conv = torch.nn.Conv2d(3, 16, 9, stride=8)
-
-    def forward(self, x):
-        return self.conv(x / 255).mean(dim=(2, 3))
 
 
 @pytest.fixture

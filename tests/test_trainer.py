@@ -147,10 +147,13 @@ def test_other_architecture_is_refused_with_the_mismatch(tmp_path):
 def test_checkpoints_from_before_a_switch_existed_load_as_trained(tmp_path):
     make_trainer(tmp_path, train_steps=3).train()
     ckpt = ckpt_io.load_checkpoint(tmp_path / "model.pt")
-    for key in ("rescale_timesteps", "weight_standardization"):
+    for key in ("rescale_timesteps", "weight_standardization", "network_output"):
         ckpt["architecture"].pop(key, None)  # as written before these switches existed
     torch.save(ckpt, tmp_path / "old.pt")
-    make_trainer(tmp_path / "a", rc={"rescale_timesteps": False}).load(tmp_path / "old.pt")
+    make_trainer(tmp_path / "a", rc={"rescale_timesteps": False, "network_output": "eps"}).load(tmp_path / "old.pt")
+    with pytest.raises(UserError, match="network_output=eps in the checkpoint but v here; "
+                                        "rerun with --network_output eps"):
+        make_trainer(tmp_path / "c", rc={"network_output": "v"}).load(tmp_path / "old.pt")
     switched = make_trainer(tmp_path / "b", rc={"rescale_timesteps": True})
     with pytest.raises(UserError, match="rescale_timesteps=False in the checkpoint but True here; "
                                         "rerun with --rescale_timesteps False"):
