@@ -1,5 +1,5 @@
 """The benchmark's own parts: the reference solutions' pipeline it measures against, one measured row in its
-own process, a clear exit when the data is missing, and the FID comparison at the stored image size.
+own process, a clear exit when the data is missing, and the FID comparison under three protocols.
 Timings themselves are never asserted here."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -83,9 +84,9 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "--data_path" in out.stderr
 
 
-def test_native_resolution_fid_scores_one_sample_set_at_both_sizes(tmp_path, monkeypatch):
+def test_fid_protocols_score_one_sample_set_three_ways(tmp_path, monkeypatch):
     import fid
-    import fid_native_resolution as native
+    import fid_protocols
     import main
 
     monkeypatch.setattr(fid, "_build_inception", lambda mode, device: TinyFeatures().eval())
@@ -96,22 +97,44 @@ def test_native_resolution_fid_scores_one_sample_set_at_both_sizes(tmp_path, mon
                       "--save_and_sample_every", "2", "--fid", "--fid_samples", "4", "--cache_dir", str(cache),
                       "--network_output", "v"]) == 0
     [trainer_stats] = cache.glob("fid_ref_clean_16px_*.npz")
-    out = tmp_path / "native.json"
-    assert native.main(["--load_path", str(save / "model.pt"), "--data_path", str(data), "--samples", "3", "5",
-                        "--batch_size", "2", "--cache_dir", str(cache), "--json", str(out)]) == 0
+    out = tmp_path / "protocols.json"
+    assert fid_protocols.main(["--load_path", str(save / "model.pt"), "--data_path", str(data), "--samples", "3", "5",
+                               "--batch_size", "2", "--cache_dir", str(cache), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["samples"], r["step"], r["training_size"], r["native_size"]) for r in rows] == [(3, 2, 16, 24), (5, 2, 16, 24)]
+    assert [(r["samples"], r["step"], r["training_size"], r["stored_size"]) for r in rows] == [(3, 2, 16, 24), (5, 2, 16, 24)]
     for r in rows:
-        assert r["fid_native"] > 0 and r["fid_training_size"] > 0 and r["fid_native"] != r["fid_training_size"]
-    # the training-size statistics are the trainer's own cache file; the stored size gets one of its own
-    assert list(cache.glob("fid_ref_clean_16px_*.npz")) == [trainer_stats]
-    assert len(list(cache.glob("fid_ref_clean_24px_*.npz"))) == 1
+        fids = [r["fid_package"], r["fid_handout"], r["fid_stored"]]
+        assert all(f > 0 for f in fids) and len(set(fids)) == 3
+    # the package's statistics are the trainer's own cache file; the other two sets get one each
+    assert sorted(p.name for p in cache.glob("fid_ref_clean_*.npz") if p != trainer_stats) == sorted(
+        [next(cache.glob("fid_ref_clean_16px_handout-*.npz")).name, next(cache.glob("fid_ref_clean_24px_*.npz")).name])
 
 
-def test_native_resolution_fid_needs_one_stored_size(tmp_path):
-    import fid_native_resolution as native
+def test_handout_images_are_resized_by_pil_and_re_encoded_in_their_own_format(tmp_path):
+    import fid_protocols
+
+    data = make_image_folder(tmp_path, count=2, size=24)
+    png = Image.open(data / "cat" / "img_000.jpg").convert("RGB")
+    png.save(data / "cat" / "img_000.png")
+    (data / "cat" / "img_000.jpg").unlink()
+    args = fid_protocols.parse_args(["--load_path", "x.pt", "--data_path", str(data)])
+    images = fid_protocols.handout_images(args, 16)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+    files = sorted((data / "cat").iterdir())
+    plain = [torch.from_numpy(np.array(Image.open(f).resize((16, 16)).convert("RGB"))).permute(2, 0, 1) for f in files]
+    by_name = dict(zip([f.suffix for f in files], range(len(files))))
+    assert torch.equal(images[by_name[".png"]], plain[by_name[".png"]])  # PNG: lossless round trip
+    assert not torch.equal(images[by_name[".jpg"]], plain[by_name[".jpg"]])  # JPEG: compressed once more
+
+
+def test_fid_protocols_need_one_readable_stored_size(tmp_path):
+    import fid_protocols
+
     data = make_image_folder(tmp_path, count=3, size=24)
-    assert native.native_size(str(data), "cat") == 24
+    assert fid_protocols.native_size(str(data), "cat") == 24
     Image.new("RGB", (30, 30)).save(data / "cat" / "odd.jpg")
     with pytest.raises(UserError, match=r"sizes \[\(24, 24\), \(30, 30\)\]; this comparison needs one square size"):
-        native.native_size(str(data), "cat")
+        fid_protocols.native_size(str(data), "cat")
+    (data / "cat" / "odd.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match=r"odd.jpg cannot be read .*; remove it or pass another --data_path"):
+        fid_protocols.native_size(str(data), "cat")

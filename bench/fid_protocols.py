@@ -1,14 +1,19 @@
-"""FID of trained checkpoints against the training images as stored, beside the package's own protocol.
+"""FID of trained checkpoints under three protocols: the package's, and the two the reference solutions use.
 
-The package scores samples against the training images at the training resolution (README, docs/fid.md).
-The reference solutions call ``cleanfid.fid.compute_fid(sample_folder, data_folder)`` instead: the 32 x 32
-samples against the training files at the size they are stored at, both resized by clean-fid to 299 x 299.
-A perfect 32-pixel model cannot reach 0 that way, since the real side keeps detail that 32 pixels cannot
-hold. This script draws one set of samples per checkpoint (EMA weights, full DDPM chain) and scores it both
-ways, so the package's figures can be set beside the reference solutions' published ones:
+One set of samples per checkpoint (EMA weights, full DDPM chain, quantized as a PNG holds them) is scored
+against three sets of real images, all through clean-fid's Inception (mode ``clean``):
 
-    python bench/fid_native_resolution.py --data_path ../shared/afhq128/train --samples 512 1000 \\
-        --load_path results/model.pt --json bench/out/fid_native.json
+- ``package``: the training images at the training size, as the trainer decodes them (README, docs/fid.md);
+- ``handout``: what the assignment's handout trainer builds when its validation folder is empty: each
+  training file opened with PIL, ``resize((S, S))`` with PIL's default filter, and saved under its own name
+  (so a ``.jpg`` is written again as a JPEG at PIL's default quality), then scored with
+  ``cleanfid.fid.compute_fid(sample_folder, that_folder)``; here the files are encoded and decoded in memory;
+- ``stored``: the training files at the size they are stored at (``compute_fid`` pointed at the data folder
+  itself). A perfect S-pixel model cannot reach 0 that way, since the real side keeps detail that S pixels
+  cannot hold.
+
+    python bench/fid_protocols.py --data_path ../shared/afhq128/train --samples 512 1000 \\
+        --load_path results/model.pt --json bench/out/fid_protocols.json
 
 Needs clean-fid's Inception weights (offline: ``python ../shared/tools/offline_inception.py``). The real
 images' statistics are cached in ``--cache_dir`` like the trainer's, so only the first run computes them.
@@ -16,6 +21,7 @@ images' statistics are cached in ``--cache_dir`` like the trainer's, so only the
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import platform
 import sys
@@ -34,6 +40,7 @@ import main as main_module  # noqa: E402
 from checkpoint import load_checkpoint, load_state_strict  # noqa: E402
 from cli import build_parser  # noqa: E402
 from errors import UserError  # noqa: E402
+from images import UnreadableImage, decode_image  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,23 +69,68 @@ def native_size(data_path: str, data_class: str) -> int:
     files = dataset.find_images(Path(data_path), data_class)
     sizes = set()
     for path in files:
-        with Image.open(path) as im:
-            sizes.add(im.size)
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except OSError as e:
+            raise UserError(f"{path} cannot be read ({e}); remove it or pass another --data_path") from None
     if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
         raise UserError(f"the images under {data_path}/{data_class} come in sizes {sorted(sizes)[:4]}; "
                         f"this comparison needs one square size")
     return next(iter(sizes))[0]
 
 
-def reference(args, image_size: int, extractor) -> fid_module.FIDEvaluator:
-    """An evaluator holding the real statistics at ``image_size`` (from the package's caches when present)."""
-    images = dataset.load_images(args.data_path, args.data_class, image_size, cache_dir=args.cache_dir)
-    cache_dir = images.cache_path.parent if images.cache_path is not None else Path(args.cache_dir or ".")
+def _evaluator(images: torch.Tensor, key: str, image_size: int, cache_dir: Path, extractor) -> fid_module.FIDEvaluator:
+    """An evaluator holding the statistics of ``images`` (uint8 [N, 3, S, S]), cached under ``key``."""
     evaluator = fid_module.FIDEvaluator(
-        real_key=images.pixels_key, image_size=image_size, cache_dir=cache_dir, extractor=extractor,
-        real_batches=lambda: (images.images[i:i + 500] for i in range(0, len(images.images), 500)))
+        real_key=key, image_size=image_size, cache_dir=cache_dir, extractor=extractor,
+        real_batches=lambda: (images[i:i + 500] for i in range(0, len(images), 500)))
     evaluator.reference()
     return evaluator
+
+
+def package_reference(args, image_size: int, extractor) -> fid_module.FIDEvaluator:
+    """The training images at ``image_size`` as the trainer decodes them (its cache and statistics reused)."""
+    images = dataset.load_images(args.data_path, args.data_class, image_size, cache_dir=args.cache_dir)
+    cache_dir = images.cache_path.parent if images.cache_path is not None else Path(args.cache_dir or ".")
+    return _evaluator(images.images, images.pixels_key, image_size, cache_dir, extractor)
+
+
+def stored_reference(args, native: int, cache_dir: Path, extractor) -> fid_module.FIDEvaluator:
+    """The training files at their stored size, decoded 500 at a time (512-pixel AFHQ would take 4 GB at once);
+    the statistics are keyed by the files' names, sizes and times."""
+    files = dataset.find_images(Path(args.data_path), args.data_class)
+    key = "stored-" + dataset.cache_key(files, native, root=Path(args.data_path))
+
+    def batches():
+        for first in range(0, len(files), 500):
+            arrays = []
+            for path in files[first:first + 500]:
+                try:
+                    arrays.append(decode_image(path, native)[0])
+                except UnreadableImage as e:
+                    raise UserError(f"{path} cannot be read ({e}); remove it or pass another --data_path") from None
+            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    evaluator = fid_module.FIDEvaluator(real_key=key, image_size=native, cache_dir=cache_dir, extractor=extractor,
+                                        real_batches=batches)
+    evaluator.reference()
+    return evaluator
+
+
+def handout_images(args, image_size: int) -> torch.Tensor:
+    """Each training file resized by PIL's default filter and re-encoded in its own format, then decoded."""
+    from PIL import Image
+
+    arrays = []
+    for path in dataset.find_images(Path(args.data_path), args.data_class):
+        with Image.open(path) as im:
+            small = im.resize((image_size, image_size))
+            buffer = io.BytesIO()
+            small.save(buffer, format=im.format or "PNG")
+        with Image.open(io.BytesIO(buffer.getvalue())) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def load_model(path: str):
@@ -103,13 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extractor = fid_module.FeatureExtractor(mode="clean")
     native = native_size(args.data_path, args.data_class)
-    evaluators = {native: reference(args, native, extractor)}
+    cache_dir = dataset.resolve_cache_dir(args.data_path, args.cache_dir) or Path(".")
+    references: dict[int, dict[str, fid_module.FIDEvaluator]] = {}
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
     rows = []
     for path in args.load_path:
         diffusion, step, size = load_model(path)
-        if size not in evaluators:
-            evaluators[size] = reference(args, size, extractor)
+        if size not in references:
+            handout = handout_images(args, size)
+            references[size] = {
+                "package": package_reference(args, size, extractor),
+                "handout": _evaluator(handout, "handout-" + dataset.pixels_key(handout.numpy()), size, cache_dir,
+                                      extractor),
+                "stored": stored_reference(args, native, cache_dir, extractor)}
         generator, chunks, start = torch.Generator().manual_seed(args.seed), [], time.perf_counter()
         for first in range(0, max(args.samples), args.batch_size):
             n = min(args.batch_size, max(args.samples) - first)
@@ -118,14 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             chunks.append(extractor(fid_module.quantize_uint8(images)))
         gen = np.concatenate(chunks)
         for n in args.samples:
-            row = {"checkpoint": str(path), "step": step, "samples": n, "precision": args.precision}
-            row["fid_training_size"], row["kid_training_size"] = score(gen[:n], evaluators[size])
-            row["fid_native"], row["kid_native"] = score(gen[:n], evaluators[native])
-            row.update(training_size=size, native_size=native)
+            row = {"checkpoint": str(path), "step": step, "samples": n, "precision": args.precision,
+                   "training_size": size, "stored_size": native}
+            for name, evaluator in references[size].items():
+                row[f"fid_{name}"], row[f"kid_{name}"] = score(gen[:n], evaluator)
             rows.append(row)
-            print(f"{path} step {step} N={n}: FID {row['fid_training_size']:.2f} (KID {row['kid_training_size']:.4f}) "
-                  f"against {size} px, {row['fid_native']:.2f} (KID {row['kid_native']:.4f}) against {native} px",
-                  flush=True)
+            print(f"{path} step {step} N={n}: FID (KID) " + ", ".join(
+                f"{name} {row[f'fid_{name}']:.2f} ({row[f'kid_{name}']:.4f})" for name in references[size]), flush=True)
         print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
