@@ -325,27 +325,39 @@ class FIDEvaluator:
     def evaluate(self, sample_fn: Callable[[int], torch.Tensor]) -> dict:
         """FID and KID of ``num_samples`` images from ``sample_fn(n)`` (n float images in [0, 1]).
 
-        Draws them in chunks of ``batch_size``, quantizes each chunk like a PNG and extracts its features
-        in memory. Returns ``{"fid", "kid", "fid_samples", "seconds"}``; ``seconds`` includes the reference
-        statistics when this call had to compute them.
+        Returns ``{"fid", "kid", "fid_samples", "seconds"}``; ``seconds`` includes the reference statistics
+        when this call had to compute them.
         """
         start = time.perf_counter()
-        ref = self.reference()
+        self.reference()
+        fid, kid = self.score(self.sample_features(sample_fn))
+        return {"fid": fid, "kid": kid, "fid_samples": self.num_samples, "seconds": time.perf_counter() - start}
+
+    def sample_features(self, sample_fn: Callable[[int], torch.Tensor], count: int | None = None) -> np.ndarray:
+        """Features [count, D] of ``count`` (default ``num_samples``) images from ``sample_fn(n)``.
+
+        Draws them in chunks of ``batch_size``, quantizes each chunk like a PNG and extracts its features
+        in memory.
+        """
+        count = self.num_samples if count is None else count
         feats = []
         from tqdm.auto import tqdm
 
-        with torch.no_grad(), tqdm(total=self.num_samples, desc="FID: sampling and scoring", unit="img",
+        with torch.no_grad(), tqdm(total=count, desc="FID: sampling and scoring", unit="img",
                                    dynamic_ncols=True, leave=False) as bar:
-            for first in range(0, self.num_samples, self.batch_size):
-                count = min(self.batch_size, self.num_samples - first)
-                images = sample_fn(count)
-                self._check(images, count, "sample_fn")
+            for first in range(0, count, self.batch_size):
+                n = min(self.batch_size, count - first)
+                images = sample_fn(n)
+                self._check(images, n, "sample_fn")
                 feats.append(self.extractor(quantize_uint8(images)))
-                bar.update(count)
-        gen = np.concatenate(feats)
+                bar.update(n)
+        return np.concatenate(feats)
+
+    def score(self, gen: np.ndarray) -> tuple[float, float]:
+        """FID and KID of generated features [N, D] against the reference statistics."""
+        ref = self.reference()
         fid = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mu, ref.sigma, sqrt_sigma2=self._sqrt_sigma)
-        kid = kernel_inception_distance(gen, ref.features, device=self.device)
-        return {"fid": fid, "kid": kid, "fid_samples": self.num_samples, "seconds": time.perf_counter() - start}
+        return fid, kernel_inception_distance(gen, ref.features, device=self.device)
 
     def evaluate_or_warn(self, sample_fn: Callable[[int], torch.Tensor]) -> dict | None:
         """``evaluate``, except that a missing Inception warns once and gives None from then on (training goes on)."""

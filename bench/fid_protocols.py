@@ -80,20 +80,24 @@ def native_size(data_path: str, data_class: str) -> int:
     return next(iter(sizes))[0]
 
 
-def _evaluator(images: torch.Tensor, key: str, image_size: int, cache_dir: Path, extractor) -> fid_module.FIDEvaluator:
-    """An evaluator holding the statistics of ``images`` (uint8 [N, 3, S, S]), cached under ``key``."""
-    evaluator = fid_module.FIDEvaluator(
-        real_key=key, image_size=image_size, cache_dir=cache_dir, extractor=extractor,
-        real_batches=lambda: (images[i:i + 500] for i in range(0, len(images), 500)))
+def _evaluator(args, real_batches, key: str, image_size: int, cache_dir: Path, extractor) -> fid_module.FIDEvaluator:
+    """An evaluator holding the statistics of the uint8 [B, 3, S, S] batches ``real_batches()`` yields, cached
+    under ``key``; it draws samples ``args.batch_size`` at a time."""
+    evaluator = fid_module.FIDEvaluator(real_key=key, image_size=image_size, cache_dir=cache_dir, extractor=extractor,
+                                        real_batches=real_batches, batch_size=args.batch_size)
     evaluator.reference()
     return evaluator
+
+
+def _in_chunks(images: torch.Tensor):
+    return lambda: (images[i:i + 500] for i in range(0, len(images), 500))
 
 
 def package_reference(args, image_size: int, extractor) -> fid_module.FIDEvaluator:
     """The training images at ``image_size`` as the trainer decodes them (its cache and statistics reused)."""
     images = dataset.load_images(args.data_path, args.data_class, image_size, cache_dir=args.cache_dir)
     cache_dir = images.cache_path.parent if images.cache_path is not None else Path(args.cache_dir or ".")
-    return _evaluator(images.images, images.pixels_key, image_size, cache_dir, extractor)
+    return _evaluator(args, _in_chunks(images.images), images.pixels_key, image_size, cache_dir, extractor)
 
 
 def stored_reference(args, native: int, cache_dir: Path, extractor) -> fid_module.FIDEvaluator:
@@ -112,10 +116,7 @@ def stored_reference(args, native: int, cache_dir: Path, extractor) -> fid_modul
                     raise UserError(f"{path} cannot be read ({e}); remove it or pass another --data_path") from None
             yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
-    evaluator = fid_module.FIDEvaluator(real_key=key, image_size=native, cache_dir=cache_dir, extractor=extractor,
-                                        real_batches=batches)
-    evaluator.reference()
-    return evaluator
+    return _evaluator(args, batches, key, native, cache_dir, extractor)
 
 
 def handout_images(args, image_size: int) -> torch.Tensor:
@@ -145,12 +146,6 @@ def load_model(path: str):
     return diffusion.eval(), int(ckpt["step"]), args.image_size
 
 
-def score(gen: np.ndarray, evaluator: fid_module.FIDEvaluator) -> tuple[float, float]:
-    ref = evaluator.reference()
-    fid = fid_module.frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mu, ref.sigma)
-    return fid, fid_module.kernel_inception_distance(gen, ref.features)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extractor = fid_module.FeatureExtractor(mode="clean")
@@ -165,21 +160,21 @@ def main(argv: list[str] | None = None) -> int:
             handout = handout_images(args, size)
             references[size] = {
                 "package": package_reference(args, size, extractor),
-                "handout": _evaluator(handout, "handout-" + dataset.pixels_key(handout.numpy()), size, cache_dir,
-                                      extractor),
+                "handout": _evaluator(args, _in_chunks(handout), "handout-" + dataset.pixels_key(handout.numpy()),
+                                      size, cache_dir, extractor),
                 "stored": stored_reference(args, native, cache_dir, extractor)}
-        generator, chunks, start = torch.Generator().manual_seed(args.seed), [], time.perf_counter()
-        for first in range(0, max(args.samples), args.batch_size):
-            n = min(args.batch_size, max(args.samples) - first)
+        generator, start = torch.Generator().manual_seed(args.seed), time.perf_counter()
+
+        def sample(n: int) -> torch.Tensor:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                images = diffusion.sample(n, generator=generator).float()
-            chunks.append(extractor(fid_module.quantize_uint8(images)))
-        gen = np.concatenate(chunks)
+                return diffusion.sample(n, generator=generator).float()
+
+        gen = references[size]["package"].sample_features(sample, max(args.samples))
         for n in args.samples:
             row = {"checkpoint": str(path), "step": step, "samples": n, "precision": args.precision,
                    "training_size": size, "stored_size": native}
             for name, evaluator in references[size].items():
-                row[f"fid_{name}"], row[f"kid_{name}"] = score(gen[:n], evaluator)
+                row[f"fid_{name}"], row[f"kid_{name}"] = evaluator.score(gen[:n])
             rows.append(row)
             print(f"{path} step {step} N={n}: FID (KID) " + ", ".join(
                 f"{name} {row[f'fid_{name}']:.2f} ({row[f'kid_{name}']:.4f})" for name in references[size]), flush=True)
