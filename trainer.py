@@ -251,12 +251,7 @@ class Trainer:
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip, foreach=True)
         self.optimizer.step()
-        ema_params = list(self.ema.model.parameters())
-        difference = torch._foreach_sub([p.detach() for p in self.diffusion.model.parameters()], ema_params)
-        torch._foreach_mul_(difference, self._ema_weight)
-        torch._foreach_add_(ema_params, difference)
-        for ema_buf, buf in zip(self.ema.model.buffers(), self.diffusion.model.buffers()):
-            ema_buf.copy_(buf)
+        self.update_ema(self._ema_weight)
         self._static_loss.copy_(loss.detach().float())
 
     def ema_decay_at(self, step: int) -> float:
@@ -265,11 +260,18 @@ class Trainer:
         return self.config.ema_decay
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        decay = self.ema_decay_at(self.step)
+    def update_ema(self, weight: float | torch.Tensor | None = None) -> None:
+        """ema += weight * (model - ema), weight = 1 - decay (by default the decay of the current step).
+
+        A 0-dim device tensor as ``weight`` is read when the kernels run, not when they are queued, which
+        is what the captured CUDA graph needs: its replays see each step's value without a new capture.
+        """
         ema_params = list(self.ema.model.parameters())
         params = [p.detach() for p in self.diffusion.model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        if isinstance(weight, torch.Tensor):
+            torch._foreach_add_(ema_params, torch._foreach_mul(torch._foreach_sub(params, ema_params), weight))
+        else:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.ema_decay_at(self.step) if weight is None else weight)
         for ema_buf, buf in zip(self.ema.model.buffers(), self.diffusion.model.buffers()):
             ema_buf.copy_(buf)
 

@@ -9,7 +9,8 @@ output on the way down is kept and concatenated, in reverse order, on the way up
 GroupNorm and SiLU and take the time embedding as a per-channel scale and shift of their second
 normalisation. Self-attention (``F.scaled_dot_product_attention``) runs in the middle block and at the
 levels named in ``attention_levels`` (by default the lowest resolution only). The last convolution is
-zero-initialised, so an untrained network predicts zero noise. Optionally the residual blocks' kernels are
+zero-initialised, so an untrained network predicts zero noise; optionally so is the last layer of every
+residual branch. Optionally the residual blocks' kernels are
 weight-standardised (statistics in float32, so fp16 and bf16 autocast stay safe).
 
 Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T, but
@@ -134,13 +135,17 @@ class Unet(nn.Module):
         attn_head_dim: channels per attention head.
         time_scale: factor applied to t before the sinusoidal embedding.
         weight_standardization: use ``StandardizedConv2d`` for the residual blocks' 3x3 convolutions.
+        zero_init_residual: zero-initialise the last layer of every residual branch (each residual block's
+            second convolution, each attention's output projection), so that every block starts as the
+            identity (or its 1x1 skip) and the untrained network is a shallow one that deepens as it learns.
         image_size: if given, checked at construction (see ``check_image_size``).
     """
 
     def __init__(self, dim: int, dim_mults: tuple[int, ...] = (1, 2, 4, 8), channels: int = 3, *,
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] | None = None,
                  dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32,
-                 time_scale: float = 1.0, weight_standardization: bool = False, image_size: int | None = None):
+                 time_scale: float = 1.0, weight_standardization: bool = False, zero_init_residual: bool = False,
+                 image_size: int | None = None):
         super().__init__()
         dim_mults = tuple(dim_mults)
         _check_sizes(dim, dim_mults, channels, num_res_blocks, groups, dropout)
@@ -190,8 +195,13 @@ class Unet(nn.Module):
                 self.up.append(Upsample(ch))
 
         self.output = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
-        nn.init.zeros_(self.output[-1].weight)
-        nn.init.zeros_(self.output[-1].bias)
+        last_layers = [self.output[-1]]
+        if zero_init_residual:
+            last_layers += [m.conv2 for m in self.modules() if isinstance(m, ResidualBlock)]
+            last_layers += [m.out for m in self.modules() if isinstance(m, SelfAttention)]
+        for layer in last_layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def _level_block(self, in_ch, out_ch, level, block, groups, attn_head_dim) -> nn.Module:
         res = ResidualBlock(in_ch, out_ch, **block)

@@ -24,8 +24,9 @@ from cleanfid.inception_torchscript import InceptionV3W
 WEIGHTS = "inception-2015-12-05.pt"
 
 
-class TinyFeatures(torch.nn.Module):
-    """Stands in for Inception: 32 deterministic features of float images [B, 3, H, W] in [0, 255]."""
+class PooledFeatures(torch.nn.Module):
+    """Stands in for Inception: 32 deterministic features of float images [B, 3, H, W] in [0, 255]
+    (8 channels pooled over a 2 x 2 grid: more features than helpers.TinyFeatures, for the statistics tests)."""
 
     def __init__(self):
         super().__init__()
@@ -59,7 +60,7 @@ def make_evaluator(tmp_path, *, real, key="data1", num_samples=10, batch_size=4,
             calls.append(1)
         for start in range(0, len(real), 16):
             yield real[start:start + 16]
-    extractor = fid.FeatureExtractor(model=TinyFeatures(), batch_size=8)
+    extractor = fid.FeatureExtractor(model=PooledFeatures(), batch_size=8)
     return fid.FIDEvaluator(real_key=key, image_size=real.shape[-1], real_batches=real_batches,
                             num_samples=num_samples, cache_dir=tmp_path / "cache", extractor=extractor,
                             batch_size=batch_size, **kw)
@@ -202,7 +203,7 @@ def test_extractor_matches_clean_fid_folder_path(tmp_path, mode):
     images = random_images(6, 20, seed=7)
     for i, image in enumerate(images):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
-    model = TinyFeatures()
+    model = PooledFeatures()
     theirs = get_folder_features(str(tmp_path), model=model, num_workers=0, batch_size=6,
                                  device=torch.device("cpu"), mode=mode, verbose=False)
     ours = fid.FeatureExtractor(mode=mode, model=model, batch_size=6)(images)
@@ -212,13 +213,32 @@ def test_extractor_matches_clean_fid_folder_path(tmp_path, mode):
 
 def test_extractor_batches_and_input_checks():
     images = random_images(7, 12, seed=8)
-    whole = fid.FeatureExtractor(model=TinyFeatures(), batch_size=7, num_threads=1)(images)
-    pieces = fid.FeatureExtractor(model=TinyFeatures(), batch_size=3)(images)
+    whole = fid.FeatureExtractor(model=PooledFeatures(), batch_size=7, num_threads=1)(images)
+    pieces = fid.FeatureExtractor(model=PooledFeatures(), batch_size=3)(images)
     np.testing.assert_allclose(whole, pieces, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
-        fid.FeatureExtractor(model=TinyFeatures())(images.float())
+        fid.FeatureExtractor(model=PooledFeatures())(images.float())
     with pytest.raises(UserError, match="--fid_mode"):
         fid.FeatureExtractor(mode="fancy")
+
+
+def test_extractor_hands_the_network_channels_last_batches_on_cpu():
+    seen = []
+
+    class Recording(PooledFeatures):
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return super().forward(x)
+
+    class Contiguous(PooledFeatures):
+        def forward(self, x):
+            return super().forward(x.contiguous())
+
+    images = random_images(5, 12, seed=9)
+    nhwc = fid.FeatureExtractor(model=Recording(), batch_size=2)(images)
+    assert seen == [True, True, True]  # batches of 2, 2 and 1
+    nchw = fid.FeatureExtractor(model=Contiguous(), batch_size=2)(images)
+    np.testing.assert_allclose(nhwc, nchw, rtol=1e-5, atol=1e-6)  # the layout changes the speed, not the features
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +250,7 @@ def test_reference_is_cached_reused_and_rebuilt_for_other_data_or_size(tmp_path)
     stats = make_evaluator(tmp_path, real=real, calls=calls).reference()
     path = tmp_path / "cache" / "fid_ref_clean_16px_data1.npz"
     assert path.exists() and len(calls) == 1
-    features = fid.FeatureExtractor(model=TinyFeatures())(real)
+    features = fid.FeatureExtractor(model=PooledFeatures())(real)
     np.testing.assert_allclose(stats.features, features, rtol=1e-6)
     np.testing.assert_allclose(stats.mu, features.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats.sigma, np.cov(features, rowvar=False), rtol=1e-5, atol=1e-9)
@@ -258,7 +278,7 @@ def test_unusable_cache_is_rebuilt_with_a_warning(tmp_path):
     assert len(calls) == 2 and make_evaluator(tmp_path, real=real, calls=calls).reference() is not None
     assert len(calls) == 2  # the rebuilt file is whole again
 
-    class OtherNet(TinyFeatures):
+    class OtherNet(PooledFeatures):
         pass
     other = fid.FIDEvaluator(real_key="data1", image_size=16, real_batches=lambda: [real], cache_dir=tmp_path / "cache",
                              extractor=fid.FeatureExtractor(model=OtherNet()))
@@ -312,7 +332,7 @@ def test_evaluate_chunks_quantizes_and_matches_independent_fid(tmp_path, monkeyp
     assert result["fid_samples"] == 10 and result["seconds"] >= 0
     assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before  # no file touched
 
-    extractor = fid.FeatureExtractor(model=TinyFeatures())
+    extractor = fid.FeatureExtractor(model=PooledFeatures())
     gen = extractor((samples * 255 + 0.5).clamp(0, 255).to(torch.uint8))
     real_feats = extractor(real).astype(np.float32).astype(np.float64)
     assert result["fid"] == pytest.approx(independent_fid(gen, real_feats), rel=1e-6)

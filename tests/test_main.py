@@ -79,6 +79,15 @@ def test_checkpoint_of_another_architecture_is_refused(data_path, tmp_path, caps
     assert "num_res_blocks=1 in the checkpoint but 2 here" in err[-1] and "--num_res_blocks 1" in err[-1]
 
 
+def test_zero_init_residual_flag_reaches_the_network(data_path, tmp_path):
+    from cli import build_parser
+    parser = build_parser()
+    for flags, zeroed in (([], False), (["--zero_init_residual"], True)):
+        net = main.build_diffusion(parser.parse_args(args(data_path, tmp_path, *flags))).model
+        conv2 = [m.conv2.weight for m in net.modules() if hasattr(m, "conv2")]
+        assert conv2 and all((torch.count_nonzero(w) == 0) == zeroed for w in conv2)
+
+
 def test_experimental_switches_reach_the_model_and_the_checkpoint(data_path, tmp_path, capsys, monkeypatch):
     built = []
     real = main.build_diffusion

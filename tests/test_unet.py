@@ -66,6 +66,30 @@ def test_weight_standardization_ignores_the_kernels_scale_and_offset():
     assert torch.isfinite(out.float()).all()
 
 
+def test_zero_init_residual_makes_every_block_start_as_its_skip_path():
+    torch.manual_seed(0)
+    net = Unet(8, (1, 2), num_res_blocks=1, attention_levels=(0, 1), zero_init_residual=True)
+    x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 32)
+    blocks = [m for m in net.modules() if type(m).__name__ == "ResidualBlock"]
+    attns = [m for m in net.modules() if type(m).__name__ == "SelfAttention"]
+    assert len(blocks) == 8 and len(attns) == 7  # 2 down, 2 middle, 4 up; attention after the 6 level blocks and 1 in the middle
+    same = blocks[0]  # 8 -> 8 channels: an identity skip
+    torch.testing.assert_close(same(x, emb), x)
+    torch.testing.assert_close(attns[0](x), x)
+    wider = next(b for b in blocks if isinstance(b.skip, torch.nn.Conv2d))
+    xin = torch.randn(2, wider.norm1.num_channels, 8, 8)
+    torch.testing.assert_close(wider(xin, emb), wider.skip(xin))
+    # Gradients still reach the zeroed layers and, through them after one step, the layers before them.
+    torch.nn.init.normal_(net.output[-1].weight, std=0.1)
+    net(torch.randn(2, 3, 8, 8), torch.tensor([1, 7])).square().mean().backward()
+    assert all(torch.count_nonzero(b.conv2.weight.grad) > 0 for b in blocks)
+    assert all(torch.count_nonzero(a.out.weight.grad) > 0 for a in attns)
+    # Off by default: the same seed gives non-zero residual branches.
+    torch.manual_seed(0)
+    plain = Unet(8, (1, 2), num_res_blocks=1, attention_levels=(0, 1))
+    assert all(torch.count_nonzero(m.conv2.weight) > 0 for m in plain.modules() if type(m).__name__ == "ResidualBlock")
+
+
 def test_default_recommended_size_parameter_count():
     net = Unet(16)
     n = sum(p.numel() for p in net.parameters())
