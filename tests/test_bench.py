@@ -138,3 +138,17 @@ def test_fid_protocols_need_one_readable_stored_size(tmp_path):
     (data / "cat" / "odd.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match=r"odd.jpg cannot be read .*; remove it or pass another --data_path"):
         fid_protocols.native_size(str(data), "cat")
+
+
+def test_inception_layout_bench_times_both_layouts_on_the_same_features(tmp_path, capsys):
+    import bench_inception
+    out = tmp_path / "inception.json"
+    result = bench_inception.main(["--images", "6", "--image_size", "12", "--batch_size", "4", "--repeats", "2",
+                                   "--json", str(out)], model=TinyFeatures())
+    assert json.loads(out.read_text()) == result
+    assert list(result["images_per_s"]) == ["channels_last (package)", "contiguous NCHW"]
+    assert all(len(t) == 2 for t in result["seconds"].values())
+    assert result["max_abs_feature_difference"] < 1e-4  # same network, same images: only rounding differs
+    assert "x as fast" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_inception.main(["--repeats", "0"], model=TinyFeatures())
