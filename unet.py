@@ -10,8 +10,8 @@ GroupNorm and SiLU and take the time embedding as a per-channel scale and shift 
 normalisation. Self-attention (``F.scaled_dot_product_attention``) runs in the middle block and at the
 levels named in ``attention_levels`` (by default the lowest resolution only). The last convolution is
 zero-initialised, so an untrained network predicts zero noise; optionally so is the last layer of every
-residual branch. Optionally the residual blocks' kernels are
-weight-standardised (statistics in float32, so fp16 and bf16 autocast stay safe).
+residual branch. Optionally the residual blocks' kernels are weight-standardised (statistics in float32,
+so fp16 and bf16 autocast stay safe).
 
 Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T, but
 ``time_scale`` multiplies t before the embedding (1000 / T puts any T on the 0 ... 1000 scale, where the
