@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
           "--train_steps", choices=("none", "cosine"))
     _flag(t, "ema_decay", fraction, 0.999, "decay of the exponential moving average of the weights")
     _flag(t, "ema_warmup", bool, True, "ramp the EMA decay up as min(decay, (1 + step) / (10 + step))")
+    _flag(t, "snapshot_every", non_negative_int, 0, "every this many steps, save the mean of the raw weights over "
+          "them to <save_folder>/snapshots, so bench/ema_lengths.py can rebuild other EMA lengths after the run "
+          "(each file is the size of the weights); 0 = off")
     _flag(t, "precision", str, "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and on CPUs with bf16 "
           "instructions (AVX512-BF16, AMX), fp16 on older GPUs, fp32 elsewhere", choices=("auto", "fp32", "fp16", "bf16"))
     _flag(t, "compile", bool, False, "compile the U-Net with torch.compile")

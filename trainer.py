@@ -18,6 +18,7 @@ import torch
 
 import checkpoint as ckpt_io
 import distributed
+import posthoc_ema
 from diffusion import Diffusion
 from errors import UserError
 from metrics import MetricsLogger
@@ -50,6 +51,7 @@ class TrainConfig:
     lr_decay: str = "none"  # "cosine": from the peak after warmup down to 0 at train_steps
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)), so short runs benefit
+    snapshot_every: int = 0  # write the mean raw weights of every block of this many steps (posthoc_ema.py); 0 = off
     precision: str = "auto"
     compile: bool = False
     cuda_graph: bool = False  # capture the whole step (forward, backward, clipping, Adam, EMA) in one CUDA graph
@@ -137,6 +139,10 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._snapshots = None
+        if config.snapshot_every and self.dist.is_main:
+            self._snapshots = posthoc_ema.SnapshotWriter(self.diffusion.model, self.save_folder / "snapshots",
+                                                         config.snapshot_every)
 
     # ----------------------------------------------------------------------------------------------
     # One optimisation step
@@ -294,6 +300,8 @@ class Trainer:
         try:
             while self.step < cfg.train_steps:
                 loss = self.train_step()
+                if self._snapshots is not None:
+                    self._snapshots.add(self.step)
                 self._loss_sum += loss
                 self._loss_count += 1
                 self._nonfinite |= ~torch.isfinite(loss)
@@ -317,8 +325,12 @@ class Trainer:
                     self.save_and_sample()
                 if stop:
                     path = self.save()
+                    if self._snapshots is not None:
+                        self._snapshots.write(self.step)
                     raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: saved {path}; "
                                               f"resume with --load_path {path}")
+            if self._snapshots is not None:
+                self._snapshots.write(self.step)
             if not distributed.parameters_agree(self.diffusion.model, self.dist):
                 raise RuntimeError("the ranks' weights differ after training; DistributedDataParallel lost sync")
             if self.dist.enabled and main_rank:
@@ -380,6 +392,8 @@ class Trainer:
             self._periodic_seconds += time.perf_counter() - started
             return
         self.save()
+        if self._snapshots is not None:  # so that a run resumed from this checkpoint leaves no gap in them
+            self._snapshots.write(self.step)
         grid = self.save_folder / f"sample-{self.step}.png"
         save_grid(self.sample(self.config.num_samples), grid)
         if self.logger is not None:

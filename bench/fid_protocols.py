@@ -179,16 +179,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path} step {step} N={n}: FID (KID) " + ", ".join(
                 f"{name} {row[f'fid_{name}']:.2f} ({row[f'kid_{name}']:.4f})" for name in references[size]), flush=True)
         print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                               "torch": torch.__version__, "rows": rows}, indent=1))
+    write_rows(args.json, rows)
     return 0
 
 
-if __name__ == "__main__":
+def write_rows(path: str | None, rows: list[dict], **extra) -> None:
+    """Write the rows, the machine and the torch version as JSON to ``path`` (nothing when it is None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({**extra, "machine": platform.processor() or platform.machine(),
+                                          "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+def run_script(main_fn) -> None:
+    """Exit with ``main_fn()``'s code, or print a UserError on one line and exit 2."""
     try:
-        sys.exit(main())
+        sys.exit(main_fn())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -12,6 +12,22 @@ from diffusion import Diffusion
 from unet import Unet
 
 
+# main.py flags of a tiny run: 16-pixel images, a 2-level U-Net of width 8, T = 10, batches of 4, on the CPU
+TINY_FLAGS = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
+              "--time_steps", "10", "--batch_size", "4", "--num_samples", "4", "--wandb", "disabled", "--device", "cpu"]
+
+
+def tiny_run(root: Path, steps: int, *flags: str) -> tuple[Path, Path, Path]:
+    """Train a tiny run of ``steps`` steps through main.py on 12 made-up 24-pixel images, saving at the end;
+    returns (data folder, cache folder, save folder)."""
+    import main
+
+    data, cache, save = make_image_folder(root / "afhq", count=12, size=24), root / "cache", root / "run"
+    assert main.main([*TINY_FLAGS, "--data_path", str(data), "--save_folder", str(save), "--cache_dir", str(cache),
+                      "--train_steps", str(steps), "--save_and_sample_every", str(steps), *flags]) == 0
+    return data, cache, save
+
+
 def tiny_diffusion(*, size: int = 16, T: int = 10, dim: int = 8) -> Diffusion:
     net = Unet(dim, (1, 2), num_res_blocks=1, image_size=size)
     return Diffusion(net, image_size=size, timesteps=T)

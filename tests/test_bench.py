@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from errors import UserError
-from helpers import TinyFeatures, make_image_folder, tiny_diffusion
+from helpers import TinyFeatures, make_image_folder, tiny_diffusion, tiny_run
 from trainer import choose_precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +87,9 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
 def test_fid_protocols_score_one_sample_set_three_ways(tmp_path, monkeypatch):
     import fid
     import fid_protocols
-    import main
 
     monkeypatch.setattr(fid, "_build_inception", lambda mode, device: TinyFeatures().eval())
-    data, cache, save = make_image_folder(tmp_path / "afhq", count=12, size=24), tmp_path / "cache", tmp_path / "run"
-    tiny = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
-            "--time_steps", "10", "--batch_size", "4", "--num_samples", "4", "--wandb", "disabled", "--device", "cpu"]
-    assert main.main([*tiny, "--data_path", str(data), "--save_folder", str(save), "--train_steps", "2",
-                      "--save_and_sample_every", "2", "--fid", "--fid_samples", "4", "--cache_dir", str(cache),
-                      "--network_output", "v"]) == 0
+    data, cache, save = tiny_run(tmp_path, 2, "--fid", "--fid_samples", "4", "--network_output", "v")
     [trainer_stats] = cache.glob("fid_ref_clean_16px_*.npz")
     out = tmp_path / "protocols.json"
     assert fid_protocols.main(["--load_path", str(save / "model.pt"), "--data_path", str(data), "--samples", "3", "5",

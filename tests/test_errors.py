@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 
 import main
-from helpers import make_image_folder
+from helpers import TINY_FLAGS, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
-        "--time_steps", "10", "--batch_size", "4", "--wandb", "disabled", "--device", "cpu", "--train_steps", "2"]
+TINY = [*TINY_FLAGS, "--train_steps", "2"]
 
 
 @pytest.fixture(scope="module")

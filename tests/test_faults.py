@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 
 from checkpoint import load_checkpoint
-from helpers import make_image_folder
+from helpers import TINY_FLAGS, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
-TINY = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
-        "--time_steps", "10", "--batch_size", "4", "--num_samples", "4", "--log_every", "1",
-        "--wandb", "disabled", "--device", "cpu"]
+TINY = [*TINY_FLAGS, "--log_every", "1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 KILL_TRIALS = 8
 SAVE_EVERY = 3

@@ -10,12 +10,10 @@ import torch
 
 import main
 from checkpoint import load_checkpoint
-from helpers import TinyFeatures, make_image_folder
+from helpers import TINY_FLAGS, TinyFeatures, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
-        "--time_steps", "10", "--batch_size", "4", "--num_samples", "4", "--log_every", "2",
-        "--wandb", "disabled", "--device", "cpu"]
+TINY = [*TINY_FLAGS, "--log_every", "2"]
 
 
 @pytest.fixture(scope="module")
