@@ -9,8 +9,8 @@ as a weighted sum of block means, without training again:
 - a power-function average (Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion
   Models", 2024): the weights at step s proportional to s^gamma up to the last step S, described by its
   relative width sigma_rel (the standard deviation of s / S under those weights);
-- the trainer's own EMA (decay min(ema_decay, (1 + s) / (10 + s)) with warm-up, or a constant decay), so
-  the rebuilt weights can be checked against the EMA the run kept.
+- an EMA with any per-step decay, such as the trainer's own, so the rebuilt weights can be checked against
+  the EMA the run kept.
 
 Each snapshot holds fp32 means of the parameters (the size of one set of weights: 16 MB at the
 recommended flags), the first and last step it covers, and the buffers as of its last step.
@@ -36,7 +36,7 @@ class SnapshotWriter:
         if every < 1:
             raise ValueError(f"snapshot interval must be at least 1 step, got {every}")
         self.model, self.folder, self.every = model, Path(folder), every
-        self._params = [p for p in model.parameters()]
+        self._params = list(model.parameters())
         self._sum: list[torch.Tensor] | None = None
         self._count = 0
         self._first_step = 0
@@ -132,17 +132,15 @@ def power_step_weights(gamma: float, last_step: int) -> torch.Tensor:
     return weights / weights.sum()
 
 
-def ema_step_weights(last_step: int, decay: float, warmup: bool) -> torch.Tensor:
-    """Per-step weights of the trainer's EMA at ``last_step`` (its initial weights, step 0, are left out).
+def ema_step_weights(last_step: int, decay_at: Callable[[int], float]) -> torch.Tensor:
+    """Per-step weights at ``last_step`` of an EMA whose decay after ``count`` steps is ``decay_at(count)``
+    (``Trainer.ema_decay_at``, or ``trainer.ema_decay`` with a run's settings); its initial weights, step 0,
+    are left out.
 
     The trainer updates ema = decay_s * ema + (1 - decay_s) * weights_s after each step s (1-based, with
-    decay_s taken at the step count s - 1 as ``Trainer.ema_decay_at`` does), so step s weighs
-    (1 - decay_s) times the product of the later decays.
+    decay_s = decay_at(s - 1)), so step s weighs (1 - decay_s) times the product of the later decays.
     """
-    counts = torch.arange(0, last_step, dtype=torch.float64)
-    decays = torch.full_like(counts, decay)
-    if warmup:
-        decays = torch.minimum(decays, (1 + counts) / (10 + counts))
+    decays = torch.tensor([decay_at(count) for count in range(last_step)], dtype=torch.float64)
     later_products = torch.flip(torch.cumprod(torch.flip(decays[1:], [0]), 0), [0])  # decays after each step
     later = torch.cat([later_products, torch.ones(1, dtype=torch.float64)])
     weights = (1 - decays) * later
@@ -182,13 +180,12 @@ def rebuild(snapshots: Iterable[tuple[int, int, Path]], step_weights: torch.Tens
     return out
 
 
-def rebuild_into(model: torch.nn.Module, folder: str | Path, last_step: int,
-                 step_weights: Callable[[int], torch.Tensor]) -> None:
-    """Load into ``model`` the average given by ``step_weights(last_step)``, rebuilt from ``folder``'s snapshots."""
-    state = rebuild(list_snapshots(folder), step_weights(last_step))
+def rebuild_into(model: torch.nn.Module, snapshots: list[tuple[int, int, Path]], step_weights: torch.Tensor) -> None:
+    """Load into ``model`` the average with per-step weights ``step_weights``, rebuilt from ``snapshots``."""
+    state = rebuild(snapshots, step_weights)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     if missing:
-        raise UserError(f"the snapshots in {folder} lack {missing[0]} (and {len(missing) - 1} more): they come from "
-                        f"another network")
+        raise UserError(f"the snapshots in {snapshots[0][2].parent} lack {missing[0]} (and {len(missing) - 1} more): "
+                        f"they come from another network")
     model.load_state_dict({k: state[k].to(dtype=v.dtype) for k, v in own.items()})

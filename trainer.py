@@ -86,6 +86,11 @@ def cpu_has_bf16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
+def ema_decay(step: int, decay: float, warmup: bool) -> float:
+    """The EMA's decay after ``step`` steps: ``decay``, or with the warm-up min(decay, (1 + step) / (10 + step))."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 class Trainer:
     def __init__(self, diffusion: Diffusion, batches, *, config: TrainConfig, device: torch.device | str,
                  save_folder: str | Path, run_config: dict | None = None, logger: MetricsLogger | None = None,
@@ -261,9 +266,7 @@ class Trainer:
         self._static_loss.copy_(loss.detach().float())
 
     def ema_decay_at(self, step: int) -> float:
-        if self.config.ema_warmup:
-            return min(self.config.ema_decay, (1 + step) / (10 + step))
-        return self.config.ema_decay
+        return ema_decay(step, self.config.ema_decay, self.config.ema_warmup)
 
     @torch.no_grad()
     def update_ema(self, weight: float | torch.Tensor | None = None) -> None:
@@ -329,8 +332,6 @@ class Trainer:
                         self._snapshots.write(self.step)
                     raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: saved {path}; "
                                               f"resume with --load_path {path}")
-            if self._snapshots is not None:
-                self._snapshots.write(self.step)
             if not distributed.parameters_agree(self.diffusion.model, self.dist):
                 raise RuntimeError("the ranks' weights differ after training; DistributedDataParallel lost sync")
             if self.dist.enabled and main_rank:

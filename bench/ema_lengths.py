@@ -29,7 +29,7 @@ import fid as fid_module  # noqa: E402
 import posthoc_ema  # noqa: E402
 from errors import UserError  # noqa: E402
 from fid_protocols import load_model, package_reference, run_script, write_rows  # noqa: E402
-from trainer import choose_precision  # noqa: E402
+from trainer import choose_precision, ema_decay  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +68,7 @@ def averages(args, config: dict) -> list[tuple[str, object]]:
     if args.trainer_ema:
         decay, warmup = config["ema_decay"], config["ema_warmup"]
         found.append((f"trainer EMA (decay {decay:g}{', warm-up' if warmup else ''})",
-                      lambda last, d=decay, w=warmup: posthoc_ema.ema_step_weights(last, d, w)))
+                      lambda last: posthoc_ema.ema_step_weights(last, lambda count: ema_decay(count, decay, warmup))))
     for value in args.sigma_rel:
         gamma = posthoc_ema.sigma_rel_to_gamma(value)
         found.append((f"power, sigma_rel {value:g} (gamma {gamma:.2f})",
@@ -82,15 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = run / "model.pt"
     if not checkpoint.exists():
         raise UserError(f"{checkpoint} does not exist; --run must be a training run's --save_folder")
-    diffusion, ckpt_step, size = load_model(str(checkpoint))
-    config = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]["trainer"]
+    diffusion, ckpt_step, size, config = load_model(str(checkpoint))
     snapshots = posthoc_ema.list_snapshots(run / "snapshots")
-    ends = {last for _, last, _ in snapshots}
+    ends = [last for _, last, _ in snapshots]
     steps = args.steps or [ckpt_step]
     missing = [s for s in steps if s not in ends]
     if missing:
-        raise UserError(f"no snapshot ends at step {missing[0]}; snapshots end at steps {min(ends)} to {max(ends)} "
-                        f"every {snapshots[0][1]} steps")
+        shown = ", ".join(map(str, ends[:3])) + (f", ..., {ends[-1]}" if len(ends) > 3 else "")
+        raise UserError(f"no snapshot ends at step {missing[0]}; pick steps where one ends: {shown}")
     precision = choose_precision(args.precision, torch.device("cpu"))
     dtype = torch.bfloat16 if precision == "bf16" else None
     evaluator = package_reference(argparse.Namespace(data_path=args.data_path, data_class=args.data_class,
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         score("checkpoint EMA (model.pt)", ckpt_step)
     for step in steps:
         for name, weights in averages(args, config):
-            posthoc_ema.rebuild_into(diffusion.model, run / "snapshots", step, weights)
+            posthoc_ema.rebuild_into(diffusion.model, snapshots, weights(step))
             score(name, step)
     write_rows(args.json, rows, run=str(run))
     return 0

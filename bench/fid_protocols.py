@@ -135,7 +135,8 @@ def handout_images(args, image_size: int) -> torch.Tensor:
 
 
 def load_model(path: str):
-    """The checkpoint's EMA network inside a Diffusion built from its own recorded flags, and its step."""
+    """The checkpoint's EMA network inside a Diffusion built from its own recorded flags, its step, its image size
+    and its trainer settings."""
     ckpt = load_checkpoint(path, map_location="cpu")
     args = build_parser().parse_args([])
     for key, value in {**ckpt.get("config", {}), **ckpt.get("architecture", {})}.items():
@@ -143,7 +144,7 @@ def load_model(path: str):
             setattr(args, key, value)
     diffusion = main_module.build_diffusion(args)
     load_state_strict(diffusion.model, ckpt.get("ema", ckpt["model"]), "EMA model", path)
-    return diffusion.eval(), int(ckpt["step"]), args.image_size
+    return diffusion.eval(), int(ckpt["step"]), args.image_size, ckpt.get("config", {}).get("trainer", {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
     rows = []
     for path in args.load_path:
-        diffusion, step, size = load_model(path)
+        diffusion, step, size, _ = load_model(path)
         if size not in references:
             handout = handout_images(args, size)
             references[size] = {

@@ -13,6 +13,7 @@ import posthoc_ema
 from errors import UserError
 from helpers import TinyFeatures, tiny_run
 from test_trainer import make_trainer
+from trainer import ema_decay
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -23,7 +24,7 @@ def test_snapshots_rebuild_the_trainers_ema(tmp_path):
     trainer.train()
     snapshots = posthoc_ema.list_snapshots(tmp_path / "snapshots")
     assert [(first, last) for first, last, _ in snapshots] == [(s, s) for s in range(1, 31)]
-    rebuilt = posthoc_ema.rebuild(snapshots, posthoc_ema.ema_step_weights(30, 0.9, True))
+    rebuilt = posthoc_ema.rebuild(snapshots, posthoc_ema.ema_step_weights(30, trainer.ema_decay_at))
     ema, raw = trainer.ema.model.state_dict(), trainer.diffusion.model.state_dict()
     assert set(rebuilt) == set(ema)
     for name in ema:
@@ -53,11 +54,11 @@ def test_block_means_give_exact_averages_for_weights_constant_in_each_block(tmp_
     with pytest.raises(UserError, match="falls inside the snapshot"):
         posthoc_ema.rebuild(snapshots, posthoc_ema.power_step_weights(0.0, 5))
     into = torch.nn.Linear(2, 1)
-    posthoc_ema.rebuild_into(into, tmp_path, 6, lambda last: posthoc_ema.power_step_weights(0.0, last))
+    posthoc_ema.rebuild_into(into, snapshots, posthoc_ema.power_step_weights(0.0, 6))
     assert torch.allclose(into.weight, upto6["weight"]) and torch.allclose(into.bias, upto6["bias"])
     with pytest.raises(UserError, match="lack 0.weight .* another network"):
-        posthoc_ema.rebuild_into(torch.nn.Sequential(torch.nn.Linear(2, 1)), tmp_path, 6,
-                                 lambda last: posthoc_ema.power_step_weights(0.0, last))
+        posthoc_ema.rebuild_into(torch.nn.Sequential(torch.nn.Linear(2, 1)), snapshots,
+                                 posthoc_ema.power_step_weights(0.0, 6))
 
 
 def test_snapshots_close_at_checkpoints_and_continue_across_a_resume(tmp_path):
@@ -111,7 +112,7 @@ def test_sigma_rel_maps_to_the_power_whose_weights_have_that_width(sigma_rel):
 
 def test_the_trainers_default_ema_has_a_relative_width_near_0_09_at_any_length():
     for last in (1_000, 10_000):
-        weights = posthoc_ema.ema_step_weights(last, 0.999, True)
+        weights = posthoc_ema.ema_step_weights(last, lambda count: ema_decay(count, 0.999, True))
         x = torch.arange(1, last + 1, dtype=torch.float64) / last
         mean = (weights * x).sum()
         assert 0.085 < math.sqrt(float((weights * (x - mean) ** 2).sum())) < 0.095
@@ -136,5 +137,5 @@ def test_ema_lengths_bench_scores_rebuilt_averages_like_the_checkpoints_ema(tmp_
     # other averages score 1e-2 apart here
     assert by[(12, "trainer EMA")]["fid"] == pytest.approx(by[(12, "checkpoint EMA")]["fid"], rel=1e-4)
     assert len({round(r["fid"], 6) for r in rows[1:]}) == 4  # different weights, different scores
-    with pytest.raises(UserError, match="no snapshot ends at step 13"):
+    with pytest.raises(UserError, match="no snapshot ends at step 13; pick steps where one ends: 1, 2, 3, ..., 12"):
         bench.main(["--run", str(save), "--steps", "13", "--data_path", str(data), "--cache_dir", str(cache)])
