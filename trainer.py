@@ -171,8 +171,6 @@ class Trainer:
         elif self.precision == "fp16":
             why = ("cannot capture fp16 loss scaling (its overflow check reads the GPU every step); "
                    "pass --precision bf16 or fp32 with it")
-        elif cfg.grad_accum != 1:
-            why = "captures one batch per step; pass --grad_accum 1 with it, or leave it off"
         elif self.dist.enabled:
             why = "runs in a single process; leave it off under torchrun"
         elif cfg.compile:
@@ -221,7 +219,8 @@ class Trainer:
         """``train_step`` as one replay of a captured CUDA graph: the same work, launched at once.
 
         The first steps run the same code eagerly on a side stream (the warm-up capture needs); then one
-        capture, replayed at every later step with the next batch copied into the static input.
+        capture, replayed at every later step with the step's ``grad_accum`` batches copied into the static
+        input, one slice each.
         """
         values = (self.lr_at(self.step), 1.0 - self.ema_decay_at(self.step))
         if values != self._graph_values:  # learning-rate warm-up and EMA warm-up: one tiny fill each
@@ -229,10 +228,7 @@ class Trainer:
                 group["lr"].fill_(values[0])
             self._ema_weight.fill_(values[1])
             self._graph_values = values
-        batch = next(self.data_iter)
-        if self._static_batch is None:
-            self._static_batch = torch.empty_like(batch)
-        self._static_batch.copy_(batch)
+        self._load_static_batch()
         if self._graph is not None:
             self._graph.replay()
         elif self._graph_eager_steps > 0:
@@ -252,18 +248,31 @@ class Trainer:
         self.step += 1
         return self._static_loss.clone()
 
+    def _load_static_batch(self) -> None:
+        """Copy the step's ``grad_accum`` batches into the graph's input, [grad_accum, B, C, H, W], in place."""
+        for micro in range(self.config.grad_accum):
+            batch = next(self.data_iter)
+            if self._static_batch is None:
+                self._static_batch = torch.empty((self.config.grad_accum, *batch.shape), dtype=batch.dtype,
+                                                 device=batch.device)
+            self._static_batch[micro].copy_(batch)
+
     def _captured_step(self) -> None:
-        """What the graph holds: forward, backward, clipping, Adam and the EMA, reading only static tensors."""
+        """What the graph holds: forward and backward of each micro-batch, clipping, Adam and the EMA, reading
+        only static tensors. The first backward writes the gradients the capture allocates, the others add to them."""
         self.diffusion.train()
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
-                            cache_enabled=False):
-            loss = self.diffusion(self._static_batch)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for batch in self._static_batch.unbind(0):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None, cache_enabled=False):
+                loss = self.diffusion(batch) / self.config.grad_accum
+            loss.backward()
+            total += loss.detach().float()
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip, foreach=True)
         self.optimizer.step()
         self.update_ema(self._ema_weight)
-        self._static_loss.copy_(loss.detach().float())
+        self._static_loss.copy_(total)
 
     def ema_decay_at(self, step: int) -> float:
         return ema_decay(step, self.config.ema_decay, self.config.ema_warmup)
