@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "adam_beta2", adam_beta, 0.999, "Adam's second-moment decay")
     _flag(t, "grad_clip", non_negative_float, 1.0, "clip the gradient norm to this (0 = off)")
     _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warmup")
-    _flag(t, "lr_decay", str, "none", "learning-rate decay after the warmup: none, or cosine down to 0 at "
-          "--train_steps", choices=("none", "cosine"))
+    _flag(t, "lr_decay", str, "none", "learning-rate decay after the warmup: none, or cosine or linear down to 0 "
+          "at --train_steps", choices=("none", "cosine", "linear"))
+    _flag(t, "lr_decay_start", _number(float, minimum=0.0, maximum=1.0, exclusive_max=True, what="a number in [0, 1)"),
+          0.0, "fraction of --train_steps run at the full rate before --lr_decay begins (0.8: decay over the last fifth)")
     _flag(t, "ema_decay", fraction, 0.999, "decay of the exponential moving average of the weights")
     _flag(t, "ema_warmup", bool, True, "ramp the EMA decay up as min(decay, (1 + step) / (10 + step))")
     _flag(t, "snapshot_every", non_negative_int, 0, "every this many steps, save the mean of the raw weights over "

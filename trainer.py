@@ -25,7 +25,7 @@ from metrics import MetricsLogger
 from visualize import diffusion_processes, save_gif, save_grid, save_process_figure
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-LR_DECAYS = ("none", "cosine")
+LR_DECAYS = ("none", "cosine", "linear")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # fp32 runs without autocast
 
 
@@ -48,7 +48,8 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     lr_warmup: int = 0  # steps of linear learning-rate warmup
-    lr_decay: str = "none"  # "cosine": from the peak after warmup down to 0 at train_steps
+    lr_decay: str = "none"  # "cosine" or "linear": from the peak down to 0 at train_steps
+    lr_decay_start: float = 0.0  # fraction of train_steps held at the peak before the decay begins (after warmup)
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)), so short runs benefit
     snapshot_every: int = 0  # write the mean raw weights of every block of this many steps (posthoc_ema.py); 0 = off
@@ -153,15 +154,18 @@ class Trainer:
     # One optimisation step
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of optimizer step ``step`` (0-indexed): linear warmup, then constant or cosine decay."""
+        """The learning rate of optimizer step ``step`` (0-indexed): linear warmup, then the peak, held until
+        ``lr_decay_start`` of the run, then constant or a cosine or linear decay to 0 at ``train_steps``."""
         cfg = self.config
         if cfg.lr_warmup > 0 and step < cfg.lr_warmup:
             return cfg.learning_rate * (step + 1) / cfg.lr_warmup
+        if cfg.lr_decay == "none":
+            return cfg.learning_rate
+        start = max(cfg.lr_warmup, round(cfg.lr_decay_start * cfg.train_steps))
+        progress = min(1.0, max(0.0, (step - start) / max(1, cfg.train_steps - start)))
         if cfg.lr_decay == "cosine":
-            span = max(1, cfg.train_steps - cfg.lr_warmup)
-            progress = min(1.0, (step - cfg.lr_warmup) / span)
             return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return cfg.learning_rate
+        return cfg.learning_rate * (1.0 - progress)
 
     def _check_graph_capture(self) -> None:
         """--cuda_graph captures one whole step; say which setting rules that out."""

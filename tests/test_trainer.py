@@ -75,7 +75,20 @@ def test_cosine_learning_rate_decay_after_the_warmup(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[9])  # the last step's rate was applied
     assert make_trainer(tmp_path, train_steps=10).lr_at(9) == pytest.approx(1e-3)  # no decay by default
     with pytest.raises(ValueError, match="lr_decay"):
-        make_trainer(tmp_path, lr_decay="linear")
+        make_trainer(tmp_path, lr_decay="step")
+
+
+def test_linear_learning_rate_decay_over_the_last_part_of_the_run(tmp_path):
+    trainer = make_trainer(tmp_path, train_steps=10, lr_decay="linear", lr_decay_start=0.6)
+    lrs = [trainer.lr_at(step) for step in range(11)]
+    assert lrs[:7] == pytest.approx([1e-3] * 7)  # held at the peak for the first 60 %
+    assert lrs[6:] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.0])  # then a straight line to 0
+    cosine = make_trainer(tmp_path, train_steps=10, lr_decay="cosine", lr_decay_start=0.6)
+    assert cosine.lr_at(5) == pytest.approx(1e-3) and cosine.lr_at(8) == pytest.approx(0.5e-3)
+    # a warmup longer than the held part pushes the start of the decay back to its end
+    late = make_trainer(tmp_path, train_steps=10, lr_warmup=8, lr_decay="linear", lr_decay_start=0.5)
+    assert late.lr_at(7) == pytest.approx(1e-3) and late.lr_at(8) == pytest.approx(1e-3)
+    assert late.lr_at(9) == pytest.approx(0.5e-3)
 
 
 def test_precision_choice(monkeypatch):
