@@ -126,11 +126,16 @@ def load_data(args, device, ctx):
     return batches, image_set
 
 
-def print_config(config: dict, trainer, device) -> None:
+def print_config(config: dict, trainer, device, *, training: bool) -> None:
+    """A training run prints its whole configuration; the other modes only what they load and where they run
+    (their training flags would describe this command, not how the checkpoint was trained)."""
+    params = f"{sum(p.numel() for p in trainer.diffusion.model.parameters()):,} parameters"
+    if not training:
+        print(f"device {device}, precision {trainer.precision}, {params}, checkpoint at step {trainer.step}")
+        return
     width = max(map(len, config))
     print("\n".join(f"{k:>{width}}: {config[k]}" for k in sorted(config)))
-    print(f"device {device}, precision {trainer.precision}, "
-          f"{sum(p.numel() for p in trainer.diffusion.model.parameters()):,} parameters, "
+    print(f"device {device}, precision {trainer.precision}, {params}, "
           f"effective batch size {config['effective_batch_size']}, learning rate {config['learning_rate']:g}")
 
 
@@ -158,8 +163,9 @@ def run(args, ctx) -> int:
         torch.manual_seed(args.seed + ctx.rank + 1_000_003 * trainer.step)
     config = trainer.run_config
     if ctx.is_main:
-        print_config(config, trainer, device)
-        (Path(args.save_folder) / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        print_config(config, trainer, device, training=training)
+        if training:  # --visualize, --sample and --evaluate leave the training run's record alone
+            (Path(args.save_folder) / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
         trainer.logger = MetricsLogger(args.save_folder, config=config, wandb_mode=args.wandb,
                                        project=args.wandb_project, run_name=args.run_name,
                                        history=trainer.history if training else None, resume_step=trainer.step,

@@ -61,11 +61,14 @@ def test_resume_through_the_command_matches_an_uninterrupted_run(data_path, tmp_
 def test_visualize_writes_figures_and_gif(data_path, tmp_path):
     save = tmp_path / "run"
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2)) == 0
-    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--visualize", "--num_vis", 3)) == 0
+    trained_config = (save / "config.json").read_text()
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--visualize", "--num_vis", 3,
+                          "--seed", 5)) == 0
     for name in ("forward_process.png", "backward_process.png", "backward_process.gif"):
         assert (save / name).stat().st_size > 0, name
-    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 4)) == 0
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 4, "--learning_rate", 0.01)) == 0
     assert (save / "samples-2-ddpm.png").exists()
+    assert (save / "config.json").read_text() == trained_config  # the training run's record is kept
 
 
 def test_checkpoint_of_another_architecture_is_refused(data_path, tmp_path, capsys):
