@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "timestep_gamma", _number(float, minimum=0.0, maximum=4.0, what="a number in [0, 4]"), 0.0,
           "draw training timesteps with probability proportional to (1 - alpha_bar_t)^gamma, favouring the noisy "
           "ones (the P2 weighting of Choi et al. 2022); 0 = uniform")
+    _flag(t, "min_snr_gamma", non_negative_float, 0.0, "also scale each timestep's probability by "
+          "min(1, gamma / SNR_t), visiting the nearly clean timesteps less (the Min-SNR-gamma weighting of Hang "
+          "et al. 2023, as a distribution of t; 5 is the paper's value); 0 = off")
     _flag(t, "adam_beta2", adam_beta, 0.999, "Adam's second-moment decay")
     _flag(t, "grad_clip", non_negative_float, 1.0, "clip the gradient norm to this (0 = off)")
     _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warmup")

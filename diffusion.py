@@ -49,13 +49,18 @@ class Diffusion(nn.Module):
             ``"stratified"`` (see ``sample_timesteps``).
         timestep_gamma: training timesteps are drawn with probability proportional to
             (1 - alpha_bar_t) ** gamma; 0 (the default) is the uniform distribution of Algorithm 1.
+        min_snr_gamma: with a positive value, the probability of each timestep is also multiplied by
+            min(1, min_snr_gamma / SNR_t), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the Min-SNR-gamma weighting
+            of Hang et al. (2023) for a noise-predicting network, drawn instead of weighted. It leaves the
+            noisy timesteps (SNR_t <= gamma) as they are and visits the nearly clean ones less. 0 (the
+            default) leaves the distribution alone.
         network_output: what ``model`` outputs: ``"eps"`` (the noise itself, the default) or ``"v"``
             (see ``predict_noise``). Either way the loss and the samplers work on the predicted noise.
     """
 
     def __init__(self, model: nn.Module, *, image_size: int, channels: int = 3, timesteps: int = 1000,
                  loss_type: str = "l1", timestep_sampling: str = "uniform", timestep_gamma: float = 0.0,
-                 network_output: str = "eps"):
+                 min_snr_gamma: float = 0.0, network_output: str = "eps"):
         super().__init__()
         if network_output not in NETWORK_OUTPUTS:
             raise ValueError(f"network_output must be one of {NETWORK_OUTPUTS}, got {network_output!r}")
@@ -64,7 +69,10 @@ class Diffusion(nn.Module):
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
         if not 0.0 <= timestep_gamma <= 4.0:
             raise ValueError(f"timestep_gamma must be in [0, 4], got {timestep_gamma}")
+        if not (math.isfinite(min_snr_gamma) and min_snr_gamma >= 0.0):
+            raise ValueError(f"min_snr_gamma must be a finite number >= 0 (0 = off), got {min_snr_gamma}")
         self.timestep_sampling, self.timestep_gamma = timestep_sampling, timestep_gamma
+        self.min_snr_gamma = min_snr_gamma
         if not isinstance(timesteps, int) or timesteps < 2:
             raise ValueError(f"timesteps (T) must be an integer of at least 2, got {timesteps!r}")
         if not isinstance(image_size, int) or image_size <= 0:
@@ -104,6 +112,9 @@ class Diffusion(nn.Module):
         # P(t) proportional to (1 - alpha_bar_t)^gamma = (1 + SNR_t)^-gamma: the P2 weighting of Choi et al.
         # (2022) realised by drawing t instead of weighting the loss; gamma = 0 is the uniform distribution.
         probs = (1.0 - alphas_cumprod) ** timestep_gamma
+        if min_snr_gamma > 0:
+            # min(1, gamma / SNR_t) = min(1, gamma (1 - alpha_bar_t) / alpha_bar_t); inf where alpha_bar_t is 0
+            probs = probs * (min_snr_gamma * (1.0 - alphas_cumprod) / alphas_cumprod).clamp(max=1.0)
         probs = probs / probs.sum()
         self.register_buffer("timestep_probs", probs.to(torch.float32), persistent=False)
         self.register_buffer("timestep_cdf", probs.cumsum(0).to(torch.float32), persistent=False)
@@ -170,7 +181,7 @@ class Diffusion(nn.Module):
         is still U[0, 1), so each t_i keeps its distribution), which lowers the variance of the loss and of
         its gradient: the low-discrepancy sampler of Kingma et al. (2021, Variational Diffusion Models).
         """
-        if self.timestep_sampling == "uniform" and self.timestep_gamma == 0:
+        if self.timestep_sampling == "uniform" and self.timestep_gamma == 0 and self.min_snr_gamma == 0:
             return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
         if self.timestep_sampling == "uniform":
             u = torch.rand(batch_size, device=device)

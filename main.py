@@ -31,7 +31,7 @@ def build_diffusion(args):
                    image_size=args.image_size)
         return Diffusion(net, image_size=args.image_size, channels=3, timesteps=args.time_steps, loss_type=args.loss,
                          timestep_sampling=args.timestep_sampling, timestep_gamma=args.timestep_gamma,
-                         network_output=args.network_output)
+                         min_snr_gamma=args.min_snr_gamma, network_output=args.network_output)
     except ValueError as e:
         raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 

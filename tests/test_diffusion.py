@@ -230,6 +230,34 @@ def test_timestep_gamma_draws_t_in_proportion_to_one_minus_alpha_bar(sampling):
         make(timestep_gamma=-1.0)
 
 
+def test_min_snr_gamma_visits_the_nearly_clean_timesteps_less():
+    _, alphas_bar = reference_schedule(20)
+    snr = alphas_bar / (1 - alphas_bar)
+    d = make(T=20, min_snr_gamma=5.0)
+    expected = np.minimum(1.0, 5.0 / snr)
+    expected /= expected.sum()
+    np.testing.assert_allclose(d.timestep_probs.numpy(), expected, rtol=1e-5)
+    noisy = snr <= 5.0
+    assert 0 < noisy.sum() < 20  # both regimes are present at T = 20
+    probs = d.timestep_probs.numpy()
+    np.testing.assert_allclose(probs[noisy], probs[noisy][0], rtol=1e-6)  # flat where SNR_t <= gamma
+    assert np.all(probs[~noisy] < probs[noisy][0]) and probs[0] < 0.05 * probs[-1]  # 5 / SNR_0, SNR_0 = 124
+    torch.manual_seed(0)
+    t = torch.cat([d.sample_timesteps(40, torch.device("cpu")) for _ in range(5000)])
+    freq = torch.bincount(t, minlength=20).double().numpy() / len(t)
+    np.testing.assert_allclose(freq, expected, atol=0.004)
+    # it composes with timestep_gamma by multiplying the two distributions
+    both = make(T=20, timestep_gamma=1.0, min_snr_gamma=5.0).timestep_probs.numpy()
+    product = (1 - alphas_bar) * np.minimum(1.0, 5.0 / snr)
+    np.testing.assert_allclose(both, product / product.sum(), rtol=1e-5)
+    # a gamma above every SNR_t leaves the uniform distribution
+    np.testing.assert_allclose(make(T=20, min_snr_gamma=float(snr.max()) * 2).timestep_probs.numpy(),
+                               np.full(20, 0.05), rtol=1e-5)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_snr_gamma"):
+            make(min_snr_gamma=bad)
+
+
 def test_last_step_adds_no_noise_and_others_do():
     d = make(T=50)
     x = torch.randn(4, 3, 8, 8)

@@ -94,11 +94,11 @@ def test_experimental_switches_reach_the_model_and_the_checkpoint(data_path, tmp
     real = main.build_diffusion
     monkeypatch.setattr(main, "build_diffusion", lambda a: built.append(real(a)) or built[-1])
     save = tmp_path / "run"
-    extra = ["--timestep_sampling", "stratified", "--timestep_gamma", 0.5, "--weight_standardization",
+    extra = ["--timestep_sampling", "stratified", "--timestep_gamma", 0.5, "--min_snr_gamma", 5, "--weight_standardization",
              "--rescale_timesteps", "--adam_beta2", 0.99, "--network_output", "v"]
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *extra)) == 0
     d = built[-1]
-    assert (d.timestep_sampling, d.timestep_gamma, d.network_output) == ("stratified", 0.5, "v")
+    assert (d.timestep_sampling, d.timestep_gamma, d.min_snr_gamma, d.network_output) == ("stratified", 0.5, 5.0, "v")
     assert d.model.time_embed[0].scale == pytest.approx(100.0)  # 1000 / T with T = 10
     assert type(d.model.down[0].conv1).__name__ == "StandardizedConv2d"
     ckpt = load_checkpoint(save / "model.pt")
