@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "grad_accum", positive_int, 1, "batches accumulated into each optimizer step")
     _flag(t, "timestep_sampling", str, "uniform", "how training draws t: independently (Algorithm 1), or "
           "stratified (one random offset spreads the batch evenly over the timestep distribution)", choices=("uniform", "stratified"))
-    _flag(t, "timestep_gamma", _number(float, minimum=0.0, maximum=4.0, what="a number in [0, 4]"), 0.0,
-          "draw training timesteps with probability proportional to (1 - alpha_bar_t)^gamma, favouring the noisy "
-          "ones (the P2 weighting of Choi et al. 2022); 0 = uniform")
+    _flag(t, "timestep_gamma", _number(float, minimum=-1.0, maximum=4.0, what="a number in [-1, 4]"), 0.0,
+          "draw training timesteps with probability proportional to (1 - alpha_bar_t)^gamma: above 0 favouring the "
+          "noisy ones (the P2 weighting of Choi et al. 2022), below 0 the nearly clean ones; 0 = uniform")
     _flag(t, "min_snr_gamma", non_negative_float, 0.0, "also scale each timestep's probability by "
           "min(1, gamma / SNR_t), visiting the nearly clean timesteps less (the Min-SNR-gamma weighting of Hang "
           "et al. 2023, as a distribution of t; 5 is the paper's value); 0 = off")

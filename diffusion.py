@@ -48,7 +48,8 @@ class Diffusion(nn.Module):
         timestep_sampling: how training draws its timesteps, ``"uniform"`` (independently, Algorithm 1) or
             ``"stratified"`` (see ``sample_timesteps``).
         timestep_gamma: training timesteps are drawn with probability proportional to
-            (1 - alpha_bar_t) ** gamma; 0 (the default) is the uniform distribution of Algorithm 1.
+            (1 - alpha_bar_t) ** gamma; 0 (the default) is the uniform distribution of Algorithm 1, a
+            positive gamma favours the noisy timesteps, a negative one (down to -1) the nearly clean ones.
         min_snr_gamma: with a positive value, the probability of each timestep is also multiplied by
             min(1, min_snr_gamma / SNR_t), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the Min-SNR-gamma weighting
             of Hang et al. (2023) for a noise-predicting network, drawn instead of weighted. It leaves the
@@ -67,8 +68,8 @@ class Diffusion(nn.Module):
         self.network_output = network_output
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
-        if not 0.0 <= timestep_gamma <= 4.0:
-            raise ValueError(f"timestep_gamma must be in [0, 4], got {timestep_gamma}")
+        if not -1.0 <= timestep_gamma <= 4.0:
+            raise ValueError(f"timestep_gamma must be in [-1, 4], got {timestep_gamma}")
         if not (math.isfinite(min_snr_gamma) and min_snr_gamma >= 0.0):
             raise ValueError(f"min_snr_gamma must be a finite number >= 0 (0 = off), got {min_snr_gamma}")
         self.timestep_sampling, self.timestep_gamma = timestep_sampling, timestep_gamma
@@ -110,7 +111,8 @@ class Diffusion(nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value.to(torch.float32))
         # P(t) proportional to (1 - alpha_bar_t)^gamma = (1 + SNR_t)^-gamma: the P2 weighting of Choi et al.
-        # (2022) realised by drawing t instead of weighting the loss; gamma = 0 is the uniform distribution.
+        # (2022) realised by drawing t instead of weighting the loss; gamma = 0 is the uniform distribution and
+        # gamma < 0 turns it around. 1 - alpha_bar_t > 0 at every t, so a negative power stays finite.
         probs = (1.0 - alphas_cumprod) ** timestep_gamma
         if min_snr_gamma > 0:
             # min(1, gamma / SNR_t) = min(1, gamma (1 - alpha_bar_t) / alpha_bar_t); inf where alpha_bar_t is 0

@@ -146,3 +146,15 @@ def test_inception_layout_bench_times_both_layouts_on_the_same_features(tmp_path
     assert "x as fast" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_inception.main(["--repeats", "0"], model=TinyFeatures())
+
+
+def test_inception_bench_bf16_way_runs_the_same_network_in_lower_precision(capsys):
+    import bench_inception
+    result = bench_inception.main(["--images", "6", "--image_size", "12", "--batch_size", "4", "--repeats", "1",
+                                   "--bf16"], model=TinyFeatures())
+    assert list(result["images_per_s"]) == ["channels_last (package)", "contiguous NCHW", "channels_last, bf16 autocast"]
+    low = result["bf16"]
+    assert low["speedup_over_package"] > 0
+    # bf16 keeps about 3 significant digits: the features move, but stay close
+    assert 1e-5 < low["relative_feature_difference"] < 0.05
+    assert "bf16 autocast is" in capsys.readouterr().out

@@ -227,7 +227,18 @@ def test_timestep_gamma_draws_t_in_proportion_to_one_minus_alpha_bar(sampling):
     assert freq[-1] > 10 * freq[0]  # the noisiest timestep far more often than the cleanest
     np.testing.assert_allclose(make(T=20, timestep_gamma=0.0).timestep_probs.numpy(), np.full(20, 0.05), rtol=1e-6)
     with pytest.raises(ValueError, match="timestep_gamma"):
-        make(timestep_gamma=-1.0)
+        make(timestep_gamma=-1.5)
+
+
+def test_negative_timestep_gamma_favours_the_nearly_clean_timesteps():
+    _, alphas_bar = reference_schedule(50)
+    d = make(T=50, timestep_gamma=-0.25)
+    expected = (1 - alphas_bar) ** -0.25
+    expected /= expected.sum()
+    probs = d.timestep_probs.numpy()
+    np.testing.assert_allclose(probs, expected, rtol=1e-5)
+    assert np.all(np.diff(probs) < 0) and 4 < probs[0] / probs[-1] < 6  # falls with t; (1 - alpha_bar_0)^-0.25 ~ 4.9
+    assert np.isfinite(make(T=1000, timestep_gamma=-1.0).timestep_probs.numpy()).all()
 
 
 def test_min_snr_gamma_visits_the_nearly_clean_timesteps_less():

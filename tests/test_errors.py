@@ -38,7 +38,7 @@ CASES = [
     (["--learning_rate", "nan"], "--learning_rate: expected a learning rate in (0, 1]"),
     (["--fid", "maybe"], "--fid: expected True or False"),
     (["--adam_beta2", "1"], "--adam_beta2: expected a number in [0, 1), got '1'"),
-    (["--timestep_gamma", "-0.5"], "--timestep_gamma: expected a number in [0, 4]"),
+    (["--timestep_gamma", "-1.5"], "--timestep_gamma: expected a number in [-1, 4]"),
     (["--min_snr_gamma", "-5"], "--min_snr_gamma: expected a non-negative number"),
     (["--timestep_sampling", "sorted"], "--timestep_sampling: invalid choice: 'sorted'"),
     (["--network_output", "x0"], "--network_output: invalid choice: 'x0'"),
