@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def feature_difference(features: np.ndarray, reference: np.ndarray) -> dict:
+    """Largest absolute difference, and the norm of the difference relative to the reference's norm."""
+    return {"max_abs_feature_difference": float(np.abs(features - reference).max()),
+            "relative_feature_difference": float(np.linalg.norm(features - reference)
+                                                 / max(np.linalg.norm(reference), 1e-30))}
+
+
 def main(argv: list[str] | None = None, *, model=None) -> dict:
     """Time both layouts; ``model`` stands in for Inception (the tests pass a small network)."""
     args = parse_args(argv)
@@ -74,16 +81,13 @@ def main(argv: list[str] | None = None, *, model=None) -> dict:
         "images": args.images, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
         "images_per_s": {name: args.images / statistics.median(t) for name, t in times.items()},
         "seconds": times,
-        "max_abs_feature_difference": float(np.abs(a - b).max()),
-        "relative_feature_difference": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)),
+        **feature_difference(a, b),
     }
     rates = list(result["images_per_s"].values())
     result["speedup"] = rates[0] / rates[1]
     if args.bf16:
-        c = features["channels_last, bf16 autocast"]
         result["bf16"] = {"speedup_over_package": rates[2] / rates[0],
-                          "max_abs_feature_difference": float(np.abs(c - a).max()),
-                          "relative_feature_difference": float(np.linalg.norm(c - a) / max(np.linalg.norm(a), 1e-30))}
+                          **feature_difference(features["channels_last, bf16 autocast"], a)}
     width = max(len(name) for name in ways) + 2
     print(f"{'layout':<{width}}{'images/s':>10}")
     for name, rate in result["images_per_s"].items():
