@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
           "time embedding spans all its frequencies whatever T is")
     _flag(m, "weight_standardization", bool, False, "standardise the residual blocks' 3x3 kernels per output "
           "channel (zero mean, unit variance) before each convolution")
+    _flag(m, "residual_scaling", bool, False, "multiply each residual block's and attention's output (branch plus "
+          "skip path) by 1/sqrt(2), so the activations' variance does not grow block by block")
     _flag(m, "zero_init_residual", bool, False, "zero-initialise the last layer of every residual block and "
           "attention, so each starts as the identity")
     _flag(m, "network_output", str, "eps", "what the U-Net predicts: eps (the noise), or v = sqrt(alpha_bar) eps - "

@@ -10,8 +10,8 @@ GroupNorm and SiLU and take the time embedding as a per-channel scale and shift 
 normalisation. Self-attention (``F.scaled_dot_product_attention``) runs in the middle block and at the
 levels named in ``attention_levels`` (by default the lowest resolution only). The last convolution is
 zero-initialised, so an untrained network predicts zero noise; optionally so is the last layer of every
-residual branch. Optionally the residual blocks' kernels are weight-standardised (statistics in float32,
-so fp16 and bf16 autocast stay safe).
+residual branch. Optionally each residual sum is scaled by 1/sqrt(2), and the residual blocks' kernels are
+weight-standardised (statistics in float32, so fp16 and bf16 autocast stay safe).
 
 Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T, but
 ``time_scale`` multiplies t before the embedding (1000 / T puts any T on the 0 ... 1000 scale, where the
@@ -61,12 +61,17 @@ class StandardizedConv2d(nn.Conv2d):
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, then GroupNorm modulated by the time embedding -> SiLU -> dropout -> conv."""
+    """GroupNorm -> SiLU -> conv, then GroupNorm modulated by the time embedding -> SiLU -> dropout -> conv.
+
+    The branch is added to the input (through a 1x1 convolution when the channel count changes) and the sum
+    is multiplied by ``out_scale``.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, time_dim: int, *, groups: int, dropout: float,
-                 standardize: bool = False):
+                 standardize: bool = False, out_scale: float = 1.0):
         super().__init__()
         conv = StandardizedConv2d if standardize else nn.Conv2d
+        self.out_scale = out_scale
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = conv(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, 2 * out_ch)
@@ -80,14 +85,19 @@ class ResidualBlock(nn.Module):
         scale, shift = self.time_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # [B, out_ch, 1, 1] each
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
-        return h + self.skip(x)
+        h = h + self.skip(x)
+        return h * self.out_scale if self.out_scale != 1.0 else h
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection.
 
-    def __init__(self, channels: int, *, groups: int, head_dim: int = 32):
+    The sum of the input and the attention's output is multiplied by ``out_scale``.
+    """
+
+    def __init__(self, channels: int, *, groups: int, head_dim: int = 32, out_scale: float = 1.0):
         super().__init__()
+        self.out_scale = out_scale
         self.heads = max(1, channels // head_dim)
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -99,7 +109,8 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # [B, heads, HW, c/heads] each
         attn = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, c/heads]
         attn = attn.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.out(attn)
+        h = x + self.out(attn)
+        return h * self.out_scale if self.out_scale != 1.0 else h
 
 
 class Downsample(nn.Module):
@@ -135,6 +146,9 @@ class Unet(nn.Module):
         attn_head_dim: channels per attention head.
         time_scale: factor applied to t before the sinusoidal embedding.
         weight_standardization: use ``StandardizedConv2d`` for the residual blocks' 3x3 convolutions.
+        residual_scaling: multiply the sum of every residual block's or attention's branch and its skip path
+            by 1/sqrt(2), so that two independent unit-variance terms sum to unit variance (the rescaled skip
+            connections of Song et al. 2021) instead of a variance that grows block by block.
         zero_init_residual: zero-initialise the last layer of every residual branch (each residual block's
             second convolution, each attention's output projection), so that every block starts as the
             identity (or its 1x1 skip) and the untrained network is a shallow one that deepens as it learns.
@@ -144,8 +158,8 @@ class Unet(nn.Module):
     def __init__(self, dim: int, dim_mults: tuple[int, ...] = (1, 2, 4, 8), channels: int = 3, *,
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] | None = None,
                  dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32,
-                 time_scale: float = 1.0, weight_standardization: bool = False, zero_init_residual: bool = False,
-                 image_size: int | None = None):
+                 time_scale: float = 1.0, weight_standardization: bool = False, residual_scaling: bool = False,
+                 zero_init_residual: bool = False, image_size: int | None = None):
         super().__init__()
         dim_mults = tuple(dim_mults)
         _check_sizes(dim, dim_mults, channels, num_res_blocks, groups, dropout)
@@ -165,7 +179,10 @@ class Unet(nn.Module):
         time_dim = 4 * dim
         self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(dim, scale=time_scale), nn.Linear(dim, time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim))
-        block = dict(time_dim=time_dim, groups=groups, dropout=dropout, standardize=weight_standardization)
+        out_scale = 1.0 / math.sqrt(2.0) if residual_scaling else 1.0
+        block = dict(time_dim=time_dim, groups=groups, dropout=dropout, standardize=weight_standardization,
+                     out_scale=out_scale)
+        attention = dict(groups=groups, head_dim=attn_head_dim, out_scale=out_scale)
         self.input_conv = nn.Conv2d(channels, dim, 3, padding=1)
 
         # Down path: every module's output is pushed as a skip connection.
@@ -174,14 +191,14 @@ class Unet(nn.Module):
         for level, mult in enumerate(dim_mults):
             out_ch = dim * mult
             for _ in range(num_res_blocks):
-                self.down.append(self._level_block(ch, out_ch, level, block, groups, attn_head_dim))
+                self.down.append(self._level_block(ch, out_ch, level, block, attention))
                 ch = out_ch
                 skip_channels.append(ch)
             if level < len(dim_mults) - 1:
                 self.down.append(Downsample(ch))
                 skip_channels.append(ch)
 
-        self.mid = nn.ModuleList([ResidualBlock(ch, ch, **block), SelfAttention(ch, groups=groups, head_dim=attn_head_dim),
+        self.mid = nn.ModuleList([ResidualBlock(ch, ch, **block), SelfAttention(ch, **attention),
                                   ResidualBlock(ch, ch, **block)])
 
         # Up path: each residual block consumes one skip connection, in reverse order.
@@ -189,7 +206,7 @@ class Unet(nn.Module):
         for level, mult in reversed(list(enumerate(dim_mults))):
             out_ch = dim * mult
             for _ in range(num_res_blocks + 1):
-                self.up.append(self._level_block(ch + skip_channels.pop(), out_ch, level, block, groups, attn_head_dim))
+                self.up.append(self._level_block(ch + skip_channels.pop(), out_ch, level, block, attention))
                 ch = out_ch
             if level > 0:
                 self.up.append(Upsample(ch))
@@ -203,11 +220,11 @@ class Unet(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _level_block(self, in_ch, out_ch, level, block, groups, attn_head_dim) -> nn.Module:
+    def _level_block(self, in_ch, out_ch, level, block, attention) -> nn.Module:
         res = ResidualBlock(in_ch, out_ch, **block)
         if level not in self.attention_levels:
             return res
-        return _ResAttn(res, SelfAttention(out_ch, groups=groups, head_dim=attn_head_dim))
+        return _ResAttn(res, SelfAttention(out_ch, **attention))
 
     def check_image_size(self, image_size: int) -> None:
         """Raise ValueError unless a square image of this side can go through the network."""

@@ -1,10 +1,12 @@
 """The U-Net: shapes, gradients, time conditioning, and the size checks at construction."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffusion import Diffusion
-from unet import StandardizedConv2d, Unet
+from unet import ResidualBlock, StandardizedConv2d, Unet
 
 
 @pytest.mark.parametrize("size,dim,mults", [(32, 16, (1, 2, 4, 8)), (64, 8, (1, 2, 2, 4)), (128, 8, (1, 1, 2, 2, 4)),
@@ -88,6 +90,44 @@ def test_zero_init_residual_makes_every_block_start_as_its_skip_path():
     torch.manual_seed(0)
     plain = Unet(8, (1, 2), num_res_blocks=1, attention_levels=(0, 1))
     assert all(torch.count_nonzero(m.conv2.weight) > 0 for m in plain.modules() if type(m).__name__ == "ResidualBlock")
+
+
+def test_residual_scaling_divides_every_residual_sum_by_sqrt2():
+    torch.manual_seed(0)
+    plain = Unet(8, (1, 2), num_res_blocks=1, attention_levels=(0, 1))
+    torch.manual_seed(0)
+    scaled = Unet(8, (1, 2), num_res_blocks=1, attention_levels=(0, 1), residual_scaling=True)
+    # No new parameters: the same seed gives the same weights, so the two networks differ only in the scaling.
+    assert plain.state_dict().keys() == scaled.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), scaled.state_dict().values()))
+    emb = torch.randn(2, 32)
+    blocks = [(p, s) for p, s in zip(plain.modules(), scaled.modules()) if type(p).__name__ in ("ResidualBlock", "SelfAttention")]
+    assert len(blocks) == 15
+    for p, s in blocks:
+        assert p.out_scale == 1.0 and s.out_scale == pytest.approx(2 ** -0.5)
+        if type(p).__name__ == "SelfAttention":
+            xin = torch.randn(2, p.norm.num_channels, 8, 8)
+            torch.testing.assert_close(s(xin), p(xin) / math.sqrt(2))
+        else:
+            xin = torch.randn(2, p.norm1.num_channels, 8, 8)
+            torch.testing.assert_close(s(xin, emb), p(xin, emb) / math.sqrt(2))
+    # So the whole network computes another function from the same weights.
+    weight = torch.randn_like(plain.output[-1].weight) * 0.1
+    for net in (plain, scaled):
+        net.output[-1].weight.data.copy_(weight)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 7])
+    assert not torch.allclose(plain(x, t), scaled(x, t), atol=1e-3)
+    # Through a chain of identity-skip blocks, plain sums let the spread grow block by block (each adds its
+    # branch's variance); scaled sums, averages of two, stay within the unit-variance input's spread.
+    stds = {}
+    for scale in (1.0, 2 ** -0.5):
+        torch.manual_seed(1)
+        h, emb = torch.randn(4, 64, 8, 8), torch.randn(4, 32)
+        with torch.no_grad():
+            for _ in range(16):
+                h = ResidualBlock(64, 64, 32, groups=8, dropout=0.0, out_scale=scale)(h, emb)
+        stds[scale] = h.std().item()
+    assert stds[2 ** -0.5] < 1.0 < 1.5 < stds[1.0], stds
 
 
 def test_default_recommended_size_parameter_count():
