@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
           "et al. 2023, as a distribution of t; 5 is the paper's value); 0 = off")
     _flag(t, "adam_beta2", adam_beta, 0.999, "Adam's second-moment decay")
     _flag(t, "grad_clip", non_negative_float, 1.0, "clip the gradient norm to this (0 = off)")
+    _flag(t, "weight_decay", fraction, 0.0,
+          "decoupled weight decay (AdamW) of the convolution and linear kernels, not of biases and norms; 0 = off")
     _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warmup")
     _flag(t, "lr_decay", str, "none", "learning-rate decay after the warmup: none, or cosine or linear down to 0 "
           "at --train_steps", choices=("none", "cosine", "linear"))

@@ -53,7 +53,7 @@ def build_trainer(args, device, diffusion, batches, ctx):
     train_config = TrainConfig(
         train_steps=args.train_steps, learning_rate=args.learning_rate,
         save_and_sample_every=args.save_and_sample_every, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
-        adam_beta2=args.adam_beta2,
+        adam_beta2=args.adam_beta2, weight_decay=args.weight_decay,
         lr_warmup=args.lr_warmup, lr_decay=args.lr_decay, lr_decay_start=args.lr_decay_start,
         ema_decay=args.ema_decay, ema_warmup=args.ema_warmup,
         snapshot_every=args.snapshot_every, precision=args.precision,

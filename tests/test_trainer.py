@@ -178,6 +178,41 @@ def test_adam_second_moment_decay_is_configurable(tmp_path):
     assert make_trainer(tmp_path / "x", adam_beta2=0.99).optimizer.param_groups[0]["betas"] == (0.9, 0.99)
 
 
+def test_weight_decay_is_adamw_on_the_kernels_only(tmp_path):
+    """One step with --weight_decay 0.1 against the same step without: the kernels end lower by exactly
+    lr * wd * w_before (AdamW's decoupled decay), biases and GroupNorm gains match, and so does the result of
+    torch's own AdamW given the same split of the parameters."""
+    plain = make_trainer(tmp_path / "a", precision="fp32")
+    decayed = make_trainer(tmp_path / "b", precision="fp32", weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in decayed.diffusion.model.named_parameters()}
+    reference = tiny_diffusion()
+    reference.model.load_state_dict(decayed.diffusion.model.state_dict())
+    kernels = [p for p in reference.model.parameters() if p.dim() >= 2]
+    others = [p for p in reference.model.parameters() if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": kernels, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                              lr=1e-3, betas=(0.9, 0.999))
+    torch.manual_seed(1)
+    plain.train_step()
+    torch.manual_seed(1)
+    decayed.train_step()
+    batch = next(iter(FakeBatches()))  # the trainers' first batch
+    torch.manual_seed(1)
+    reference.train()
+    reference(batch).backward()
+    torch.nn.utils.clip_grad_norm_(reference.model.parameters(), 1.0)
+    adamw.step()
+    after_plain = dict(plain.diffusion.model.named_parameters())
+    after_ref = dict(reference.model.named_parameters())
+    assert any(p.dim() >= 2 for p in before.values()) and any(p.dim() < 2 for p in before.values())
+    for name, p in decayed.diffusion.model.named_parameters():
+        shrink = 1e-3 * 0.1 * before[name] if p.dim() >= 2 else torch.zeros_like(p)
+        assert torch.allclose(after_plain[name] - p, shrink, atol=1e-7), name
+        assert torch.allclose(p, after_ref[name], atol=1e-6), name
+    assert decayed.optimizer.state_dict()["param_groups"] == plain.optimizer.state_dict()["param_groups"]
+    with pytest.raises(ValueError, match="weight_decay"):
+        make_trainer(tmp_path / "c", weight_decay=-0.1)
+
+
 def test_broken_checkpoints_are_refused(tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
