@@ -158,3 +158,29 @@ def test_inception_bench_bf16_way_runs_the_same_network_in_lower_precision(capsy
     # bf16 keeps about 3 significant digits: the features move, but stay close
     assert 1e-5 < low["relative_feature_difference"] < 0.05
     assert "bf16 autocast is" in capsys.readouterr().out
+
+
+def test_weight_norms_compare_each_kernel_with_the_runs_own_initial_weights(tmp_path, capsys):
+    import weight_norms
+
+    _, _, save = tiny_run(tmp_path, 2)
+    initial, trained, step, _ = weight_norms.initial_and_trained(str(save / "model.pt"))
+    assert step == 2 and any(not torch.equal(a, b) for a, b in zip(initial.parameters(), trained.parameters()))
+    # a checkpoint whose raw weights are the run's initial kernels doubled (biases and norms kept) reads 2 everywhere
+    ckpt = torch.load(save / "model.pt", map_location="cpu", weights_only=False)
+    ckpt["model"] = {k: v * 2 if v.dim() >= 2 else v for k, v in initial.state_dict().items()}
+    torch.save(ckpt, tmp_path / "doubled.pt")
+    out = tmp_path / "norms.json"
+    assert weight_norms.main([str(save / "model.pt"), str(tmp_path / "doubled.pt"), "--json", str(out)]) == 0
+    trained_rows, doubled_rows = (result["rows"] for result in json.loads(out.read_text()))
+    roles = {r["role"] for r in doubled_rows}
+    assert {"residual block, first convolution (GroupNorm follows)", "attention, qkv projection", "time MLP"} <= roles
+    for r in doubled_rows:
+        if r["role"] == "output convolution":  # zero-initialised: no ratio, and still zero
+            assert r["median"] is None and r["norm"] == 0
+        else:
+            assert r["min"] == pytest.approx(2.0) and r["max"] == pytest.approx(2.0)
+    moved = [r for r in trained_rows if r["median"] is not None]
+    assert moved and all(0.5 < r["min"] <= r["max"] < 2 for r in moved) and any(r["max"] != 1.0 for r in moved)
+    assert "kernel norm over its initial norm" in capsys.readouterr().out
+    assert weight_norms.main([str(tmp_path / "missing.pt")]) == 2
