@@ -219,7 +219,7 @@ class Trainer:
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip)
-        self.decay_weights(self.optimizer.param_groups[0]["lr"])
+        self.decay_weights()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -282,23 +282,25 @@ class Trainer:
             total += loss.detach().float()
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip, foreach=True)
-        self.decay_weights(self.optimizer.param_groups[0]["lr"])
+        self.decay_weights()
         self.optimizer.step()
         self.update_ema(self._ema_weight)
         self._static_loss.copy_(total)
 
     @torch.no_grad()
-    def decay_weights(self, lr: float | torch.Tensor) -> None:
-        """w *= 1 - lr * weight_decay for every kernel, just before Adam's step: with Adam's update
-        independent of w, the pair is AdamW's step (Loshchilov & Hutter 2019) on those weights.
+    def decay_weights(self) -> None:
+        """w *= 1 - lr * weight_decay for every kernel, at the step's learning rate, just before Adam's step:
+        with Adam's update independent of w, the pair is AdamW's step (Loshchilov & Hutter 2019) on those weights.
 
         Without it Adam lets the kernels grow: after 10,000 steps of the recommended command the first
-        convolution of each residual block, which GroupNorm follows, is three times its initial size, which
-        shrinks the angle each step turns it through as a learning-rate decay would. A ``lr`` tensor (the
-        captured CUDA graph's) is read when the kernels run. In fp16, the steps the loss scaler skips still
-        apply the decay (a factor of 1 - 1e-4 each at the recommended settings and weight decay 0.1).
+        convolution of each residual block, which GroupNorm follows, is about three times its initial size,
+        which shrinks the angle each step turns it through as a learning-rate decay would. The captured CUDA
+        graph's learning rate, a device tensor, is read when the kernels run. In fp16, the steps the loss
+        scaler skips still apply the decay (a factor of 1 - 1e-4 each at the recommended settings and weight
+        decay 0.1).
         """
         if self._decayed:
+            lr = self.optimizer.param_groups[0]["lr"]
             torch._foreach_mul_(self._decayed, 1.0 - lr * self.config.weight_decay)
 
     def ema_decay_at(self, step: int) -> float:

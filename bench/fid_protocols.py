@@ -134,14 +134,20 @@ def handout_images(args, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def load_model(path: str):
-    """The checkpoint's EMA network inside a Diffusion built from its own recorded flags, its step, its image size
-    and its trainer settings."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+def checkpoint_args(ckpt: dict) -> argparse.Namespace:
+    """main.py's flags as the checkpoint's run set them (its recorded flags and architecture over the defaults)."""
     args = build_parser().parse_args([])
     for key, value in {**ckpt.get("config", {}), **ckpt.get("architecture", {})}.items():
         if hasattr(args, key) and value is not None:
             setattr(args, key, value)
+    return args
+
+
+def load_model(path: str):
+    """The checkpoint's EMA network inside a Diffusion built from its own recorded flags, its step, its image size
+    and its trainer settings."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    args = checkpoint_args(ckpt)
     diffusion = main_module.build_diffusion(args)
     load_state_strict(diffusion.model, ckpt.get("ema", ckpt["model"]), "EMA model", path)
     return diffusion.eval(), int(ckpt["step"]), args.image_size, ckpt.get("config", {}).get("trainer", {})

@@ -24,11 +24,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import main as main_module  # noqa: E402
 from checkpoint import load_checkpoint, load_state_strict  # noqa: E402
-from cli import build_parser  # noqa: E402
 from errors import UserError  # noqa: E402
+from fid_protocols import checkpoint_args  # noqa: E402
 
 NAMED_ROLES = {"time_embed": "time MLP", "input_conv": "input convolution", "output": "output convolution"}
 ATTRIBUTE_ROLES = {"conv1": "residual block, first convolution (GroupNorm follows)",
@@ -45,20 +46,16 @@ def role(name: str) -> str:
     return ATTRIBUTE_ROLES.get(parts[-2], parts[-2])
 
 
-def initial_and_trained(path: str) -> tuple[torch.nn.Module, torch.nn.Module, int, dict]:
+def initial_and_trained(path: str) -> tuple[torch.nn.Module, torch.nn.Module, int, argparse.Namespace]:
     """The network as ``main.py`` initialised it for this checkpoint's run, the same network holding the
-    checkpoint's raw (not EMA) weights, the checkpoint's step and its recorded flags."""
+    checkpoint's raw (not EMA) weights, the checkpoint's step and its run's flags."""
     ckpt = load_checkpoint(path, map_location="cpu")
-    args = build_parser().parse_args([])
-    config = {**ckpt.get("config", {}), **ckpt.get("architecture", {})}
-    for key, value in config.items():
-        if hasattr(args, key) and value is not None:
-            setattr(args, key, value)
+    args = checkpoint_args(ckpt)
     torch.manual_seed(args.seed)  # as main.py seeds before building the model
     initial = main_module.build_diffusion(args).model
     trained = main_module.build_diffusion(args).model
     load_state_strict(trained, ckpt["model"], "model", path)
-    return initial, trained, int(ckpt["step"]), config
+    return initial, trained, int(ckpt["step"]), args
 
 
 def kernel_growth(initial: torch.nn.Module, trained: torch.nn.Module) -> list[dict]:
@@ -94,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for path in args.checkpoints:
-            initial, trained, step, config = initial_and_trained(path)
-            rows = kernel_growth(initial, trained)
-            results.append({"checkpoint": path, "step": step, "weight_decay": config.get("weight_decay", 0.0),
-                            "rows": rows})
+            initial, trained, step, run_args = initial_and_trained(path)
+            results.append({"checkpoint": path, "step": step, "weight_decay": run_args.weight_decay,
+                            "rows": kernel_growth(initial, trained)})
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
