@@ -24,10 +24,10 @@ FORMAT = 1
 # The settings that decide the network's shape and the meaning of its timesteps.
 ARCHITECTURE_KEYS = ("image_size", "channels", "time_steps", "unet_dim", "dim_mults", "num_res_blocks",
                      "attention_levels", "rescale_timesteps", "weight_standardization", "residual_scaling",
-                     "network_output")
+                     "network_output", "self_condition")
 # What a checkpoint written before a key existed was trained with.
 ARCHITECTURE_DEFAULTS = {"rescale_timesteps": False, "weight_standardization": False, "residual_scaling": False,
-                         "network_output": "eps"}
+                         "network_output": "eps", "self_condition": False}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
           "skip path) by 1/sqrt(2), so the activations' variance does not grow block by block")
     _flag(m, "zero_init_residual", bool, False, "zero-initialise the last layer of every residual block and "
           "attention, so each starts as the identity")
+    _flag(m, "self_condition", bool, False, "self-conditioning (Chen et al. 2023): the U-Net also takes an x_0 "
+          "estimate, in training its own first-pass estimate for half of each batch (zeros for the rest), in sampling "
+          "the previous step's")
     _flag(m, "network_output", str, "eps", "what the U-Net predicts: eps (the noise), or v = sqrt(alpha_bar) eps - "
           "sqrt(1 - alpha_bar) x_0, turned into the noise as sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v before the "
           "loss and the samplers (the loss stays on the noise)", choices=("eps", "v"))

@@ -57,6 +57,12 @@ class Diffusion(nn.Module):
             default) leaves the distribution alone.
         network_output: what ``model`` outputs: ``"eps"`` (the noise itself, the default) or ``"v"``
             (see ``predict_noise``). Either way the loss and the samplers work on the predicted noise.
+
+    A ``model`` whose ``self_condition`` attribute is true is called as ``model(x_t, t, x_self_cond)`` with an
+    estimate of x_0 beside x_t (self-conditioning, Chen et al. 2023): in training, half of every batch gets the
+    network's own estimate from a first pass without gradients and the other half zeros (see
+    ``self_condition_estimate``); in sampling, every step gets the clamped x_0 estimate of the step before it
+    (zeros at the first step).
     """
 
     def __init__(self, model: nn.Module, *, image_size: int, channels: int = 3, timesteps: int = 1000,
@@ -83,6 +89,7 @@ class Diffusion(nn.Module):
         if hasattr(model, "check_image_size"):
             model.check_image_size(image_size)
         self.model = model
+        self.self_condition = bool(getattr(model, "self_condition", False))
         self.image_size, self.channels = image_size, channels
         self.num_timesteps, self.loss_type = timesteps, loss_type
 
@@ -125,8 +132,11 @@ class Diffusion(nn.Module):
     def device(self) -> torch.device:
         return self.betas.device
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
         """eps_theta(x_t, t): the network's prediction of the noise in x_t.
+
+        ``x_self_cond`` is the x_0 estimate handed to a self-conditioned network (None: zeros); a network
+        without self-conditioning is called without it.
 
         With ``network_output="v"`` the network predicts v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
         (Salimans & Ho 2022) and the noise follows exactly as sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v.
@@ -135,7 +145,7 @@ class Diffusion(nn.Module):
         hinges on the network matching x_t to the 1e-3 that Eq. (19) amplifies into x_0 (1 / sqrt(alpha_bar_T)
         is about 1,000 at T = 50). The network's own target has unit variance at every t.
         """
-        out = self.model(x_t, t)
+        out = self.model(x_t, t, x_self_cond) if self.self_condition else self.model(x_t, t)
         if self.network_output == "eps":
             return out
         return (extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
@@ -157,7 +167,9 @@ class Diffusion(nn.Module):
         loss_type = loss_type or self.loss_type
         if noise is None:
             noise = torch.randn_like(x_start)
-        predicted = self.predict_noise(self.q_sample(x_start, t, noise), t)
+        x_t = self.q_sample(x_start, t, noise)
+        x_self_cond = self.self_condition_estimate(x_t, t) if self.self_condition else None
+        predicted = self.predict_noise(x_t, t, x_self_cond)
         if loss_type == "l1":
             return F.l1_loss(predicted, noise)
         if loss_type == "l2":
@@ -174,6 +186,25 @@ class Diffusion(nn.Module):
             raise ValueError(f"expected images of shape [B, {self.channels}, {self.image_size}, {self.image_size}], "
                              f"got {list(x_start.shape)}")
         return self.p_loss(x_start, self.sample_timesteps(b, x_start.device))
+
+    def self_condition_estimate(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x_0 input of a self-conditioned network in training: for the first half of the batch, the
+        network's own clamped x_0 estimate from a pass with zeros in its place, without gradients; zeros for the
+        rest.
+
+        So the network learns both to denoise from scratch (the first sampling step, with zeros) and to refine
+        an estimate (every later step). Taking a fixed half rather than a random one keeps shapes and control
+        flow fixed (CUDA graphs, torch.compile); batches are shuffled and their timesteps independent, so which
+        half it is does not matter. The extra pass costs about a sixth of a training step.
+        """
+        estimate = torch.zeros_like(x_t)
+        half = x_t.shape[0] // 2
+        if half:
+            with torch.no_grad():
+                x_h, t_h = x_t[:half], t[:half]
+                x0 = self.predict_start_from_noise(x_h, t_h, self.predict_noise(x_h, t_h, torch.zeros_like(x_h)))
+                estimate[:half] = x0.clamp(-1.0, 1.0).to(estimate.dtype)
+        return estimate
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """Training timesteps [B] (Algorithm 1 line 3), drawn from ``timestep_probs``.
@@ -208,15 +239,22 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def p_sample(self, x: torch.Tensor, t: torch.Tensor, t_index: int, *,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3 to 9); ``t_index`` is t's 0-indexed value."""
-        eps = self.predict_noise(x, t)  # line 4
+                 generator: torch.Generator | None = None, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3 to 9); ``t_index`` is t's 0-indexed value.
+
+        ``x_self_cond``: a self-conditioned network's x_0 input (the previous step's estimate; None: zeros).
+        """
+        return self._reverse_step(x, t, t_index, generator, x_self_cond)[0]
+
+    def _reverse_step(self, x, t, t_index, generator, x_self_cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``p_sample``, also returning the clamped x_0 estimate the step used."""
+        eps = self.predict_noise(x, t, x_self_cond)  # line 4
         x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)  # lines 5 and 6
         mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
         if t_index == 0:  # line 3: z = 0 at the last step (paper t = 1)
-            return mean
+            return mean, x_start
         z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        return mean + variance.sqrt() * z  # line 9
+        return mean + variance.sqrt() * z, x_start  # line 9
 
     @torch.no_grad()
     def p_sample_loop(self, shape_or_noise: Sequence[int] | torch.Tensor, *, start_t: int | None = None,
@@ -245,11 +283,14 @@ class Diffusion(nn.Module):
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
+        x_start = torch.zeros_like(x) if self.self_condition else None
         for i in steps:
             if i in wanted:
                 intermediates[i] = unnormalize(x)
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x = self.p_sample(x, t, i, generator=generator)
+            x, estimate = self._reverse_step(x, t, i, generator, x_start)
+            if self.self_condition:
+                x_start = estimate
         images = unnormalize(x)
         return (images, intermediates) if wanted else images
 
@@ -275,11 +316,12 @@ class Diffusion(nn.Module):
             from tqdm.auto import tqdm
             pairs = tqdm(pairs, desc="DDIM sampling", leave=False)
         ones = torch.ones((), device=x.device)
+        x_start = torch.zeros_like(x) if self.self_condition else None
         for i, j in pairs:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             abar = self.alphas_cumprod[i]
             abar_next = self.alphas_cumprod[j] if j >= 0 else ones
-            eps = self.predict_noise(x, t)
+            eps = self.predict_noise(x, t, x_start)
             x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)
             eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
             sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()

@@ -28,7 +28,7 @@ def build_diffusion(args):
                    attention_levels=tuple(args.attention_levels) if args.attention_levels else None,
                    dropout=args.dropout, time_scale=1000.0 / args.time_steps if args.rescale_timesteps else 1.0,
                    weight_standardization=args.weight_standardization, residual_scaling=args.residual_scaling,
-                   zero_init_residual=args.zero_init_residual,
+                   zero_init_residual=args.zero_init_residual, self_condition=args.self_condition,
                    image_size=args.image_size)
         return Diffusion(net, image_size=args.image_size, channels=3, timesteps=args.time_steps, loss_type=args.loss,
                          timestep_sampling=args.timestep_sampling, timestep_gamma=args.timestep_gamma,

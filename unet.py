@@ -13,6 +13,10 @@ zero-initialised, so an untrained network predicts zero noise; optionally so is 
 residual branch. Optionally each residual sum is scaled by 1/sqrt(2), and the residual blocks' kernels are
 weight-standardised (statistics in float32, so fp16 and bf16 autocast stay safe).
 
+With ``self_condition`` the network also takes an estimate of x_0 (the sampler's clamped estimate from the
+previous step, or zeros), concatenated to x_t as extra input channels: the self-conditioning of Chen et al.
+(2023, "Analog Bits"); ``Diffusion`` supplies the estimate in training and sampling.
+
 Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T, but
 ``time_scale`` multiplies t before the embedding (1000 / T puts any T on the 0 ... 1000 scale, where the
 embedding's lowest frequencies turn through about a radian).
@@ -152,6 +156,8 @@ class Unet(nn.Module):
         zero_init_residual: zero-initialise the last layer of every residual branch (each residual block's
             second convolution, each attention's output projection), so that every block starts as the
             identity (or its 1x1 skip) and the untrained network is a shallow one that deepens as it learns.
+        self_condition: take an estimate of x_0 as a second input, ``forward(x, t, x_self_cond)``; only the
+            input convolution changes (2 * ``channels`` input channels).
         image_size: if given, checked at construction (see ``check_image_size``).
     """
 
@@ -159,7 +165,7 @@ class Unet(nn.Module):
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] | None = None,
                  dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32,
                  time_scale: float = 1.0, weight_standardization: bool = False, residual_scaling: bool = False,
-                 zero_init_residual: bool = False, image_size: int | None = None):
+                 zero_init_residual: bool = False, self_condition: bool = False, image_size: int | None = None):
         super().__init__()
         dim_mults = tuple(dim_mults)
         _check_sizes(dim, dim_mults, channels, num_res_blocks, groups, dropout)
@@ -171,6 +177,7 @@ class Unet(nn.Module):
                              f"(valid: 0 to {len(dim_mults) - 1})")
         self.dim, self.dim_mults, self.channels = dim, dim_mults, channels
         self.num_res_blocks = num_res_blocks
+        self.self_condition = bool(self_condition)
         self.attention_levels = tuple(sorted(set(attention_levels)))
         self.downsample_factor = 2 ** (len(dim_mults) - 1)
         if image_size is not None:
@@ -183,7 +190,7 @@ class Unet(nn.Module):
         block = dict(time_dim=time_dim, groups=groups, dropout=dropout, standardize=weight_standardization,
                      out_scale=out_scale)
         attention = dict(groups=groups, head_dim=attn_head_dim, out_scale=out_scale)
-        self.input_conv = nn.Conv2d(channels, dim, 3, padding=1)
+        self.input_conv = nn.Conv2d(channels * (2 if self.self_condition else 1), dim, 3, padding=1)
 
         # Down path: every module's output is pushed as a skip connection.
         self.down = nn.ModuleList()
@@ -236,10 +243,18 @@ class Unet(nn.Module):
                 f"{len(self.dim_mults)} levels (dim_mults {self.dim_mults}) needs; use a multiple of "
                 f"{self.downsample_factor} such as {max(1, round(image_size / self.downsample_factor)) * self.downsample_factor}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict the noise in ``x`` ([B, C, H, W]) at timesteps ``t`` ([B], 0-indexed); returns [B, C, H, W]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the noise in ``x`` ([B, C, H, W]) at timesteps ``t`` ([B], 0-indexed); returns [B, C, H, W].
+
+        ``x_self_cond`` ([B, C, H, W], in [-1, 1]) is the x_0 estimate of a self-conditioned network (None: zeros,
+        i.e. no estimate); a network built without ``self_condition`` does not accept one.
+        """
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             self.check_image_size(x.shape[-1] if x.shape[-1] % self.downsample_factor else x.shape[-2])
+        if self.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond.to(x.dtype)], dim=1)
+        elif x_self_cond is not None:
+            raise ValueError("this U-Net was built without self_condition, so it takes no x_0 estimate")
         emb = self.time_embed(t)  # [B, 4 * dim]
         h = self.input_conv(x)
         skips = [h]

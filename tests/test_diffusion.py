@@ -386,3 +386,79 @@ def test_v_output_of_zero_means_x0_estimate_sqrt_alpha_bar_times_x_t():
 def test_network_output_is_checked():
     with pytest.raises(ValueError, match="network_output must be one of"):
         make(network_output="x0")
+
+
+# --- self-conditioning ----------------------------------------------------------------------------
+
+class SelfCondRecorder(nn.Module):
+    """A self-conditioned network eps = w x_t + 0.1 x_self_cond that records every call."""
+
+    self_condition = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+        self.calls = []
+
+    def forward(self, x_t, t, x_self_cond):
+        self.calls.append(dict(x_t=x_t.detach().clone(), t=t.clone(), cond=x_self_cond.detach().clone(),
+                               grad=torch.is_grad_enabled()))
+        return self.w * x_t + 0.1 * x_self_cond
+
+
+@pytest.mark.parametrize("batch", [6, 5])
+def test_self_conditioning_in_training_feeds_half_the_batch_its_own_estimate_without_gradient(batch):
+    net = SelfCondRecorder()
+    d = make(net, T=10)
+    assert d.self_condition
+    g = torch.Generator().manual_seed(0)
+    x_start = torch.rand(batch, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(batch, 3, 8, 8, generator=g)
+    t = torch.tensor([9, 0, 4, 7, 2, 5])[:batch]
+    loss = d.p_loss(x_start, t, noise)
+    half = batch // 2
+    first, second = net.calls
+    x_t = d.q_sample(x_start, t, noise)
+    # the first pass: the first half of the batch, with zeros as its estimate, and no graph
+    assert not first["grad"] and first["x_t"].shape[0] == half
+    torch.testing.assert_close(first["x_t"], x_t[:half])
+    assert first["cond"].abs().max() == 0
+    # the second pass: the whole batch, the first half with its clamped x_0 estimate (Eq. 19), the rest zeros
+    assert second["grad"] and torch.equal(second["t"], t)
+    expected = torch.zeros_like(x_t)
+    expected[:half] = d.predict_start_from_noise(x_t[:half], t[:half], 0.5 * x_t[:half]).clamp(-1, 1)
+    torch.testing.assert_close(second["cond"], expected)
+    assert second["cond"][:half].abs().max() > 0
+    # the gradient treats the estimate as a constant
+    loss.backward()
+    w = torch.tensor(0.5, requires_grad=True)
+    l1 = (w * x_t + 0.1 * expected - noise).abs().mean()
+    (reference,) = torch.autograd.grad(l1, w)
+    torch.testing.assert_close(net.w.grad, reference)
+
+
+def test_self_conditioning_in_sampling_passes_each_step_the_previous_estimate():
+    T = 6
+    for sampler, kw, steps in (("ddpm", {}, T), ("ddim", {"steps": 3}, 3)):
+        net = SelfCondRecorder()
+        d = make(net, T=T)
+        d.sample(2, sampler=sampler, generator=torch.Generator().manual_seed(0), **kw)
+        assert len(net.calls) == steps
+        assert net.calls[0]["cond"].abs().max() == 0  # no estimate before the first step
+        for before, call in zip(net.calls, net.calls[1:]):
+            eps = 0.5 * before["x_t"] + 0.1 * before["cond"]
+            estimate = d.predict_start_from_noise(before["x_t"], before["t"], eps).clamp(-1, 1)
+            torch.testing.assert_close(call["cond"], estimate)
+        # and p_sample, the single step, takes the estimate as an argument
+        x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 3)
+        cond = torch.rand(2, 3, 8, 8)
+        d.p_sample(x, t, 3, x_self_cond=cond)
+        torch.testing.assert_close(net.calls[-1]["cond"], cond)
+
+
+def test_networks_without_self_conditioning_are_called_with_two_arguments():
+    d = make(Zero())  # Zero.forward takes (x_t, t) only
+    assert not d.self_condition
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    assert d.p_loss(x, torch.tensor([0, 1, 2, 3])).item() > 0
+    assert d.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 8, 8)

@@ -96,21 +96,24 @@ def test_experimental_switches_reach_the_model_and_the_checkpoint(data_path, tmp
     save = tmp_path / "run"
     extra = ["--timestep_sampling", "stratified", "--timestep_gamma", 0.5, "--min_snr_gamma", 5, "--weight_standardization",
              "--residual_scaling", "--rescale_timesteps", "--adam_beta2", 0.99, "--network_output", "v",
-             "--weight_decay", 0.05]
+             "--weight_decay", 0.05, "--self_condition"]
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *extra)) == 0
     d = built[-1]
     assert (d.timestep_sampling, d.timestep_gamma, d.min_snr_gamma, d.network_output) == ("stratified", 0.5, 5.0, "v")
     assert d.model.time_embed[0].scale == pytest.approx(100.0)  # 1000 / T with T = 10
     assert type(d.model.down[0].conv1).__name__ == "StandardizedConv2d"
     assert d.model.down[0].out_scale == d.model.mid[1].out_scale == pytest.approx(2 ** -0.5)
+    assert d.self_condition and d.model.input_conv.in_channels == 6
     ckpt = load_checkpoint(save / "model.pt")
     assert ckpt["architecture"]["rescale_timesteps"] is True and ckpt["architecture"]["weight_standardization"] is True
     assert ckpt["architecture"]["network_output"] == "v" and ckpt["architecture"]["residual_scaling"] is True
+    assert ckpt["architecture"]["self_condition"] is True
     assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
     assert ckpt["config"]["trainer"]["weight_decay"] == 0.05  # reached the Trainer, not just the flags
     code = main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--visualize"))
     assert code == 2
-    assert "--rescale_timesteps True --weight_standardization True --residual_scaling True --network_output v" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("--rescale_timesteps True --weight_standardization True --residual_scaling True --network_output v "
+            "--self_condition True") in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_wandb_offline_keeps_a_local_run(data_path, tmp_path):

@@ -160,10 +160,13 @@ def test_other_architecture_is_refused_with_the_mismatch(tmp_path):
 def test_checkpoints_from_before_a_switch_existed_load_as_trained(tmp_path):
     make_trainer(tmp_path, train_steps=3).train()
     ckpt = ckpt_io.load_checkpoint(tmp_path / "model.pt")
-    for key in ("rescale_timesteps", "weight_standardization", "network_output"):
+    for key in ("rescale_timesteps", "weight_standardization", "network_output", "self_condition"):
         ckpt["architecture"].pop(key, None)  # as written before these switches existed
     torch.save(ckpt, tmp_path / "old.pt")
-    make_trainer(tmp_path / "a", rc={"rescale_timesteps": False, "network_output": "eps"}).load(tmp_path / "old.pt")
+    make_trainer(tmp_path / "a", rc={"rescale_timesteps": False, "network_output": "eps",
+                                     "self_condition": False}).load(tmp_path / "old.pt")
+    with pytest.raises(UserError, match="self_condition=False in the checkpoint but True here"):
+        make_trainer(tmp_path / "d", rc={"self_condition": True}).load(tmp_path / "old.pt")
     with pytest.raises(UserError, match="network_output=eps in the checkpoint but v here; "
                                         "rerun with --network_output eps"):
         make_trainer(tmp_path / "c", rc={"network_output": "v"}).load(tmp_path / "old.pt")

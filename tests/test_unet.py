@@ -174,3 +174,23 @@ def test_diffusion_rejects_image_size_the_unet_cannot_take():
         Diffusion(Unet(16), image_size=20, timesteps=10)
     with pytest.raises(ValueError, match="not divisible"):
         Unet(16)(torch.randn(1, 3, 12, 12), torch.tensor([0]))
+
+
+def test_self_condition_takes_the_x0_estimate_as_extra_input_channels():
+    torch.manual_seed(0)
+    net = Unet(8, (1, 2), num_res_blocks=1, self_condition=True)
+    plain = Unet(8, (1, 2), num_res_blocks=1)
+    assert (net.input_conv.in_channels, plain.input_conv.in_channels) == (6, 3)
+    assert net.self_condition and not plain.self_condition
+    # only the input convolution differs
+    assert {k: v.shape for k, v in net.state_dict().items() if k != "input_conv.weight"} == \
+        {k: v.shape for k, v in plain.state_dict().items() if k != "input_conv.weight"}
+    torch.nn.init.normal_(net.output[-1].weight, std=0.1)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 7])
+    estimate = torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(net(x, t), net(x, t, torch.zeros_like(x)))  # no estimate means zeros
+    assert (net(x, t, estimate) - net(x, t)).abs().max() > 1e-3  # the estimate reaches the output
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 estimate under bf16 autocast
+        assert torch.isfinite(net(x, t, estimate).float()).all()
+    with pytest.raises(ValueError, match="built without self_condition"):
+        plain(x, t, estimate)
