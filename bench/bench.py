@@ -8,7 +8,8 @@ Sections (``--sections``, all by default):
 - ``train``: images/s and steps/s of the package's training step (``Trainer.train_step``: EMA, clipping,
   mixed precision as chosen per device) at the assignment's recommended flags (32 px, batch 32, T = 50,
   ``unet_dim`` 16, learning rate 1e-3), fed by the package's data pipeline, and fed by one synthetic batch
-  already on the device (the pipeline excluded), against the reference solutions' step (per-sample JPEG
+  already on the device (the pipeline excluded; then again with ``--self_condition``, whose share of the
+  plain synthetic row prices its extra pass), against the reference solutions' step (per-sample JPEG
   decoding in a 16-worker DataLoader, fp32, cuDNN autotuning off, ``loss.item()`` every step) on the same
   network. With ``--large`` the same again on 512 x 512 JPEGs made from the data (the size of AFHQ's files).
 - ``sample``: images/s of the full 50-step DDPM chain and of DDIM with 10, 25 and 50 steps, at a few batch
@@ -94,7 +95,7 @@ def _diffusion(spec: dict):
     from unet import Unet
 
     torch.manual_seed(0)
-    net = Unet(spec["unet_dim"], image_size=spec["image_size"])
+    net = Unet(spec["unet_dim"], image_size=spec["image_size"], self_condition=spec.get("self_condition", False))
     return Diffusion(net, image_size=spec["image_size"], timesteps=spec["time_steps"])
 
 
@@ -134,9 +135,10 @@ def measure_training(spec: dict) -> dict:
         step()
     _sync(device)
     seconds = time.perf_counter() - start
+    parameters = sum(p.numel() for p in diffusion.model.parameters())
     del step, batches  # stops DataLoader workers, so that their peak memory is counted
     return {"precision": precision, "seconds": seconds, "steps_per_s": spec["steps"] / seconds,
-            "images_per_s": spec["steps"] * batch_size / seconds, **_peak_memory_mib(device)}
+            "images_per_s": spec["steps"] * batch_size / seconds, "parameters": parameters, **_peak_memory_mib(device)}
 
 
 def measure_sampling(spec: dict) -> dict:
@@ -195,15 +197,19 @@ def train_section(args, device: str, tmp: Path, log) -> list[dict]:
         cache_dir = tmp / f"cache-{name}"
         dataset.load_images(folder, "cat", RECOMMENDED["image_size"], cache_dir=cache_dir, progress=False)  # untimed
         graphs = (False, True) if device.startswith("cuda") else (False,)  # --cuda_graph rows on a GPU
-        for pipeline, graph in [("reference", False)] + [(p, g) for g in graphs for p in ("package", "synthetic")]:
+        # the synthetic batch also with --self_condition, whose extra first pass the share column then prices
+        runs = [("reference", False, False)] + [(p, g, False) for g in graphs for p in ("package", "synthetic")]
+        for pipeline, graph, self_cond in runs + [("synthetic", False, True)]:
             if pipeline == "synthetic" and name != sets[0][0]:
                 continue  # the same with any data
             spec = {"kind": "train", "pipeline": pipeline, "dataset": name if pipeline != "synthetic" else "-",
                     "data": str(folder), "cache_dir": str(cache_dir), "steps": steps, "warmup": warmup,
-                    "workers": args.workers, "device": device, "cuda_graph": graph, **RECOMMENDED}
+                    "workers": args.workers, "device": device, "cuda_graph": graph, "self_condition": self_cond,
+                    **RECOMMENDED}
             row = in_subprocess(spec)
             rows.append(row)
-            log(f"train  {row['dataset']:<11} {pipeline + (' +graph' if graph else ''):<17} {row['images_per_s']:9.1f} "
+            label = pipeline + (" +graph" if graph else "") + (" +selfcond" if self_cond else "")
+            log(f"train  {row['dataset']:<11} {label:<17} {row['images_per_s']:9.1f} "
                 f"img/s  {row['steps_per_s']:7.2f} steps/s  RSS {row['peak_rss_mib']:.0f} MiB")
     return rows
 
@@ -247,14 +253,16 @@ def print_table(results: dict) -> None:
     train = results.get("train") or []
     if train:
         base = {r["dataset"]: r["images_per_s"] for r in train if r["pipeline"] == "reference"}
-        synthetic = {r.get("cuda_graph", False): r["images_per_s"] for r in train if r["pipeline"] == "synthetic"}
+        synthetic = {r.get("cuda_graph", False): r["images_per_s"] for r in train
+                     if r["pipeline"] == "synthetic" and not r.get("self_condition")}
         print(f"\n{'training':<34} {'img/s':>9} {'steps/s':>8} {'x baseline':>11} {'of synthetic':>13} {'peak MiB':>9}")
         for r in train:
             ref = base.get(r["dataset"], next(iter(base.values())))
             memory = r.get("peak_gpu_mib") or r["peak_rss_mib"]
             same = synthetic.get(r.get("cuda_graph", False))
             share = f"{r['images_per_s'] / same:12.0%}" if same and r["pipeline"] != "reference" else "-"
-            name = r["dataset"] + ", " + r["pipeline"] + (" + CUDA graph" if r.get("cuda_graph") else "")
+            name = (r["dataset"] + ", " + r["pipeline"] + (" + CUDA graph" if r.get("cuda_graph") else "")
+                    + (" + self-cond." if r.get("self_condition") else ""))
             print(f"{name:<34} {r['images_per_s']:>9.1f} {r['steps_per_s']:>8.2f} "
                   f"{r['images_per_s'] / ref:>10.2f}x {share:>13} {memory:>9.0f}")
     sample = results.get("sample") or []

@@ -62,6 +62,13 @@ def test_a_training_row_reports_throughput_and_peak_memory(tmp_path):
     assert row["peak_rss_mib"] > 50  # torch alone takes more than this
 
 
+def test_a_training_row_can_time_the_self_conditioned_network():
+    spec = {"kind": "train", "pipeline": "synthetic", "steps": 1, "warmup": 1, "workers": 0, **TINY}
+    plain, self_cond = _row(spec), _row({**spec, "self_condition": True})
+    # the same network but for the input convolution, which also reads the 3 channels of the x_0 estimate
+    assert self_cond["parameters"] - plain["parameters"] == 3 * TINY["unet_dim"] * 3 * 3
+
+
 def test_a_training_row_through_the_package_pipeline_uses_the_image_cache(tmp_path):
     data = make_image_folder(tmp_path, count=8, size=24) / "cat"
     cache = tmp_path / "cache"
