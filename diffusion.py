@@ -201,9 +201,8 @@ class Diffusion(nn.Module):
         half = x_t.shape[0] // 2
         if half:
             with torch.no_grad():
-                x_h, t_h = x_t[:half], t[:half]
-                x0 = self.predict_start_from_noise(x_h, t_h, self.predict_noise(x_h, t_h, torch.zeros_like(x_h)))
-                estimate[:half] = x0.clamp(-1.0, 1.0).to(estimate.dtype)
+                x_h = x_t[:half]
+                estimate[:half] = self.predict_start(x_h, t[:half], torch.zeros_like(x_h)).to(estimate.dtype)
         return estimate
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -231,6 +230,10 @@ class Diffusion(nn.Module):
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
+    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's x_0 estimate, clamped to [-1, 1] (Algorithm 2, lines 4 to 6): eps_theta through Eq. (19)."""
+        return self.predict_start_from_noise(x_t, t, self.predict_noise(x_t, t, x_self_cond)).clamp(-1.0, 1.0)
+
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0), Eq. (18)."""
         mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
@@ -248,8 +251,7 @@ class Diffusion(nn.Module):
 
     def _reverse_step(self, x, t, t_index, generator, x_self_cond) -> tuple[torch.Tensor, torch.Tensor]:
         """``p_sample``, also returning the clamped x_0 estimate the step used."""
-        eps = self.predict_noise(x, t, x_self_cond)  # line 4
-        x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)  # lines 5 and 6
+        x_start = self.predict_start(x, t, x_self_cond)  # lines 4 to 6
         mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
         if t_index == 0:  # line 3: z = 0 at the last step (paper t = 1)
             return mean, x_start
@@ -283,14 +285,12 @@ class Diffusion(nn.Module):
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
-        x_start = torch.zeros_like(x) if self.self_condition else None
+        x_start = torch.zeros_like(x) if self.self_condition else None  # the first step has no estimate yet
         for i in steps:
             if i in wanted:
                 intermediates[i] = unnormalize(x)
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x, estimate = self._reverse_step(x, t, i, generator, x_start)
-            if self.self_condition:
-                x_start = estimate
+            x, x_start = self._reverse_step(x, t, i, generator, x_start)
         images = unnormalize(x)
         return (images, intermediates) if wanted else images
 
@@ -316,13 +316,12 @@ class Diffusion(nn.Module):
             from tqdm.auto import tqdm
             pairs = tqdm(pairs, desc="DDIM sampling", leave=False)
         ones = torch.ones((), device=x.device)
-        x_start = torch.zeros_like(x) if self.self_condition else None
+        x_start = torch.zeros_like(x) if self.self_condition else None  # the first step has no estimate yet
         for i, j in pairs:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             abar = self.alphas_cumprod[i]
             abar_next = self.alphas_cumprod[j] if j >= 0 else ones
-            eps = self.predict_noise(x, t, x_start)
-            x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)
+            x_start = self.predict_start(x, t, x_start)
             eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
             sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
             x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
