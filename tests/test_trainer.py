@@ -44,6 +44,31 @@ def test_training_writes_checkpoints_grids_and_lowers_loss(tmp_path, capsys):
     assert ckpt["step"] == 6 and set(ckpt) >= {"model", "ema", "optimizer", "rng", "data", "config", "history"}
 
 
+def test_dropout_acts_in_training_only_never_when_sampling_the_ema(tmp_path):
+    def build(folder):
+        torch.manual_seed(0)
+        return Trainer(tiny_diffusion(dropout=0.5), FakeBatches(), device="cpu", save_folder=folder,
+                       config=TrainConfig(train_steps=2, save_and_sample_every=2, num_samples=2, log_every=1),
+                       run_config={**ARCH, "dropout": 0.5})
+
+    trainer = build(tmp_path / "a")
+    for _ in range(2):
+        trainer.train_step()
+    assert trainer.diffusion.training and not trainer.ema.training
+    # with dropout on, two draws of the same noise would differ: dropout takes its masks from the global RNG
+    first, second = trainer.sample(2), trainer.sample(2)
+    assert torch.equal(first, second)
+    plain = tiny_diffusion()  # the same network without dropout, holding the EMA weights
+    plain.model.load_state_dict(trainer.ema.model.state_dict())
+    trainer.ema, kept = plain.eval(), trainer.ema
+    assert torch.equal(trainer.sample(2), first)
+    trainer.ema = kept
+    trainer.save()
+    resumed = build(tmp_path / "b")
+    resumed.load(tmp_path / "a" / "model.pt")
+    assert not resumed.ema.training and torch.equal(resumed.sample(2), first)
+
+
 def test_ema_starts_at_model_and_lags_behind(tmp_path):
     trainer = make_trainer(tmp_path, ema_decay=0.9, ema_warmup=False)
     before = [p.clone() for p in trainer.ema.model.parameters()]
