@@ -15,11 +15,11 @@ ARCH = dict(image_size=16, channels=3, time_steps=10, unet_dim=8, dim_mults=[1, 
             attention_levels=None)
 
 
-def make_trainer(tmp_path, rc=None, **cfg):
+def make_trainer(tmp_path, rc=None, *, dropout=0.0, **cfg):
     torch.manual_seed(0)  # as main.py does before building the model
     config = TrainConfig(**{"train_steps": 6, "save_and_sample_every": 3, "num_samples": 4, "log_every": 2, **cfg})
-    return Trainer(tiny_diffusion(), FakeBatches(), config=config, device="cpu", save_folder=tmp_path,
-                   run_config={**ARCH, **(rc or {})})
+    return Trainer(tiny_diffusion(dropout=dropout), FakeBatches(), config=config, device="cpu", save_folder=tmp_path,
+                   run_config={**ARCH, "dropout": dropout, **(rc or {})})
 
 
 def time_summary(out: str) -> dict:
@@ -45,28 +45,21 @@ def test_training_writes_checkpoints_grids_and_lowers_loss(tmp_path, capsys):
 
 
 def test_dropout_acts_in_training_only_never_when_sampling_the_ema(tmp_path):
-    def build(folder):
-        torch.manual_seed(0)
-        return Trainer(tiny_diffusion(dropout=0.5), FakeBatches(), device="cpu", save_folder=folder,
-                       config=TrainConfig(train_steps=2, save_and_sample_every=2, num_samples=2, log_every=1),
-                       run_config={**ARCH, "dropout": 0.5})
-
-    trainer = build(tmp_path / "a")
+    trainer = make_trainer(tmp_path / "a", dropout=0.5)
     for _ in range(2):
         trainer.train_step()
     assert trainer.diffusion.training and not trainer.ema.training
     # with dropout on, two draws of the same noise would differ: dropout takes its masks from the global RNG
     first, second = trainer.sample(2), trainer.sample(2)
     assert torch.equal(first, second)
-    plain = tiny_diffusion()  # the same network without dropout, holding the EMA weights
-    plain.model.load_state_dict(trainer.ema.model.state_dict())
-    trainer.ema, kept = plain.eval(), trainer.ema
-    assert torch.equal(trainer.sample(2), first)
-    trainer.ema = kept
     trainer.save()
-    resumed = build(tmp_path / "b")
+    resumed = make_trainer(tmp_path / "b", dropout=0.5)
     resumed.load(tmp_path / "a" / "model.pt")
     assert not resumed.ema.training and torch.equal(resumed.sample(2), first)
+    plain = tiny_diffusion()  # the same network without dropout, holding the EMA weights
+    plain.model.load_state_dict(trainer.ema.model.state_dict())
+    trainer.ema = plain.eval()
+    assert torch.equal(trainer.sample(2), first)
 
 
 def test_ema_starts_at_model_and_lags_behind(tmp_path):
