@@ -28,6 +28,14 @@ ARCHITECTURE_KEYS = ("image_size", "channels", "time_steps", "unet_dim", "dim_mu
 # What a checkpoint written before a key existed was trained with.
 ARCHITECTURE_DEFAULTS = {"rescale_timesteps": False, "weight_standardization": False, "residual_scaling": False,
                          "network_output": "eps", "self_condition": False}
+# The flags that say how a network was being trained: a resumed run keeps the checkpoint's values of those the
+# command line does not name, so that it goes on as it started, whatever the defaults are now.
+TRAINING_KEYS = ("batch_size", "learning_rate", "grad_accum", "loss", "dropout", "timestep_sampling",
+                 "timestep_gamma", "min_snr_gamma", "adam_beta2", "grad_clip", "weight_decay", "lr_warmup",
+                 "lr_decay", "lr_decay_start", "ema_decay", "ema_warmup", "flip")
+# What a checkpoint that does not record one of them was trained with (those flags came later, off by default).
+TRAINING_DEFAULTS = {"grad_accum": 1, "weight_decay": 0.0, "timestep_gamma": 0.0, "min_snr_gamma": 0.0,
+                     "lr_decay_start": 0.0}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -137,13 +145,25 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 def check_architecture(saved: dict, current: dict, path: str | os.PathLike) -> None:
     """Raise UserError naming every setting in which the checkpoint's network differs from this run's."""
     saved, current = _with_defaults(saved), _with_defaults(current)
-    diffs = [f"{key}={_show(saved.get(key))} in the checkpoint but {_show(current.get(key))} here"
-             for key in ARCHITECTURE_KEYS if _norm(saved.get(key)) != _norm(current.get(key))]
+    diffs = [f"{key}={show(saved.get(key))} in the checkpoint but {show(current.get(key))} here"
+             for key in ARCHITECTURE_KEYS if comparable(saved.get(key)) != comparable(current.get(key))]
     if diffs:
-        flags = " ".join(f"--{k} {_show(saved.get(k))}" for k in ARCHITECTURE_KEYS
-                         if _norm(saved.get(k)) != _norm(current.get(k)))
+        flags = " ".join(f"--{k} {show(saved.get(k))}" for k in ARCHITECTURE_KEYS
+                         if comparable(saved.get(k)) != comparable(current.get(k)))
         raise UserError(f"checkpoint {path} has a different architecture: {'; '.join(diffs)}; "
                         f"rerun with {flags} or load another checkpoint")
+
+
+def saved_flags(ckpt: dict, *, training: bool) -> dict:
+    """The flag values a checkpoint was made with: its architecture (``channels`` aside, which is no flag)
+    and, with ``training``, the ``TRAINING_KEYS`` it records or that ``TRAINING_DEFAULTS`` supplies."""
+    architecture = _with_defaults(ckpt.get("architecture", {}))
+    flags = {k: v for k, v in architecture.items() if k != "channels" and (v is not None or k == "attention_levels")}
+    if training:
+        config = ckpt.get("config", {})
+        flags.update({k: config[k] if k in config else TRAINING_DEFAULTS[k] for k in TRAINING_KEYS
+                      if k in config or k in TRAINING_DEFAULTS})
+    return flags
 
 
 def load_state_strict(module: torch.nn.Module, state: dict, what: str, path: str | os.PathLike) -> None:
@@ -184,11 +204,13 @@ def _with_defaults(architecture: dict) -> dict:
             for key in ARCHITECTURE_KEYS}
 
 
-def _norm(value):
+def comparable(value):
+    """A flag value in a form that compares equal whether it came from JSON (lists) or from code (tuples)."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _show(value) -> str:
+def show(value) -> str:
+    """A flag value as it is written on the command line (``1 2 4 8`` for a list)."""
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
     return str(value)

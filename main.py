@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import distributed
-from cli import build_parser, check_args
+from cli import build_parser, check_args, named_flags
 from errors import UserError
 
 
@@ -211,6 +211,23 @@ def evaluate_checkpoint(args, device, trainer, image_set) -> int:
     return 0
 
 
+def adopt_checkpoint_flags(args, named: set[str], *, training: bool) -> dict:
+    """Give ``args`` the checkpoint's value of every flag that decides its network (and, when training resumes,
+    of every flag that says how it was trained) unless the command line names that flag; return those that
+    differ from what ``args`` held. A named flag that contradicts the network still fails, in ``Trainer.load``."""
+    import checkpoint as ckpt_io
+
+    saved = ckpt_io.saved_flags(ckpt_io.load_checkpoint(args.load_path), training=training)
+    changed = {}
+    for key, value in saved.items():
+        if key in named:
+            continue
+        if ckpt_io.comparable(getattr(args, key)) != ckpt_io.comparable(value):
+            changed[key] = value
+        setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    return changed
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -228,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = distributed.from_environment()
     try:
+        if args.load_path:
+            training = not (args.visualize or args.sample or args.evaluate)
+            kept = adopt_checkpoint_flags(args, named_flags(parser, argv), training=training)
+            check_args(parser, args)
+            if kept and ctx.is_main:
+                from checkpoint import show
+
+                print(f"from {args.load_path}: " + " ".join(f"--{k} {show(v)}" for k, v in kept.items())
+                      + " (name a flag to change it)")
         code = run(args, ctx)
         # every rank reaches the teardown together: gloo aborts a rank whose peer has already closed its connections
         distributed.barrier(ctx)

@@ -41,10 +41,14 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class TrainConfig:
+    """How ``Trainer`` trains. The defaults are plain Algorithm 1 (one batch per step, no weight decay);
+    ``main.py``'s flags default to the settings measured best at the recommended command (two batches per
+    step and weight decay 0.1, with a self-conditioned U-Net), and pass them here."""
+
     train_steps: int = 10000
     learning_rate: float = 1e-3
     save_and_sample_every: int = 1000
-    grad_accum: int = 1
+    grad_accum: int = 1  # batches per optimizer step
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     weight_decay: float = 0.0  # decoupled (AdamW) decay of the convolution and linear weights; 0 = off
