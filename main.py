@@ -4,7 +4,9 @@
     python main.py --train_steps 1000 --save_and_sample_every 100 --fid  # FID curve
     python main.py --load_path results/model.pt --visualize              # forward and backward figures
 
-Every flag of the assignment's Table 1 keeps its name, meaning and recommended value as its default.
+Every flag of the assignment's Table 1 keeps its name, meaning and recommended value as its default. With
+``--load_path``, the flags the command line does not name that shape the network (and, when training resumes,
+that say how it was trained) take the checkpoint's values.
 Mistakes in the input end with one line on stderr and exit code 2 (see ``errors.UserError``).
 """
 from __future__ import annotations
@@ -140,12 +142,17 @@ def print_config(config: dict, trainer, device, *, training: bool) -> None:
           f"effective batch size {config['effective_batch_size']}, learning rate {config['learning_rate']:g}")
 
 
+def trains(args) -> bool:
+    """Whether the command trains (rather than visualizing, sampling or scoring a checkpoint)."""
+    return not (args.visualize or args.sample or args.evaluate)
+
+
 def run(args, ctx) -> int:
     import torch
 
     from metrics import MetricsLogger
 
-    training = not (args.visualize or args.sample or args.evaluate)
+    training = trains(args)
     if ctx.enabled and not training:
         raise UserError("--visualize, --sample and --evaluate run in one process; start them without torchrun")
     if ctx.is_main:
@@ -246,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = distributed.from_environment()
     try:
         if args.load_path:
-            training = not (args.visualize or args.sample or args.evaluate)
-            kept = adopt_checkpoint_flags(args, named_flags(parser, argv), training=training)
+            kept = adopt_checkpoint_flags(args, named_flags(parser, argv), training=trains(args))
             check_args(parser, args)
             if kept and ctx.is_main:
                 from checkpoint import show
