@@ -28,8 +28,9 @@ def tiny_run(root: Path, steps: int, *flags: str) -> tuple[Path, Path, Path]:
     return data, cache, save
 
 
-def tiny_diffusion(*, size: int = 16, T: int = 10, dim: int = 8, dropout: float = 0.0) -> Diffusion:
-    net = Unet(dim, (1, 2), num_res_blocks=1, image_size=size, dropout=dropout)
+def tiny_diffusion(*, size: int = 16, T: int = 10, dim: int = 8, dropout: float = 0.0,
+                   self_condition: bool = False) -> Diffusion:
+    net = Unet(dim, (1, 2), num_res_blocks=1, image_size=size, dropout=dropout, self_condition=self_condition)
     return Diffusion(net, image_size=size, timesteps=T)
 
 

@@ -15,11 +15,12 @@ ARCH = dict(image_size=16, channels=3, time_steps=10, unet_dim=8, dim_mults=[1, 
             attention_levels=None)
 
 
-def make_trainer(tmp_path, rc=None, *, dropout=0.0, **cfg):
+def make_trainer(tmp_path, rc=None, *, dropout=0.0, self_condition=False, **cfg):
     torch.manual_seed(0)  # as main.py does before building the model
     config = TrainConfig(**{"train_steps": 6, "save_and_sample_every": 3, "num_samples": 4, "log_every": 2, **cfg})
-    return Trainer(tiny_diffusion(dropout=dropout), FakeBatches(), config=config, device="cpu", save_folder=tmp_path,
-                   run_config={**ARCH, "dropout": dropout, **(rc or {})})
+    return Trainer(tiny_diffusion(dropout=dropout, self_condition=self_condition), FakeBatches(), config=config,
+                   device="cpu", save_folder=tmp_path,
+                   run_config={**ARCH, "dropout": dropout, "self_condition": self_condition, **(rc or {})})
 
 
 def time_summary(out: str) -> dict:
@@ -340,12 +341,14 @@ def test_process_figures_run_in_process_order():
     assert len(frames) == 21
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_the_captured_step_body_does_what_the_eager_step_does(tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum, shipped", [(1, False), (2, False), (2, True)])
+def test_the_captured_step_body_does_what_the_eager_step_does(tmp_path, grad_accum, shipped):
     """--cuda_graph replays ``_captured_step``; run eagerly here, it must match ``train_step``: the same loss,
-    weights, Adam state and EMA after each of three steps, with one batch per step or two accumulated (the
-    capture itself needs a GPU)."""
+    weights, Adam state and EMA after each of three steps, with one batch per step or two accumulated, and with
+    main.py's defaults (two batches, self-conditioning, weight decay 0.1) (the capture itself needs a GPU)."""
     settings = dict(ema_decay=0.9, precision="fp32", grad_accum=grad_accum)  # fp32: tolerances of rounding only
+    if shipped:
+        settings.update(self_condition=True, weight_decay=0.1)
     eager = make_trainer(tmp_path / "eager", **settings)
     body = make_trainer(tmp_path / "body", **settings)
     batches = iter(FakeBatches())
