@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import dataset  # noqa: E402
 import fid as fid_module  # noqa: E402
 import main as main_module  # noqa: E402
-from checkpoint import load_checkpoint, load_state_strict  # noqa: E402
+from checkpoint import load_checkpoint, load_state_strict, saved_flags  # noqa: E402
 from cli import build_parser  # noqa: E402
 from errors import UserError  # noqa: E402
 from images import UnreadableImage, decode_image  # noqa: E402
@@ -135,9 +135,10 @@ def handout_images(args, image_size: int) -> torch.Tensor:
 
 
 def checkpoint_args(ckpt: dict) -> argparse.Namespace:
-    """main.py's flags as the checkpoint's run set them (its recorded flags and architecture over the defaults)."""
+    """main.py's flags as the checkpoint's run set them (its recorded flags and architecture over the defaults;
+    where it predates a flag, the value that flag's absence meant, not today's default)."""
     args = build_parser().parse_args([])
-    for key, value in {**ckpt.get("config", {}), **ckpt.get("architecture", {})}.items():
+    for key, value in {**ckpt.get("config", {}), **saved_flags(ckpt, training=True)}.items():
         if hasattr(args, key) and value is not None:
             setattr(args, key, value)
     return args

@@ -128,6 +128,21 @@ def test_handout_images_are_resized_by_pil_and_re_encoded_in_their_own_format(tm
     assert not torch.equal(images[by_name[".jpg"]], plain[by_name[".jpg"]])  # JPEG: compressed once more
 
 
+def test_fid_protocols_rebuild_a_checkpoint_from_before_the_defaults_changed_as_it_was_trained(tmp_path):
+    """A checkpoint that records neither self_condition, grad_accum nor weight_decay was trained without them,
+    whatever main.py's defaults are now; one that records them keeps its values."""
+    import fid_protocols
+
+    old = {"architecture": {"image_size": 16, "unet_dim": 8}, "config": {"unet_dim": 8, "seed": 3}}
+    args = fid_protocols.checkpoint_args(old)
+    assert (args.self_condition, args.grad_accum, args.weight_decay) == (False, 1, 0.0)
+    assert (args.unet_dim, args.image_size, args.seed) == (8, 16, 3)
+    new = {"architecture": {"image_size": 16, "self_condition": True},
+           "config": {"grad_accum": 2, "weight_decay": 0.1}}
+    args = fid_protocols.checkpoint_args(new)
+    assert (args.self_condition, args.grad_accum, args.weight_decay) == (True, 2, 0.1)
+
+
 def test_fid_protocols_need_one_readable_stored_size(tmp_path):
     import fid_protocols
 
