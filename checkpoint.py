@@ -112,8 +112,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint safely; a missing, truncated, foreign or non-checkpoint file raises one-line UserError."""
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Read a checkpoint safely; a missing, truncated, foreign or non-checkpoint file raises one-line UserError.
+    With ``mmap`` the tensors are mapped, not read, so looking at the plain values (config, step) costs no I/O."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--load_path {path} does not exist; pass the model.pt that training wrote into its --save_folder")
@@ -122,7 +123,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if path.stat().st_size == 0:
         raise UserError(f"--load_path {path} is empty (0 bytes); pass a complete checkpoint such as results/model.pt")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError, ...
         with open(path, "rb") as f:
             starts_like_a_zip = f.read(4) == b"PK\x03\x04"

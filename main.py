@@ -224,7 +224,8 @@ def adopt_checkpoint_flags(args, named: set[str], *, training: bool) -> dict:
     differ from what ``args`` held. A named flag that contradicts the network still fails, in ``Trainer.load``."""
     import checkpoint as ckpt_io
 
-    saved = ckpt_io.saved_flags(ckpt_io.load_checkpoint(args.load_path), training=training)
+    # mapped, not read: only the recorded flags are needed here, the tensors are loaded by Trainer.load
+    saved = ckpt_io.saved_flags(ckpt_io.load_checkpoint(args.load_path, mmap=True), training=training)
     changed = {}
     for key, value in saved.items():
         if key in named:
