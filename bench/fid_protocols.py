@@ -15,7 +15,8 @@ against three sets of real images, all through clean-fid's Inception (mode ``cle
     python bench/fid_protocols.py --data_path ../shared/afhq128/train --samples 512 1000 \\
         --load_path results/model.pt --json bench/out/fid_protocols.json
 
-Needs clean-fid's Inception weights (offline: ``python ../shared/tools/offline_inception.py``). The real
+``--protocols`` names a subset (``--protocols handout``: the reference solutions' set alone; the package's set
+is still read, to draw the samples, but not scored). Needs clean-fid's Inception weights (offline: ``python ../shared/tools/offline_inception.py``). The real
 images' statistics are cached in ``--cache_dir`` like the trainer's, so only the first run computes them.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ from cli import build_parser  # noqa: E402
 from errors import UserError  # noqa: E402
 from images import UnreadableImage, decode_image  # noqa: E402
 
+PROTOCOLS = ("package", "handout", "stored")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -51,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_class", default="cat", help="class folder to read")
     p.add_argument("--samples", type=int, nargs="+", default=[512, 1000],
                    help="sample counts N; each checkpoint draws max(N) images and N counts the first N of them")
+    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS),
+                   help="real sets to score against (each one not yet cached costs a pass of Inception over "
+                        "every training image)")
     p.add_argument("--batch_size", type=int, default=250, help="images per sampling batch")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast dtype while sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
@@ -157,7 +163,7 @@ def load_model(path: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extractor = fid_module.FeatureExtractor(mode="clean")
-    native = native_size(args.data_path, args.data_class)
+    native = native_size(args.data_path, args.data_class) if "stored" in args.protocols else None
     cache_dir = dataset.resolve_cache_dir(args.data_path, args.cache_dir) or Path(".")
     references: dict[int, dict[str, fid_module.FIDEvaluator]] = {}
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
@@ -165,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.load_path:
         diffusion, step, size, _ = load_model(path)
         if size not in references:
-            handout = handout_images(args, size)
-            references[size] = {
-                "package": package_reference(args, size, extractor),
-                "handout": _evaluator(args, _in_chunks(handout), "handout-" + dataset.pixels_key(handout.numpy()),
-                                      size, cache_dir, extractor),
-                "stored": stored_reference(args, native, cache_dir, extractor)}
+            references[size] = {"package": package_reference(args, size, extractor)}  # it also draws the samples
+            if "handout" in args.protocols:
+                handout = handout_images(args, size)
+                references[size]["handout"] = _evaluator(args, _in_chunks(handout), "handout-" + dataset.pixels_key(
+                    handout.numpy()), size, cache_dir, extractor)
+            if "stored" in args.protocols:
+                references[size]["stored"] = stored_reference(args, native, cache_dir, extractor)
         generator, start = torch.Generator().manual_seed(args.seed), time.perf_counter()
 
         def sample(n: int) -> torch.Tensor:
@@ -181,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.samples:
             row = {"checkpoint": str(path), "step": step, "samples": n, "precision": args.precision,
                    "training_size": size, "stored_size": native}
-            for name, evaluator in references[size].items():
-                row[f"fid_{name}"], row[f"kid_{name}"] = evaluator.score(gen[:n])
+            for name in args.protocols:
+                row[f"fid_{name}"], row[f"kid_{name}"] = references[size][name].score(gen[:n])
             rows.append(row)
             print(f"{path} step {step} N={n}: FID (KID) " + ", ".join(
-                f"{name} {row[f'fid_{name}']:.2f} ({row[f'kid_{name}']:.4f})" for name in references[size]), flush=True)
+                f"{name} {row[f'fid_{name}']:.2f} ({row[f'kid_{name}']:.4f})" for name in args.protocols), flush=True)
         print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     write_rows(args.json, rows)
     return 0

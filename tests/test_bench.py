@@ -111,6 +111,23 @@ def test_fid_protocols_score_one_sample_set_three_ways(tmp_path, monkeypatch):
         [next(cache.glob("fid_ref_clean_16px_handout-*.npz")).name, next(cache.glob("fid_ref_clean_24px_*.npz")).name])
 
 
+def test_fid_protocols_score_only_the_real_sets_asked_for(tmp_path, monkeypatch):
+    import fid
+    import fid_protocols
+
+    monkeypatch.setattr(fid, "_build_inception", lambda mode, device: TinyFeatures().eval())
+    data, cache, save = tiny_run(tmp_path, 2, "--fid", "--fid_samples", "4")
+    out = tmp_path / "protocols.json"
+    assert fid_protocols.main(["--load_path", str(save / "model.pt"), "--data_path", str(data), "--samples", "3",
+                               "--protocols", "handout", "--batch_size", "2", "--cache_dir", str(cache),
+                               "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["fid_handout"] > 0 and not {"fid_package", "fid_stored"} & set(row)
+    # no statistics of the stored files were computed: only the trainer's and the handout set's exist
+    assert not list(cache.glob("fid_ref_clean_24px_*.npz"))
+    assert list(cache.glob("fid_ref_clean_16px_handout-*.npz"))
+
+
 def test_handout_images_are_resized_by_pil_and_re_encoded_in_their_own_format(tmp_path):
     import fid_protocols
 
