@@ -10,6 +10,7 @@ came from somewhere else cannot run code. It holds everything a resumed run need
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import zipfile
@@ -32,10 +33,10 @@ ARCHITECTURE_DEFAULTS = {"rescale_timesteps": False, "weight_standardization": F
 # command line does not name, so that it goes on as it started, whatever the defaults are now.
 TRAINING_KEYS = ("batch_size", "learning_rate", "grad_accum", "loss", "dropout", "timestep_sampling",
                  "timestep_gamma", "min_snr_gamma", "adam_beta2", "grad_clip", "weight_decay", "lr_warmup",
-                 "lr_decay", "lr_decay_start", "ema_decay", "ema_warmup", "flip")
+                 "lr_decay", "lr_decay_start", "ema_decay", "ema_warmup", "ema_sigma_rel", "flip")
 # What a checkpoint that does not record one of them was trained with (those flags came later, off by default).
 TRAINING_DEFAULTS = {"grad_accum": 1, "weight_decay": 0.0, "timestep_gamma": 0.0, "min_snr_gamma": 0.0,
-                     "lr_decay_start": 0.0}
+                     "lr_decay_start": 0.0, "ema_sigma_rel": math.sqrt(9 / 1100)}  # the last: (1 + step) / (10 + step)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

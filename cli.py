@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "lr_decay_start", _number(float, minimum=0.0, maximum=1.0, exclusive_max=True, what="a number in [0, 1)"),
           0.0, "fraction of --train_steps run at the full rate before --lr_decay begins (0.8: decay over the last fifth)")
     _flag(t, "ema_decay", fraction, 0.999, "decay of the exponential moving average of the weights")
-    _flag(t, "ema_warmup", bool, True, "ramp the EMA decay up as min(decay, (1 + step) / (10 + step))")
+    _flag(t, "ema_warmup", bool, True, "ramp the EMA decay up as min(decay, (1 + step) / (gamma + 2 + step)), "
+          "with gamma set by --ema_sigma_rel")
+    _flag(t, "ema_sigma_rel", _number(float, minimum=0.0, exclusive=True, maximum=0.28, what="a number in (0, 0.28]"),
+          0.05, "relative width of the warmed-up EMA: the spread of the steps it averages as a fraction of the "
+          "step count (Karras et al. 2024); 0.05 averages about the last twentieth of the run, 0.09045 is the "
+          "former (1 + step) / (10 + step)")
     _flag(t, "snapshot_every", non_negative_int, 0, "every this many steps, save the mean of the raw weights over "
           "them to <save_folder>/snapshots, so bench/ema_lengths.py can rebuild other EMA lengths after the run "
           "(each file is the size of the weights); 0 = off")

@@ -57,7 +57,7 @@ def build_trainer(args, device, diffusion, batches, ctx):
         save_and_sample_every=args.save_and_sample_every, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
         adam_beta2=args.adam_beta2, weight_decay=args.weight_decay,
         lr_warmup=args.lr_warmup, lr_decay=args.lr_decay, lr_decay_start=args.lr_decay_start,
-        ema_decay=args.ema_decay, ema_warmup=args.ema_warmup,
+        ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ema_sigma_rel=args.ema_sigma_rel,
         snapshot_every=args.snapshot_every, precision=args.precision,
         compile=args.compile, cuda_graph=args.cuda_graph, num_samples=args.num_samples, sampler=args.sampler, sample_steps=args.sample_steps,
         fid_sampler=args.fid_sampler, fid_sample_steps=args.fid_sample_steps, log_every=args.log_every,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import signal
 import time
@@ -56,7 +57,8 @@ class TrainConfig:
     lr_decay: str = "none"  # "cosine" or "linear": from the peak down to 0 at train_steps
     lr_decay_start: float = 0.0  # fraction of train_steps held at the peak before the decay begins (after warmup)
     ema_decay: float = 0.999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)), so short runs benefit
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (gamma + 2 + step)), so short runs benefit
+    ema_sigma_rel: float = 0.05  # the warm-up's relative width, which sets gamma (see ``ema_decay``)
     snapshot_every: int = 0  # write the mean raw weights of every block of this many steps (posthoc_ema.py); 0 = off
     precision: str = "auto"
     compile: bool = False
@@ -92,9 +94,28 @@ def cpu_has_bf16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
-def ema_decay(step: int, decay: float, warmup: bool) -> float:
-    """The EMA's decay after ``step`` steps: ``decay``, or with the warm-up min(decay, (1 + step) / (10 + step))."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+# The warm-up's width before --ema_sigma_rel existed: (1 + step) / (10 + step), gamma 8.
+LEGACY_EMA_SIGMA_REL = ckpt_io.TRAINING_DEFAULTS["ema_sigma_rel"]
+
+
+@functools.lru_cache(maxsize=16)
+def ema_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of the EMA warm-up of relative width ``sigma_rel`` (``LEGACY_EMA_SIGMA_REL`` gives 8)."""
+    return posthoc_ema.sigma_rel_to_gamma(sigma_rel)
+
+
+def ema_decay(step: int, decay: float, warmup: bool, sigma_rel: float) -> float:
+    """The EMA's decay after ``step`` steps: ``decay``, or with the warm-up min(decay, (1 + step) / (gamma + 2 + step)).
+
+    With that warm-up the EMA after S steps weighs step s in proportion to about s ** gamma: the power-function
+    average of Karras et al. (2024), whose relative width ``sigma_rel`` (the standard deviation of s / S under
+    those weights) stays the same at every step count until ``decay`` caps it. gamma 8 (sigma_rel 0.090), the
+    former fixed warm-up (1 + step) / (10 + step), averages over about the last ninth of the run; sigma_rel 0.05
+    (gamma 17) over about the last twentieth.
+    """
+    if not warmup:
+        return decay
+    return min(decay, (1 + step) / (ema_gamma(sigma_rel) + 2 + step))
 
 
 class Trainer:
@@ -130,6 +151,9 @@ class Trainer:
         self._set_optimizer_for_capture()
         if not 0.0 <= config.weight_decay <= 1.0:
             raise ValueError(f"weight_decay must be in [0, 1], got {config.weight_decay}")
+        if config.ema_warmup and not 0.0 < config.ema_sigma_rel < math.sqrt(1 / 12):
+            raise ValueError(f"ema_sigma_rel must be in (0, {math.sqrt(1 / 12):.4f}) (a power-function average is never "
+                             f"wider), got {config.ema_sigma_rel}")
         # decoupled weight decay touches the kernels of the convolutions and linear layers, not the biases and
         # GroupNorm gains (the usual split); kept out of the optimizer so that its state and checkpoints stay
         # those of plain Adam whatever the decay (see ``decay_weights``)
@@ -308,7 +332,7 @@ class Trainer:
             torch._foreach_mul_(self._decayed, 1.0 - lr * self.config.weight_decay)
 
     def ema_decay_at(self, step: int) -> float:
-        return ema_decay(step, self.config.ema_decay, self.config.ema_warmup)
+        return ema_decay(step, self.config.ema_decay, self.config.ema_warmup, self.config.ema_sigma_rel)
 
     @torch.no_grad()
     def update_ema(self, weight: float | torch.Tensor | None = None) -> None:

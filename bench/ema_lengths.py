@@ -2,8 +2,9 @@
 
 Train with ``--snapshot_every N`` (the mean raw weights of every N steps go to ``<save_folder>/snapshots``),
 then score, at the steps asked for, power-function averages of chosen relative widths (sigma_rel, the
-standard deviation of the averaged steps as a fraction of the step count; the trainer's default EMA is
-about 0.09 at every step count) and, for comparison, the trainer's own EMA rebuilt the same way:
+standard deviation of the averaged steps as a fraction of the step count; the trainer's EMA keeps the
+width of its ``--ema_sigma_rel`` at every step count, 0.05 by default and 0.090 in runs from before that
+flag) and, for comparison, the trainer's own EMA rebuilt the same way:
 
     python bench/ema_lengths.py --run results --steps 1000 5000 10000 --sigma_rel 0.03 0.05 0.09 0.15 \\
         --data_path ../shared/afhq128/train --json bench/out/posthoc_ema.json
@@ -29,7 +30,7 @@ import fid as fid_module  # noqa: E402
 import posthoc_ema  # noqa: E402
 from errors import UserError  # noqa: E402
 from fid_protocols import load_model, package_reference, run_script, write_rows  # noqa: E402
-from trainer import choose_precision, ema_decay  # noqa: E402
+from trainer import LEGACY_EMA_SIGMA_REL, choose_precision, ema_decay  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,8 +68,10 @@ def averages(args, config: dict) -> list[tuple[str, object]]:
     found = []
     if args.trainer_ema:
         decay, warmup = config["ema_decay"], config["ema_warmup"]
-        found.append((f"trainer EMA (decay {decay:g}{', warm-up' if warmup else ''})",
-                      lambda last: posthoc_ema.ema_step_weights(last, lambda count: ema_decay(count, decay, warmup))))
+        width = config.get("ema_sigma_rel", LEGACY_EMA_SIGMA_REL)  # runs from before the flag had the legacy warm-up
+        found.append((f"trainer EMA (decay {decay:g}{f', warm-up, sigma_rel {width:.3g}' if warmup else ''})",
+                      lambda last: posthoc_ema.ema_step_weights(
+                          last, lambda count: ema_decay(count, decay, warmup, width))))
     for value in args.sigma_rel:
         gamma = posthoc_ema.sigma_rel_to_gamma(value)
         found.append((f"power, sigma_rel {value:g} (gamma {gamma:.2f})",

@@ -39,6 +39,7 @@ CASES = [
     (["--fid", "maybe"], "--fid: expected True or False"),
     (["--adam_beta2", "1"], "--adam_beta2: expected a number in [0, 1), got '1'"),
     (["--weight_decay", "-0.1"], "--weight_decay: expected a number in [0, 1], got '-0.1'"),
+    (["--ema_sigma_rel", "0.5"], "--ema_sigma_rel: expected a number in (0, 0.28], got '0.5'"),
     (["--timestep_gamma", "-1.5"], "--timestep_gamma: expected a number in [-1, 4]"),
     (["--min_snr_gamma", "-5"], "--min_snr_gamma: expected a non-negative number"),
     (["--timestep_sampling", "sorted"], "--timestep_sampling: invalid choice: 'sorted'"),

@@ -11,6 +11,7 @@ import torch
 import main
 from checkpoint import load_checkpoint
 from helpers import TINY_FLAGS, TinyFeatures, make_image_folder
+from trainer import LEGACY_EMA_SIGMA_REL
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_FLAGS, "--log_every", "2"]
@@ -97,7 +98,7 @@ def test_experimental_switches_reach_the_model_and_the_checkpoint(data_path, tmp
     save = tmp_path / "run"
     extra = ["--timestep_sampling", "stratified", "--timestep_gamma", 0.5, "--min_snr_gamma", 5, "--weight_standardization",
              "--residual_scaling", "--rescale_timesteps", "--adam_beta2", 0.99, "--network_output", "v",
-             "--weight_decay", 0.05, "--self_condition"]
+             "--weight_decay", 0.05, "--self_condition", "--ema_sigma_rel", 0.03]
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *extra)) == 0
     d = built[-1]
     assert (d.timestep_sampling, d.timestep_gamma, d.min_snr_gamma, d.network_output) == ("stratified", 0.5, 5.0, "v")
@@ -111,6 +112,7 @@ def test_experimental_switches_reach_the_model_and_the_checkpoint(data_path, tmp
     assert ckpt["architecture"]["self_condition"] is True
     assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
     assert ckpt["config"]["trainer"]["weight_decay"] == 0.05  # reached the Trainer, not just the flags
+    assert ckpt["config"]["trainer"]["ema_sigma_rel"] == 0.03
     capsys.readouterr()
     code = main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--visualize",
                           "--self_condition", "False", "--rescale_timesteps", "False"))
@@ -147,7 +149,7 @@ def test_defaults_are_the_assignments_recommended_command():
     assert (a.train_steps, a.save_and_sample_every, a.data_class) == (10000, 1000, "cat")
     assert Path(a.data_path) == Path("./data/train") and Path(a.save_folder) == Path("./results")
     # the package's own choices that scored best at that command (BENCHMARKS.md), on by default
-    assert (a.grad_accum, a.self_condition, a.weight_decay) == (2, True, 0.1)
+    assert (a.grad_accum, a.self_condition, a.weight_decay, a.ema_sigma_rel) == (2, True, 0.1, 0.05)
     assert (a.loss, a.network_output, a.ema_decay, a.grad_clip, a.lr_decay) == ("l1", "eps", 0.999, 1.0, "none")
 
 
@@ -177,12 +179,13 @@ def test_resuming_keeps_how_the_checkpoint_was_trained_unless_a_flag_says_otherw
 
 
 def test_a_checkpoint_from_before_the_defaults_changed_loads_without_flags(data_path, tmp_path, capsys):
-    """A checkpoint that records neither self_condition nor grad_accum nor weight_decay was trained without them."""
+    """A checkpoint that records neither self_condition nor grad_accum nor weight_decay was trained without them, and
+    one that records no ema_sigma_rel with the former EMA warm-up, (1 + step) / (10 + step)."""
     save = tmp_path / "run"
     plain = ["--grad_accum", 1, "--self_condition", "False", "--weight_decay", 0]
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *plain)) == 0
     ckpt = load_checkpoint(save / "model.pt")
-    for key in ("self_condition", "grad_accum", "weight_decay"):
+    for key in ("self_condition", "grad_accum", "weight_decay", "ema_sigma_rel"):
         ckpt["config"].pop(key)
     ckpt["architecture"].pop("self_condition")
     torch.save(ckpt, tmp_path / "old.pt")
@@ -193,6 +196,7 @@ def test_a_checkpoint_from_before_the_defaults_changed_loads_without_flags(data_
     resumed = load_checkpoint(tmp_path / "resumed" / "model.pt")
     assert resumed["step"] == 3 and resumed["config"]["trainer"]["grad_accum"] == 1
     assert resumed["architecture"]["self_condition"] is False
+    assert resumed["config"]["trainer"]["ema_sigma_rel"] == pytest.approx(LEGACY_EMA_SIGMA_REL)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import posthoc_ema
 from errors import UserError
 from helpers import TinyFeatures, tiny_run
 from test_trainer import make_trainer
-from trainer import ema_decay
+from trainer import LEGACY_EMA_SIGMA_REL, TrainConfig, ema_decay
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -110,12 +110,13 @@ def test_sigma_rel_maps_to_the_power_whose_weights_have_that_width(sigma_rel):
         posthoc_ema.sigma_rel_to_gamma(0.3)
 
 
-def test_the_trainers_default_ema_has_a_relative_width_near_0_09_at_any_length():
+@pytest.mark.parametrize("sigma_rel", [LEGACY_EMA_SIGMA_REL, TrainConfig.ema_sigma_rel, 0.15])
+def test_the_trainers_ema_warmup_has_its_relative_width_at_any_length(sigma_rel):
     for last in (1_000, 10_000):
-        weights = posthoc_ema.ema_step_weights(last, lambda count: ema_decay(count, 0.999, True))
+        weights = posthoc_ema.ema_step_weights(last, lambda count: ema_decay(count, 0.9999, True, sigma_rel))
         x = torch.arange(1, last + 1, dtype=torch.float64) / last
         mean = (weights * x).sum()
-        assert 0.085 < math.sqrt(float((weights * (x - mean) ** 2).sum())) < 0.095
+        assert math.sqrt(float((weights * (x - mean) ** 2).sum())) == pytest.approx(sigma_rel, rel=0.05)
 
 
 def test_ema_lengths_bench_scores_rebuilt_averages_like_the_checkpoints_ema(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 import checkpoint as ckpt_io
 from errors import UserError
 from helpers import FakeBatches, tiny_diffusion
-from trainer import TrainConfig, Trainer, TrainingDiverged, choose_precision
+from trainer import LEGACY_EMA_SIGMA_REL, TrainConfig, Trainer, TrainingDiverged, choose_precision, ema_gamma
 
 ARCH = dict(image_size=16, channels=3, time_steps=10, unet_dim=8, dim_mults=[1, 2], num_res_blocks=1,
             attention_levels=None)
@@ -71,8 +71,17 @@ def test_ema_starts_at_model_and_lags_behind(tmp_path):
         assert torch.allclose(p_ema, 0.9 * p_old + 0.1 * p.detach(), atol=1e-6)
     assert trainer.ema_decay_at(0) == pytest.approx(0.9)
     trainer.config.ema_warmup = True
-    assert trainer.ema_decay_at(0) == pytest.approx(0.1)  # 1 / 10 with the warmup
+    trainer.config.ema_sigma_rel = LEGACY_EMA_SIGMA_REL  # the former warm-up: (1 + step) / (10 + step)
+    assert [trainer.ema_decay_at(s) for s in (0, 5, 80)] == pytest.approx([1 / 10, 6 / 15, 81 / 90], rel=1e-12)
     assert trainer.ema_decay_at(10 ** 6) == pytest.approx(0.9)
+    trainer.config.ema_sigma_rel = 0.05  # gamma 16.97: a shorter average, so a lower decay at every step
+    assert trainer.ema_decay_at(80) == pytest.approx(81 / (80 + ema_gamma(0.05) + 2)) and 0.8 < trainer.ema_decay_at(80) < 81 / 90
+
+
+def test_an_ema_wider_than_any_power_function_average_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="ema_sigma_rel must be in"):
+        make_trainer(tmp_path, ema_sigma_rel=0.3)
+    assert make_trainer(tmp_path, ema_sigma_rel=0.3, ema_warmup=False).ema_decay_at(5) == 0.999  # unused without warm-up
 
 
 def test_lr_warmup_and_gradient_accumulation(tmp_path):
