@@ -10,76 +10,62 @@ came from somewhere else cannot run code. It holds everything a resumed run need
 """
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from atomic import atomic_write, stale_temporaries
 from errors import UserError
 
 FORMAT = 1
 # The settings that decide the network's shape and the meaning of its timesteps.
 ARCHITECTURE_KEYS = ("image_size", "channels", "time_steps", "unet_dim", "dim_mults", "num_res_blocks",
-                     "attention_levels", "rescale_timesteps", "weight_standardization", "residual_scaling",
-                     "network_output", "self_condition")
-# What a checkpoint written before a key existed was trained with.
-ARCHITECTURE_DEFAULTS = {"rescale_timesteps": False, "weight_standardization": False, "residual_scaling": False,
-                         "network_output": "eps", "self_condition": False}
+                     "attention_levels", "self_condition")
 # The flags that say how a network was being trained: a resumed run keeps the checkpoint's values of those the
 # command line does not name, so that it goes on as it started, whatever the defaults are now.
-TRAINING_KEYS = ("batch_size", "learning_rate", "grad_accum", "loss", "dropout", "timestep_sampling",
-                 "timestep_gamma", "min_snr_gamma", "adam_beta2", "grad_clip", "weight_decay", "lr_warmup",
-                 "lr_decay", "lr_decay_start", "ema_decay", "ema_warmup", "ema_sigma_rel", "flip")
-# What a checkpoint that does not record one of them was trained with (those flags came later, off by default).
-TRAINING_DEFAULTS = {"grad_accum": 1, "weight_decay": 0.0, "timestep_gamma": 0.0, "min_snr_gamma": 0.0,
-                     "lr_decay_start": 0.0, "ema_sigma_rel": math.sqrt(9 / 1100)}  # the last: (1 + step) / (10 + step)
+TRAINING_KEYS = ("batch_size", "learning_rate", "grad_accum", "loss", "dropout", "grad_clip", "weight_decay",
+                 "lr_warmup", "lr_decay", "ema_decay", "ema_sigma_rel", "flip")
+# Options that were measured, did not pay and were removed (BENCHMARKS.md, "Tried and removed"), with the value
+# that meant "off", and the last commit that has their code. A checkpoint made with one of them on is refused:
+# the architectural ones (the network computes something else without them) always, the training ones when a
+# run would resume with them silently off.
+REMOVED_ARCHITECTURE = {"rescale_timesteps": False, "weight_standardization": False, "residual_scaling": False,
+                        "network_output": "eps"}
+REMOVED_TRAINING = {"zero_init_residual": False, "timestep_sampling": "uniform", "timestep_gamma": 0.0,
+                    "min_snr_gamma": 0.0, "lr_decay_start": 0.0, "adam_beta2": 0.999, "ema_warmup": True,
+                    "lr_decay": ("linear",)}  # for lr_decay: the removed values, not the "off" one
+LAST_COMMIT_WITH_REMOVED = "a172cf6"
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, flush it to disk, then rename it over ``path``.
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``atomic.atomic_write``: the file at ``path`` is the old one or the new one, whole.
 
-    A crash or a full disk at any moment leaves either the old file or the new one, never a half-written
-    one. Raises UserError (with the previous file intact) when the folder cannot be written. Temporary files
-    left behind by an earlier process that was killed while saving ``path`` are removed after a success.
+    Raises UserError (with the previous file intact) when the folder cannot be written. Temporary files left
+    behind by an earlier process that was killed while saving ``path`` are removed after a success.
     """
     path = Path(path)
-    tmp_name = None
+
+    def write(f) -> None:
+        sink = _WriteErrorKeeper(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            # torch's zip writer reports a failed write (full disk, file size limit) as a vague RuntimeError;
+            # the OSError underneath says what happened.
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            sink = _WriteErrorKeeper(f)
-            try:
-                torch.save(obj, sink)
-            except RuntimeError:
-                # torch's zip writer reports a failed write (full disk, file size limit) as a vague
-                # RuntimeError; the OSError underneath says what happened.
-                if sink.error is not None:
-                    raise sink.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_dir(path.parent)
+        atomic_write(path, write)
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous file there is intact; "
                         f"free some disk space or pass a writable --save_folder") from e
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            stale.unlink()
-        except OSError:
-            pass
+    for stale in stale_temporaries(path):
+        stale.unlink(missing_ok=True)
 
 
 class _WriteErrorKeeper:
@@ -98,19 +84,6 @@ class _WriteErrorKeeper:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
@@ -145,26 +118,38 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 
 def check_architecture(saved: dict, current: dict, path: str | os.PathLike) -> None:
-    """Raise UserError naming every setting in which the checkpoint's network differs from this run's."""
-    saved, current = _with_defaults(saved), _with_defaults(current)
-    diffs = [f"{key}={show(saved.get(key))} in the checkpoint but {show(current.get(key))} here"
-             for key in ARCHITECTURE_KEYS if comparable(saved.get(key)) != comparable(current.get(key))]
-    if diffs:
-        flags = " ".join(f"--{k} {show(saved.get(k))}" for k in ARCHITECTURE_KEYS
-                         if comparable(saved.get(k)) != comparable(current.get(k)))
-        raise UserError(f"checkpoint {path} has a different architecture: {'; '.join(diffs)}; "
-                        f"rerun with {flags} or load another checkpoint")
+    """Raise UserError naming every setting in which the checkpoint's network differs from this run's (settings
+    a checkpoint does not record are left to ``load_state_strict``, which compares the tensors themselves)."""
+    differ = [key for key in ARCHITECTURE_KEYS if key in saved and comparable(saved[key]) != comparable(current.get(key))]
+    if differ:
+        diffs = "; ".join(f"{k}={show(saved[k])} in the checkpoint but {show(current.get(k))} here" for k in differ)
+        flags = " ".join(f"--{k} {show(saved[k])}" for k in differ)
+        raise UserError(f"checkpoint {path} has a different architecture: {diffs}; rerun with {flags} or load "
+                        f"another checkpoint")
+
+
+def check_removed_options(ckpt: dict, path: str | os.PathLike, *, training: bool) -> None:
+    """Refuse, in one line, a checkpoint made with an option this package no longer has (see ``REMOVED_*``)."""
+    recorded = {**ckpt.get("config", {}), **ckpt.get("architecture", {})}
+    removed = dict(REMOVED_ARCHITECTURE, **(REMOVED_TRAINING if training else {}))
+    for key, off in removed.items():
+        value = recorded.get(key)
+        used = value in off if isinstance(off, tuple) else value is not None and value != off
+        if used:
+            use = "sample or resume it" if key in REMOVED_ARCHITECTURE else "resume it"
+            raise UserError(f"checkpoint {path} was made with --{key} {show(value)}, an option this package no "
+                            f"longer has (BENCHMARKS.md, 'Tried and removed'); {use} with the code of commit "
+                            f"{LAST_COMMIT_WITH_REMOVED} (git checkout {LAST_COMMIT_WITH_REMOVED})")
 
 
 def saved_flags(ckpt: dict, *, training: bool) -> dict:
-    """The flag values a checkpoint was made with: its architecture (``channels`` aside, which is no flag)
-    and, with ``training``, the ``TRAINING_KEYS`` it records or that ``TRAINING_DEFAULTS`` supplies."""
-    architecture = _with_defaults(ckpt.get("architecture", {}))
-    flags = {k: v for k, v in architecture.items() if k != "channels" and (v is not None or k == "attention_levels")}
+    """The flag values a checkpoint records: its architecture (``channels`` aside, which is no flag) and, with
+    ``training``, the ``TRAINING_KEYS``."""
+    flags = {k: v for k, v in ckpt.get("architecture", {}).items()
+             if k in ARCHITECTURE_KEYS and k != "channels" and (v is not None or k == "attention_levels")}
     if training:
         config = ckpt.get("config", {})
-        flags.update({k: config[k] if k in config else TRAINING_DEFAULTS[k] for k in TRAINING_KEYS
-                      if k in config or k in TRAINING_DEFAULTS})
+        flags.update({k: config[k] for k in TRAINING_KEYS if k in config})
     return flags
 
 
@@ -199,11 +184,6 @@ def set_rng_state(state: dict) -> None:
     if torch.cuda.is_available() and state.get("cuda"):
         cuda_states = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(cuda_states)
-
-
-def _with_defaults(architecture: dict) -> dict:
-    return {key: ARCHITECTURE_DEFAULTS.get(key) if architecture.get(key) is None else architecture[key]
-            for key in ARCHITECTURE_KEYS}
 
 
 def comparable(value):

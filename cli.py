@@ -4,7 +4,8 @@ The assignment's flags default to its recommended command (32 x 32 images, batch
 learning rate 1e-3, 10,000 steps). The package's own flags default to the settings that scored best at that
 command (BENCHMARKS.md): two batches of 32 per step as the handout trainer takes (``--grad_accum 2``), a
 self-conditioned U-Net (``--self_condition``) and AdamW's weight decay 0.1 (``--weight_decay 0.1``); every
-other choice stays off unless asked for. Boolean flags take both forms: ``--fid`` and ``--fid True/False``.
+other choice stays off unless asked for. Boolean flags take both forms: ``--fid`` and ``--fid True/False``;
+``--cuda_graph`` and ``--one_pass`` also take ``auto``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ def str2bool(value: str) -> bool:
     if lowered in ("false", "f", "no", "n", "0", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def auto_or_bool(value: str) -> str | bool:
+    """``auto``, or a boolean as ``str2bool`` reads it."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return str2bool(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, True or False, got {value!r}") from None
+
+
+auto_or_bool.__name__ = "auto, True or False"  # argparse names the type in its messages
 
 
 def _number(kind, *, minimum=None, exclusive=False, maximum=None, exclusive_max=False, what="a number"):
@@ -46,7 +60,6 @@ non_negative_int = _number(int, minimum=0, what="a non-negative integer")
 non_negative_float = _number(float, minimum=0.0, what="a non-negative number")
 learning_rate = _number(float, minimum=0.0, exclusive=True, maximum=1.0, what="a learning rate in (0, 1]")
 fraction = _number(float, minimum=0.0, maximum=1.0, what="a number in [0, 1]")
-adam_beta = _number(float, minimum=0.0, maximum=1.0, exclusive_max=True, what="a number in [0, 1)")
 dropout = _number(float, minimum=0.0, maximum=0.99, what="a dropout rate in [0, 0.99]")
 
 
@@ -54,6 +67,9 @@ def _flag(group, name, kind, default, help_text, **kw):
     if kind is bool:
         group.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
                            help=help_text, **kw)
+    elif kind is auto_or_bool:
+        group.add_argument(f"--{name}", type=auto_or_bool, nargs="?", const=True, default=default,
+                           metavar="{auto,True,False}", help=help_text, **kw)
     else:
         group.add_argument(f"--{name}", type=kind, default=default, help=help_text, **kw)
 
@@ -93,57 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention_levels", type=non_negative_int, nargs="*", default=None,
                    help="U-Net levels (0 = highest resolution) with self-attention; default: the lowest only")
     _flag(m, "dropout", dropout, 0.0, "dropout inside the residual blocks")
-    _flag(m, "rescale_timesteps", bool, False, "feed the network t * 1000 / T instead of t, so its sinusoidal "
-          "time embedding spans all its frequencies whatever T is")
-    _flag(m, "weight_standardization", bool, False, "standardise the residual blocks' 3x3 kernels per output "
-          "channel (zero mean, unit variance) before each convolution")
-    _flag(m, "residual_scaling", bool, False, "multiply each residual block's and attention's output (branch plus "
-          "skip path) by 1/sqrt(2), so the activations' variance does not grow block by block")
-    _flag(m, "zero_init_residual", bool, False, "zero-initialise the last layer of every residual block and "
-          "attention, so each starts as the identity")
     _flag(m, "self_condition", bool, True, "self-conditioning (Chen et al. 2023): the U-Net also takes an x_0 "
-          "estimate, in training its own first-pass estimate for half of each batch (zeros for the rest), in sampling "
-          "the previous step's")
-    _flag(m, "network_output", str, "eps", "what the U-Net predicts: eps (the noise), or v = sqrt(alpha_bar) eps - "
-          "sqrt(1 - alpha_bar) x_0, turned into the noise as sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v before the "
-          "loss and the samplers (the loss stays on the noise)", choices=("eps", "v"))
+          "estimate (its own, from a first pass or the previous sampling step)")
     _flag(m, "loss", str, "l1", "loss on the predicted noise (the assignment's is L1)", choices=("l1", "l2", "huber"))
 
     t = p.add_argument_group("training")
-    _flag(t, "grad_accum", positive_int, 2, "batches accumulated into each optimizer step (2, as the handout trainer "
-          "does; 1 for one batch per step)")
-    _flag(t, "timestep_sampling", str, "uniform", "how training draws t: independently (Algorithm 1), or "
-          "stratified (one random offset spreads the batch evenly over the timestep distribution)", choices=("uniform", "stratified"))
-    _flag(t, "timestep_gamma", _number(float, minimum=-1.0, maximum=4.0, what="a number in [-1, 4]"), 0.0,
-          "draw training timesteps with probability proportional to (1 - alpha_bar_t)^gamma: above 0 favouring the "
-          "noisy ones (the P2 weighting of Choi et al. 2022), below 0 the nearly clean ones; 0 = uniform")
-    _flag(t, "min_snr_gamma", non_negative_float, 0.0, "also scale each timestep's probability by "
-          "min(1, gamma / SNR_t), visiting the nearly clean timesteps less (the Min-SNR-gamma weighting of Hang "
-          "et al. 2023, as a distribution of t; 5 is the paper's value); 0 = off")
-    _flag(t, "adam_beta2", adam_beta, 0.999, "Adam's second-moment decay")
+    _flag(t, "grad_accum", positive_int, 2, "batches per optimizer step (2, as the handout trainer takes)")
+    _flag(t, "one_pass", auto_or_bool, "auto", "run a step's --grad_accum batches as one forward and backward pass "
+          "(False: a pass per batch, less memory); auto = one pass on the CPU")
     _flag(t, "grad_clip", non_negative_float, 1.0, "clip the gradient norm to this (0 = off)")
     _flag(t, "weight_decay", fraction, 0.1,
-          "decoupled weight decay (AdamW) of the convolution and linear kernels, not of biases and norms; 0 = off")
-    _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warmup")
-    _flag(t, "lr_decay", str, "none", "learning-rate decay after the warmup: none, or cosine or linear down to 0 "
-          "at --train_steps", choices=("none", "cosine", "linear"))
-    _flag(t, "lr_decay_start", _number(float, minimum=0.0, maximum=1.0, exclusive_max=True, what="a number in [0, 1)"),
-          0.0, "fraction of --train_steps run at the full rate before --lr_decay begins (0.8: decay over the last fifth)")
-    _flag(t, "ema_decay", fraction, 0.999, "decay of the exponential moving average of the weights")
-    _flag(t, "ema_warmup", bool, True, "ramp the EMA decay up as min(decay, (1 + step) / (gamma + 2 + step)), "
-          "with gamma set by --ema_sigma_rel")
+          "decoupled weight decay (AdamW) of the convolution and linear kernels; 0 = off")
+    _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warm-up")
+    _flag(t, "lr_decay", str, "none", "learning-rate decay after the warm-up: cosine down to 0 at --train_steps", choices=("none", "cosine"))
+    _flag(t, "ema_decay", fraction, 0.999, "the largest decay of the exponential moving average of the weights")
     _flag(t, "ema_sigma_rel", _number(float, minimum=0.0, exclusive=True, maximum=0.28, what="a number in (0, 0.28]"),
-          0.05, "relative width of the warmed-up EMA: the spread of the steps it averages as a fraction of the "
-          "step count (Karras et al. 2024); 0.05 averages about the last twentieth of the run, 0.09045 is the "
-          "former (1 + step) / (10 + step)")
-    _flag(t, "snapshot_every", non_negative_int, 0, "every this many steps, save the mean of the raw weights over "
-          "them to <save_folder>/snapshots, so bench/ema_lengths.py can rebuild other EMA lengths after the run "
-          "(each file is the size of the weights); 0 = off")
-    _flag(t, "precision", str, "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and on CPUs with bf16 "
-          "instructions (AVX512-BF16, AMX), fp16 on older GPUs, fp32 elsewhere", choices=("auto", "fp32", "fp16", "bf16"))
+          0.05, "relative width of the EMA until --ema_decay caps it (Karras et al. 2024): "
+          "0.05 averages about the last twentieth of the run")
+    _flag(t, "precision", str, "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and CPUs with bf16 "
+          "instructions, fp16 on older GPUs, fp32 elsewhere", choices=("auto", "fp32", "fp16", "bf16"))
     _flag(t, "compile", bool, False, "compile the U-Net with torch.compile")
-    _flag(t, "cuda_graph", bool, False, "capture each whole training step in one CUDA graph (single CUDA GPU, "
-          "bf16 or fp32): removes the launch overhead that bounds small models")
+    _flag(t, "cuda_graph", auto_or_bool, False, "capture each training step in one CUDA graph, removing the launch "
+          "overhead that bounds small models (one GPU, one process); auto = wherever it can")
     _flag(t, "device", str, "auto", "where to run: auto = CUDA, else MPS, else CPU", choices=("auto", "cpu", "cuda", "mps"))
     _flag(t, "seed", non_negative_int, 0, "random seed (data order, noise, timesteps)")
     _flag(t, "overwrite", bool, False, "let a new run replace the model.pt already in --save_folder")
@@ -157,15 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = p.add_argument_group("sampling, FID and figures")
     _flag(s, "num_samples", positive_int, 16, "images in each periodic sample grid")
-    _flag(s, "sampler", str, "ddpm", "sampler of the grids: the full DDPM chain, or DDIM", choices=("ddpm", "ddim"))
+    _flag(s, "sampler", str, "ddpm", "sampler of the grids, FID and --sample: the full DDPM chain, or DDIM",
+          choices=("ddpm", "ddim"))
     _flag(s, "sample_steps", positive_int, 50, "DDIM steps (with --sampler ddim)")
     _flag(s, "sample", non_negative_int, 0, "with --load_path: write a grid of this many samples, then exit")
     _flag(s, "num_vis", positive_int, 8, "images (rows) in the --visualize figures")
     _flag(s, "evaluate", bool, False, "with --load_path: print the model's FID and KID, then exit")
     _flag(s, "fid_samples", positive_int, 1000, "generated images per FID evaluation")
     _flag(s, "fid_mode", str, "clean", "clean-fid mode", choices=("clean", "legacy_pytorch", "legacy_tensorflow"))
-    _flag(s, "fid_sampler", str, "ddpm", "sampler of the FID images", choices=("ddpm", "ddim"))
-    _flag(s, "fid_sample_steps", positive_int, 50, "DDIM steps for FID (with --fid_sampler ddim)")
 
     w = p.add_argument_group("logging")
     _flag(w, "wandb", str, "auto", "auto = online with a wandb login, offline without", choices=("auto", "online", "offline", "disabled"))
@@ -185,8 +171,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--attention_levels {levels} must be below the number of --dim_mults ({len(args.dim_mults)})")
     if args.sampler == "ddim" and args.sample_steps > args.time_steps:
         parser.error(f"--sample_steps {args.sample_steps} is more than --time_steps {args.time_steps}; lower it")
-    if args.fid_sampler == "ddim" and args.fid_sample_steps > args.time_steps:
-        parser.error(f"--fid_sample_steps {args.fid_sample_steps} is more than --time_steps {args.time_steps}; lower it")
 
 
 def named_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

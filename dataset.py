@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from atomic import atomic_write, atomic_write_text
 from batches import DataWarning, DeviceBatches, StreamingBatches, available_cores, default_num_workers
 from errors import UserError
 from images import CLASSES, MAX_PIXELS, UnreadableImage, decode_image, find_images
@@ -209,8 +210,8 @@ def _write_cache(folder: Path, stem: str, array: np.ndarray, meta: dict) -> Path
     made from the same folder (caches of other folders sharing ``folder`` stay)."""
     array_path = folder / f"{stem}.npy"
     try:
-        _atomic_write(array_path, lambda f: np.save(f, array, allow_pickle=False))
-        _atomic_write(folder / f"{stem}.json", lambda f: f.write(json.dumps(meta).encode()))
+        atomic_write(array_path, lambda f: np.save(f, array, allow_pickle=False))
+        atomic_write_text(folder / f"{stem}.json", json.dumps(meta))
     except OSError as e:
         warnings.warn(f"could not write the image cache to {folder} ({e}); the next run decodes the images "
                       f"again (pass --cache_dir to put it elsewhere)", DataWarning, stacklevel=3)
@@ -229,19 +230,6 @@ def _cache_root(meta_path: Path) -> str | None:
         return json.loads(meta_path.read_text()).get("root")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def available_memory_bytes() -> int | None:

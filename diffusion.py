@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 LOSSES = ("l1", "l2", "huber")
-TIMESTEP_SAMPLINGS = ("uniform", "stratified")
-NETWORK_OUTPUTS = ("eps", "v")
 
 
 def cosine_alphas(timesteps: int, *, s: float = 0.008) -> torch.Tensor:
@@ -45,18 +43,6 @@ class Diffusion(nn.Module):
         channels: image channels.
         timesteps: T, the number of diffusion steps.
         loss_type: ``"l1"`` (the assignment's, default), ``"l2"`` or ``"huber"``.
-        timestep_sampling: how training draws its timesteps, ``"uniform"`` (independently, Algorithm 1) or
-            ``"stratified"`` (see ``sample_timesteps``).
-        timestep_gamma: training timesteps are drawn with probability proportional to
-            (1 - alpha_bar_t) ** gamma; 0 (the default) is the uniform distribution of Algorithm 1, a
-            positive gamma favours the noisy timesteps, a negative one (down to -1) the nearly clean ones.
-        min_snr_gamma: with a positive value, the probability of each timestep is also multiplied by
-            min(1, min_snr_gamma / SNR_t), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the Min-SNR-gamma weighting
-            of Hang et al. (2023) for a noise-predicting network, drawn instead of weighted. It leaves the
-            noisy timesteps (SNR_t <= gamma) as they are and visits the nearly clean ones less. 0 (the
-            default) leaves the distribution alone.
-        network_output: what ``model`` outputs: ``"eps"`` (the noise itself, the default) or ``"v"``
-            (see ``predict_noise``). Either way the loss and the samplers work on the predicted noise.
 
     A ``model`` whose ``self_condition`` attribute is true is called as ``model(x_t, t, x_self_cond)`` with an
     estimate of x_0 beside x_t (self-conditioning, Chen et al. 2023): in training, half of every batch gets the
@@ -66,20 +52,8 @@ class Diffusion(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, image_size: int, channels: int = 3, timesteps: int = 1000,
-                 loss_type: str = "l1", timestep_sampling: str = "uniform", timestep_gamma: float = 0.0,
-                 min_snr_gamma: float = 0.0, network_output: str = "eps"):
+                 loss_type: str = "l1"):
         super().__init__()
-        if network_output not in NETWORK_OUTPUTS:
-            raise ValueError(f"network_output must be one of {NETWORK_OUTPUTS}, got {network_output!r}")
-        self.network_output = network_output
-        if timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {timestep_sampling!r}")
-        if not -1.0 <= timestep_gamma <= 4.0:
-            raise ValueError(f"timestep_gamma must be in [-1, 4], got {timestep_gamma}")
-        if not (math.isfinite(min_snr_gamma) and min_snr_gamma >= 0.0):
-            raise ValueError(f"min_snr_gamma must be a finite number >= 0 (0 = off), got {min_snr_gamma}")
-        self.timestep_sampling, self.timestep_gamma = timestep_sampling, timestep_gamma
-        self.min_snr_gamma = min_snr_gamma
         if not isinstance(timesteps, int) or timesteps < 2:
             raise ValueError(f"timesteps (T) must be an integer of at least 2, got {timesteps!r}")
         if not isinstance(image_size, int) or image_size <= 0:
@@ -117,16 +91,6 @@ class Diffusion(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.to(torch.float32))
-        # P(t) proportional to (1 - alpha_bar_t)^gamma = (1 + SNR_t)^-gamma: the P2 weighting of Choi et al.
-        # (2022) realised by drawing t instead of weighting the loss; gamma = 0 is the uniform distribution and
-        # gamma < 0 turns it around. 1 - alpha_bar_t > 0 at every t, so a negative power stays finite.
-        probs = (1.0 - alphas_cumprod) ** timestep_gamma
-        if min_snr_gamma > 0:
-            # min(1, gamma / SNR_t) = min(1, gamma (1 - alpha_bar_t) / alpha_bar_t); inf where alpha_bar_t is 0
-            probs = probs * (min_snr_gamma * (1.0 - alphas_cumprod) / alphas_cumprod).clamp(max=1.0)
-        probs = probs / probs.sum()
-        self.register_buffer("timestep_probs", probs.to(torch.float32), persistent=False)
-        self.register_buffer("timestep_cdf", probs.cumsum(0).to(torch.float32), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -137,19 +101,8 @@ class Diffusion(nn.Module):
 
         ``x_self_cond`` is the x_0 estimate handed to a self-conditioned network (None: zeros); a network
         without self-conditioning is called without it.
-
-        With ``network_output="v"`` the network predicts v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
-        (Salimans & Ho 2022) and the noise follows exactly as sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v.
-        That is a skip connection around the network whose weight grows with the noise: at the last steps,
-        where alpha_bar_t is near 0, x_t is almost all noise and eps ~ x_t, so the prediction no longer
-        hinges on the network matching x_t to the 1e-3 that Eq. (19) amplifies into x_0 (1 / sqrt(alpha_bar_T)
-        is about 1,000 at T = 50). The network's own target has unit variance at every t.
         """
-        out = self.model(x_t, t, x_self_cond) if self.self_condition else self.model(x_t, t)
-        if self.network_output == "eps":
-            return out
-        return (extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
-                + extract(self.sqrt_alphas_cumprod, t, x_t.shape) * out)
+        return self.model(x_t, t, x_self_cond) if self.self_condition else self.model(x_t, t)
 
     # ----------------------------------------------------------------------------------------------
     # Training (Algorithm 1)
@@ -178,14 +131,17 @@ class Diffusion(nn.Module):
             return F.smooth_l1_loss(predicted, noise)
         raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
 
-    def forward(self, x_start: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1 for a batch x_0 in [-1, 1]: t from ``sample_timesteps`` (Uniform({0 ... T-1}) by default),
-        eps ~ N(0, I); returns the loss."""
+    def forward(self, x_start: torch.Tensor, t: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Algorithm 1 for a batch x_0 in [-1, 1]: t ~ Uniform({0 ... T-1}) and eps ~ N(0, I) (drawn in that
+        order unless given); returns the loss."""
         b, c, h, w = x_start.shape
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape [B, {self.channels}, {self.image_size}, {self.image_size}], "
                              f"got {list(x_start.shape)}")
-        return self.p_loss(x_start, self.sample_timesteps(b, x_start.device))
+        if t is None:
+            t = self.sample_timesteps(b, x_start.device)
+        return self.p_loss(x_start, t, noise)
 
     def self_condition_estimate(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The x_0 input of a self-conditioned network in training: for the first half of the batch, the
@@ -206,21 +162,8 @@ class Diffusion(nn.Module):
         return estimate
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """Training timesteps [B] (Algorithm 1 line 3), drawn from ``timestep_probs``.
-
-        ``timestep_sampling="uniform"`` draws them independently; ``"stratified"`` draws one offset
-        u ~ U[0, 1) and spreads the batch over the whole distribution as u_i = frac(u + i / B) (each u_i
-        is still U[0, 1), so each t_i keeps its distribution), which lowers the variance of the loss and of
-        its gradient: the low-discrepancy sampler of Kingma et al. (2021, Variational Diffusion Models).
-        """
-        if self.timestep_sampling == "uniform" and self.timestep_gamma == 0 and self.min_snr_gamma == 0:
-            return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
-        if self.timestep_sampling == "uniform":
-            u = torch.rand(batch_size, device=device)
-        else:
-            u = torch.remainder(torch.rand((), device=device) + torch.arange(batch_size, device=device) / batch_size, 1.0)
-        t = torch.searchsorted(self.timestep_cdf, u.to(self.timestep_cdf.dtype), right=True)  # inverse CDF
-        return t.clamp_(max=self.num_timesteps - 1)
+        """Training timesteps [B], t ~ Uniform({0 ... T-1}) (Algorithm 1 line 3, 0-indexed)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
 
     # ----------------------------------------------------------------------------------------------
     # Sampling (Algorithm 2)

@@ -6,17 +6,20 @@
 
 Every flag of the assignment's Table 1 keeps its name, meaning and recommended value as its default. With
 ``--load_path``, the flags the command line does not name that shape the network (and, when training resumes,
-that say how it was trained) take the checkpoint's values.
+that say how it was trained) take the checkpoint's values. A checkpoint is all that ``--sample`` needs;
+``--evaluate`` needs the training images only until their FID statistics are cached, ``--visualize`` always.
 Mistakes in the input end with one line on stderr and exit code 2 (see ``errors.UserError``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 import distributed
+from atomic import atomic_write_text
 from cli import build_parser, check_args, named_flags
 from errors import UserError
 
@@ -28,55 +31,71 @@ def build_diffusion(args):
     try:
         net = Unet(args.unet_dim, tuple(args.dim_mults), channels=3, num_res_blocks=args.num_res_blocks,
                    attention_levels=tuple(args.attention_levels) if args.attention_levels else None,
-                   dropout=args.dropout, time_scale=1000.0 / args.time_steps if args.rescale_timesteps else 1.0,
-                   weight_standardization=args.weight_standardization, residual_scaling=args.residual_scaling,
-                   zero_init_residual=args.zero_init_residual, self_condition=args.self_condition,
-                   image_size=args.image_size)
-        return Diffusion(net, image_size=args.image_size, channels=3, timesteps=args.time_steps, loss_type=args.loss,
-                         timestep_sampling=args.timestep_sampling, timestep_gamma=args.timestep_gamma,
-                         min_snr_gamma=args.min_snr_gamma, network_output=args.network_output)
+                   dropout=args.dropout, self_condition=args.self_condition, image_size=args.image_size)
+        return Diffusion(net, image_size=args.image_size, channels=3, timesteps=args.time_steps, loss_type=args.loss)
     except ValueError as e:
         raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 
 
-def run_config(args, device, ctx) -> dict:
-    """Every flag, plus what follows from them: the device, the process count and the effective batch size."""
+def run_config(args, device, ctx, image_set) -> dict:
+    """Every flag, plus what follows from them: the device, the process count, the effective batch size, and
+    the fingerprint of the training images and the folder of their FID statistics (so that ``--evaluate`` can
+    find those statistics without the images)."""
     config = dict(vars(args))
     config["channels"] = 3
     config["device"] = str(device)
     config["world_size"] = ctx.world_size
     config["effective_batch_size"] = args.batch_size * args.grad_accum * ctx.world_size
+    if image_set is not None:
+        config["data_key"] = image_set.pixels_key
+        config["fid_cache_dir"] = str(fid_cache_dir(args, image_set).resolve())
     return config
 
 
-def build_trainer(args, device, diffusion, batches, ctx):
+def build_trainer(args, device, diffusion, batches, ctx, image_set):
     from trainer import TrainConfig, Trainer
 
-    train_config = TrainConfig(
-        train_steps=args.train_steps, learning_rate=args.learning_rate,
-        save_and_sample_every=args.save_and_sample_every, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
-        adam_beta2=args.adam_beta2, weight_decay=args.weight_decay,
-        lr_warmup=args.lr_warmup, lr_decay=args.lr_decay, lr_decay_start=args.lr_decay_start,
-        ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ema_sigma_rel=args.ema_sigma_rel,
-        snapshot_every=args.snapshot_every, precision=args.precision,
-        compile=args.compile, cuda_graph=args.cuda_graph, num_samples=args.num_samples, sampler=args.sampler, sample_steps=args.sample_steps,
-        fid_sampler=args.fid_sampler, fid_sample_steps=args.fid_sample_steps, log_every=args.log_every,
-        seed=args.seed)
+    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return Trainer(diffusion, batches, config=train_config, device=device, save_folder=args.save_folder,
-                   run_config=run_config(args, device, ctx), dist_ctx=ctx)
+                   run_config=run_config(args, device, ctx, image_set), dist_ctx=ctx)
 
 
-def build_evaluator(args, device, image_set, *, required: bool):
-    """The FID evaluator, or None with a warning when the Inception weights cannot be had and FID is optional."""
+def fid_cache_dir(args, image_set) -> Path:
+    """Where the FID statistics of ``image_set`` live: beside the decoded-image cache they are computed from."""
+    return image_set.cache_path.parent if image_set.cache_path is not None else Path(args.save_folder)
+
+
+def cached_fid_reference(args, recorded: dict) -> Path | None:
+    """The folder holding the cached FID statistics of the images a checkpoint was trained on, if any does."""
+    key = recorded.get("data_key")
+    if not key or recorded.get("image_size") != args.image_size:
+        return None
+    name = f"fid_ref_{args.fid_mode}_{args.image_size}px_{key}.npz"
+    candidates = [args.cache_dir, recorded.get("fid_cache_dir"), Path(args.data_path).expanduser() / ".cache",
+                  Path.home() / ".cache" / "ddpm_afhq", args.save_folder]
+    return next((Path(c) for c in candidates if c and (Path(c) / name).is_file()), None)
+
+
+def build_evaluator(args, device, image_set, *, required: bool, recorded: dict | None = None):
+    """The FID evaluator, or None with a warning when the Inception weights cannot be had and FID is optional.
+
+    Without ``image_set`` the statistics must be cached already (``cached_fid_reference``)."""
     import fid as fid_module
 
-    def real_batches():
-        for start in range(0, len(image_set.images), 500):
-            yield image_set.images[start:start + 500]
+    if image_set is not None:
+        key, cache_dir = image_set.pixels_key, fid_cache_dir(args, image_set)
 
-    # the statistics live beside the decoded-image cache they are computed from
-    cache_dir = image_set.cache_path.parent if image_set.cache_path is not None else Path(args.save_folder)
-    evaluator = fid_module.FIDEvaluator(real_key=image_set.pixels_key, image_size=args.image_size, real_batches=real_batches,
+        def real_batches():
+            for start in range(0, len(image_set.images), 500):
+                yield image_set.images[start:start + 500]
+    else:
+        key, cache_dir = recorded["data_key"], cached_fid_reference(args, recorded)
+
+        def real_batches():
+            raise UserError(f"the cached FID statistics in {cache_dir} do not fit --fid_mode {args.fid_mode}; pass "
+                            f"--data_path with the training images to compute them again")
+
+    evaluator = fid_module.FIDEvaluator(real_key=key, image_size=args.image_size, real_batches=real_batches,
                                         mode=args.fid_mode, num_samples=args.fid_samples, device=device,
                                         cache_dir=cache_dir)
     try:
@@ -147,7 +166,25 @@ def trains(args) -> bool:
     return not (args.visualize or args.sample or args.evaluate)
 
 
-def run(args, ctx) -> int:
+def needs_data(args, recorded: dict) -> bool:
+    """Training and --visualize need the images; --evaluate only until their FID statistics are cached."""
+    if args.sample:
+        return False
+    return not (args.evaluate and cached_fid_reference(args, recorded) is not None)
+
+
+def load_data_for(args, device, ctx):
+    """``load_data``, with a missing folder under --visualize said as what that command needs."""
+    try:
+        return load_data(args, device, ctx)
+    except UserError as e:
+        if not args.visualize:
+            raise
+        raise UserError(f"--visualize shows real training images going through both processes, but {e}") from None
+
+
+def run(args, ctx, recorded: dict) -> int:
+    """Build the pieces and run the command; ``recorded`` is the loaded checkpoint's config (empty without one)."""
     import torch
 
     from metrics import MetricsLogger
@@ -162,8 +199,8 @@ def run(args, ctx) -> int:
     device = distributed.setup(ctx, args.device)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     diffusion = build_diffusion(args)
-    batches, image_set = load_data(args, device, ctx)
-    trainer = build_trainer(args, device, diffusion, batches, ctx)
+    batches, image_set = load_data_for(args, device, ctx) if needs_data(args, recorded) else (None, None)
+    trainer = build_trainer(args, device, diffusion, batches, ctx, image_set)
     loaded = trainer.load(args.load_path, resume=training) if args.load_path else {}
     if not loaded:
         torch.manual_seed(args.seed + ctx.rank)  # each rank draws its own timesteps and noise
@@ -173,7 +210,7 @@ def run(args, ctx) -> int:
     if ctx.is_main:
         print_config(config, trainer, device, training=training)
         if training:  # --visualize, --sample and --evaluate leave the training run's record alone
-            (Path(args.save_folder) / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+            atomic_write_text(Path(args.save_folder) / "config.json", json.dumps(config, indent=1, default=str) + "\n")
         trainer.logger = MetricsLogger(args.save_folder, config=config, wandb_mode=args.wandb,
                                        project=args.wandb_project, run_name=args.run_name,
                                        history=trainer.history if training else None, resume_step=trainer.step,
@@ -192,7 +229,7 @@ def run(args, ctx) -> int:
             print(f"wrote {out}")
             return 0
         if args.evaluate:
-            return evaluate_checkpoint(args, device, trainer, image_set)
+            return evaluate_checkpoint(args, device, trainer, image_set, recorded)
         if args.fid and ctx.is_main:
             if image_set is None:
                 raise UserError("--fid needs the dataset in memory, but it is too large here; lower --image_size")
@@ -206,26 +243,29 @@ def run(args, ctx) -> int:
             trainer.logger.close()
 
 
-def evaluate_checkpoint(args, device, trainer, image_set) -> int:
+def evaluate_checkpoint(args, device, trainer, image_set, recorded: dict) -> int:
     """Score the loaded EMA model once with FID and KID and print the result; no training."""
-    if image_set is None:
+    if image_set is None and cached_fid_reference(args, recorded) is None:
         raise UserError("--evaluate needs the dataset in memory, but it is too large here; lower --image_size")
-    evaluator = build_evaluator(args, device, image_set, required=True)
+    evaluator = build_evaluator(args, device, image_set, required=True, recorded=recorded)
     result = evaluator.evaluate(trainer.fid_sample_fn())
-    sampler = args.fid_sampler + (f" ({args.fid_sample_steps} steps)" if args.fid_sampler == "ddim" else "")
+    sampler = args.sampler + (f" ({args.sample_steps} steps)" if args.sampler == "ddim" else "")
     print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, {sampler} "
           f"sampler, clean-fid mode {args.fid_mode}, step {trainer.step}, {result['seconds']:.0f} s)")
     return 0
 
 
-def adopt_checkpoint_flags(args, named: set[str], *, training: bool) -> dict:
+def adopt_checkpoint_flags(args, named: set[str], *, training: bool) -> tuple[dict, dict]:
     """Give ``args`` the checkpoint's value of every flag that decides its network (and, when training resumes,
-    of every flag that says how it was trained) unless the command line names that flag; return those that
-    differ from what ``args`` held. A named flag that contradicts the network still fails, in ``Trainer.load``."""
+    of every flag that says how it was trained) unless the command line names that flag. Returns the flags that
+    differ from what ``args`` held, and the checkpoint's recorded config. A named flag that contradicts the
+    network still fails, in ``Trainer.load``; a checkpoint made with a removed option fails here."""
     import checkpoint as ckpt_io
 
     # mapped, not read: only the recorded flags are needed here, the tensors are loaded by Trainer.load
-    saved = ckpt_io.saved_flags(ckpt_io.load_checkpoint(args.load_path, mmap=True), training=training)
+    ckpt = ckpt_io.load_checkpoint(args.load_path, mmap=True)
+    ckpt_io.check_removed_options(ckpt, args.load_path, training=training)
+    saved = ckpt_io.saved_flags(ckpt, training=training)
     changed = {}
     for key, value in saved.items():
         if key in named:
@@ -233,7 +273,7 @@ def adopt_checkpoint_flags(args, named: set[str], *, training: bool) -> dict:
         if ckpt_io.comparable(getattr(args, key)) != ckpt_io.comparable(value):
             changed[key] = value
         setattr(args, key, list(value) if isinstance(value, tuple) else value)
-    return changed
+    return changed, dict(ckpt.get("config", {}))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -252,16 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import TrainingInterrupted
 
     ctx = distributed.from_environment()
+    recorded: dict = {}
     try:
         if args.load_path:
-            kept = adopt_checkpoint_flags(args, named_flags(parser, argv), training=trains(args))
+            kept, recorded = adopt_checkpoint_flags(args, named_flags(parser, argv), training=trains(args))
             check_args(parser, args)
             if kept and ctx.is_main:
                 from checkpoint import show
 
                 print(f"from {args.load_path}: " + " ".join(f"--{k} {show(v)}" for k, v in kept.items())
                       + " (name a flag to change it)")
-        code = run(args, ctx)
+        code = run(args, ctx, recorded)
         # every rank reaches the teardown together: gloo aborts a rank whose peer has already closed its connections
         distributed.barrier(ctx)
         return code

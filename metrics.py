@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from atomic import atomic_write, atomic_write_text
+
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -63,9 +65,7 @@ class MetricsLogger:
         return self.run.id if self.run is not None else None
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def _start_wandb(self, config, project, run_name, run_id):
         try:
@@ -121,10 +121,8 @@ class MetricsLogger:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
     def close(self) -> None:

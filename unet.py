@@ -9,17 +9,13 @@ output on the way down is kept and concatenated, in reverse order, on the way up
 GroupNorm and SiLU and take the time embedding as a per-channel scale and shift of their second
 normalisation. Self-attention (``F.scaled_dot_product_attention``) runs in the middle block and at the
 levels named in ``attention_levels`` (by default the lowest resolution only). The last convolution is
-zero-initialised, so an untrained network predicts zero noise; optionally so is the last layer of every
-residual branch. Optionally each residual sum is scaled by 1/sqrt(2), and the residual blocks' kernels are
-weight-standardised (statistics in float32, so fp16 and bf16 autocast stay safe).
+zero-initialised, so an untrained network predicts zero noise.
 
 With ``self_condition`` the network also takes an estimate of x_0 (the sampler's clamped estimate from the
 previous step, or zeros), concatenated to x_t as extra input channels: the self-conditioning of Chen et al.
 (2023, "Analog Bits"); ``Diffusion`` supplies the estimate in training and sampling.
 
-Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T, but
-``time_scale`` multiplies t before the embedding (1000 / T puts any T on the 0 ... 1000 scale, where the
-embedding's lowest frequencies turn through about a radian).
+Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T.
 """
 from __future__ import annotations
 
@@ -33,9 +29,8 @@ from torch import nn
 class SinusoidalTimeEmbedding(nn.Module):
     """Transformer-style sinusoidal embedding of a timestep: [B] -> [B, dim]."""
 
-    def __init__(self, dim: int, *, max_period: float = 10000.0, scale: float = 1.0):
+    def __init__(self, dim: int, *, max_period: float = 10000.0):
         super().__init__()
-        self.scale = scale
         if dim % 2:
             raise ValueError(f"the time embedding size must be even, got {dim}")
         half = dim // 2
@@ -43,45 +38,24 @@ class SinusoidalTimeEmbedding(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = (t.float() * self.scale)[:, None] * self.freqs[None, :]  # [B, half]
+        args = t.float()[:, None] * self.freqs[None, :]  # [B, half]
         return torch.cat([args.sin(), args.cos()], dim=-1)  # [B, dim]
-
-
-class StandardizedConv2d(nn.Conv2d):
-    """A convolution whose kernel is standardised per output channel (zero mean, unit variance) on every call.
-
-    Weight standardisation (Qiao et al. 2019) beside GroupNorm smooths the loss landscape. The statistics
-    are taken in float32 whatever the autocast dtype, so the kernel handed to the convolution is the same
-    under fp32, fp16 and bf16 up to the final cast.
-    """
-
-    eps = 1e-5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float()
-        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
-        w = (w - mean) * torch.rsqrt(var + self.eps)
-        return self._conv_forward(x, w.to(self.weight.dtype), self.bias)
 
 
 class ResidualBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, then GroupNorm modulated by the time embedding -> SiLU -> dropout -> conv.
 
-    The branch is added to the input (through a 1x1 convolution when the channel count changes) and the sum
-    is multiplied by ``out_scale``.
+    The branch is added to the input (through a 1x1 convolution when the channel count changes).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, *, groups: int, dropout: float,
-                 standardize: bool = False, out_scale: float = 1.0):
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, *, groups: int, dropout: float):
         super().__init__()
-        conv = StandardizedConv2d if standardize else nn.Conv2d
-        self.out_scale = out_scale
         self.norm1 = nn.GroupNorm(groups, in_ch)
-        self.conv1 = conv(in_ch, out_ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv(out_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -89,19 +63,14 @@ class ResidualBlock(nn.Module):
         scale, shift = self.time_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # [B, out_ch, 1, 1] each
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
-        h = h + self.skip(x)
-        return h * self.out_scale if self.out_scale != 1.0 else h
+        return h + self.skip(x)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection.
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
 
-    The sum of the input and the attention's output is multiplied by ``out_scale``.
-    """
-
-    def __init__(self, channels: int, *, groups: int, head_dim: int = 32, out_scale: float = 1.0):
+    def __init__(self, channels: int, *, groups: int, head_dim: int = 32):
         super().__init__()
-        self.out_scale = out_scale
         self.heads = max(1, channels // head_dim)
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -113,8 +82,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # [B, heads, HW, c/heads] each
         attn = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, c/heads]
         attn = attn.transpose(-1, -2).reshape(b, c, h, w)
-        h = x + self.out(attn)
-        return h * self.out_scale if self.out_scale != 1.0 else h
+        return x + self.out(attn)
 
 
 class Downsample(nn.Module):
@@ -148,14 +116,6 @@ class Unet(nn.Module):
         dropout: dropout inside the residual blocks.
         groups: GroupNorm groups; every level's channel count must be divisible by it.
         attn_head_dim: channels per attention head.
-        time_scale: factor applied to t before the sinusoidal embedding.
-        weight_standardization: use ``StandardizedConv2d`` for the residual blocks' 3x3 convolutions.
-        residual_scaling: multiply the sum of every residual block's or attention's branch and its skip path
-            by 1/sqrt(2), so that two independent unit-variance terms sum to unit variance (the rescaled skip
-            connections of Song et al. 2021) instead of a variance that grows block by block.
-        zero_init_residual: zero-initialise the last layer of every residual branch (each residual block's
-            second convolution, each attention's output projection), so that every block starts as the
-            identity (or its 1x1 skip) and the untrained network is a shallow one that deepens as it learns.
         self_condition: take an estimate of x_0 as a second input, ``forward(x, t, x_self_cond)``; only the
             input convolution changes (2 * ``channels`` input channels).
         image_size: if given, checked at construction (see ``check_image_size``).
@@ -163,9 +123,8 @@ class Unet(nn.Module):
 
     def __init__(self, dim: int, dim_mults: tuple[int, ...] = (1, 2, 4, 8), channels: int = 3, *,
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] | None = None,
-                 dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32,
-                 time_scale: float = 1.0, weight_standardization: bool = False, residual_scaling: bool = False,
-                 zero_init_residual: bool = False, self_condition: bool = False, image_size: int | None = None):
+                 dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32, self_condition: bool = False,
+                 image_size: int | None = None):
         super().__init__()
         dim_mults = tuple(dim_mults)
         _check_sizes(dim, dim_mults, channels, num_res_blocks, groups, dropout)
@@ -184,12 +143,10 @@ class Unet(nn.Module):
             self.check_image_size(image_size)
 
         time_dim = 4 * dim
-        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(dim, scale=time_scale), nn.Linear(dim, time_dim), nn.SiLU(),
+        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(dim), nn.Linear(dim, time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim))
-        out_scale = 1.0 / math.sqrt(2.0) if residual_scaling else 1.0
-        block = dict(time_dim=time_dim, groups=groups, dropout=dropout, standardize=weight_standardization,
-                     out_scale=out_scale)
-        attention = dict(groups=groups, head_dim=attn_head_dim, out_scale=out_scale)
+        block = dict(time_dim=time_dim, groups=groups, dropout=dropout)
+        attention = dict(groups=groups, head_dim=attn_head_dim)
         self.input_conv = nn.Conv2d(channels * (2 if self.self_condition else 1), dim, 3, padding=1)
 
         # Down path: every module's output is pushed as a skip connection.
@@ -219,13 +176,8 @@ class Unet(nn.Module):
                 self.up.append(Upsample(ch))
 
         self.output = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
-        last_layers = [self.output[-1]]
-        if zero_init_residual:
-            last_layers += [m.conv2 for m in self.modules() if isinstance(m, ResidualBlock)]
-            last_layers += [m.out for m in self.modules() if isinstance(m, SelfAttention)]
-        for layer in last_layers:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.output[-1].weight)  # an untrained network predicts zero noise
+        nn.init.zeros_(self.output[-1].bias)
 
     def _level_block(self, in_ch, out_ch, level, block, attention) -> nn.Module:
         res = ResidualBlock(in_ch, out_ch, **block)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from atomic import atomic_write
 from diffusion import Diffusion
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
@@ -65,23 +66,16 @@ def save_process_figure(images: dict[int, torch.Tensor], path: str | os.PathLike
                 ax.set_title(f"t = {t}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike) -> Path:
-    """A square-ish grid of images in [0, 1] as one PNG, written whole or not at all (temp file, then rename)."""
+    """A square-ish grid of images in [0, 1] as one PNG, written whole or not at all."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(images, tmp, nrow=max(1, int(len(images) ** 0.5)))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: save_image(images, f, format="png", nrow=max(1, int(len(images) ** 0.5))))
 
 
 def save_gif(frames: list[torch.Tensor], path: str | os.PathLike, *, nrow: int = 8, scale: int = 2,
@@ -98,8 +92,5 @@ def save_gif(frames: list[torch.Tensor], path: str | os.PathLike, *, nrow: int =
             picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
         pictures.append(picture)
     durations = [frame_ms] * (len(pictures) - 1) + [1000]
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.gif")
-    pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:],
+                                                         duration=durations, loop=0))

@@ -5,13 +5,15 @@
 
 Sections (``--sections``, all by default):
 
-- ``train``: images/s and steps/s of the package's training step (``Trainer.train_step``: EMA, clipping,
-  mixed precision as chosen per device) at the assignment's recommended flags (32 px, batch 32, T = 50,
-  ``unet_dim`` 16, learning rate 1e-3), fed by the package's data pipeline, and fed by one synthetic batch
-  already on the device (the pipeline excluded; then again with ``--self_condition``, whose share of the
-  plain synthetic row prices its extra pass), against the reference solutions' step (per-sample JPEG
-  decoding in a 16-worker DataLoader, fp32, cuDNN autotuning off, ``loss.item()`` every step) on the same
-  network. With ``--large`` the same again on 512 x 512 JPEGs made from the data (the size of AFHQ's files).
+- ``train``: images/s and steps/s of the package's training step (``Trainer.train_step``) with ``main.py``'s
+  default flags (the shipped defaults: two batches of 32 per step, a self-conditioned U-Net, weight decay,
+  mixed precision as chosen per device), fed by the package's data pipeline and by synthetic batches already
+  on the device (the pipeline excluded): one pass per step against separate passes per batch, the baseline
+  (one batch per step, no self-conditioning), and on a GPU eager steps against CUDA graphs in bf16 and fp16.
+  The baseline of the table is the reference solutions' step on the data: two batches of 32 per step as the
+  handout trainer takes them, each JPEG decoded at every step in a 16-worker DataLoader, fp32, cuDNN
+  autotuning off, ``loss.item()`` every step. With ``--large`` the data rows again on 512 x 512 JPEGs made
+  from the data (the size of AFHQ's files).
 - ``sample``: images/s of the full 50-step DDPM chain and of DDIM with 10, 25 and 50 steps, at a few batch
   sizes; the baseline is the DDPM chain at the smallest batch size.
 - ``fid``: one periodic FID evaluation against the reference way, through ``bench/bench_fid.py`` with the
@@ -37,6 +39,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECOMMENDED = {"image_size": 32, "batch_size": 32, "time_steps": 50, "unet_dim": 16, "learning_rate": 1e-3}
+BASELINE = ["--grad_accum", "1", "--self_condition", "False", "--weight_decay", "0"]  # plain Algorithm 1
+# (pipeline, label, main.py flags on top of the defaults) of each training row
+TRAIN_ROWS = [
+    ("reference", "the reference way", ["--self_condition", "False"]),
+    ("package", "shipped defaults", []),
+    ("synthetic", "shipped defaults", []),
+    ("synthetic", "shipped defaults, one pass", ["--one_pass", "True"]),
+    ("synthetic", "shipped defaults, separate passes", ["--one_pass", "False"]),
+    ("synthetic", "baseline", BASELINE),
+]
+GPU_TRAIN_ROWS = [
+    ("package", "shipped defaults, CUDA graph", ["--cuda_graph", "True"]),
+    ("synthetic", "shipped defaults, CUDA graph, one pass", ["--cuda_graph", "True", "--one_pass", "True"]),
+    ("synthetic", "shipped defaults, CUDA graph, separate passes", ["--cuda_graph", "True", "--one_pass", "False"]),
+    ("synthetic", "shipped defaults, CUDA graph, fp16", ["--cuda_graph", "True", "--precision", "fp16"]),
+    ("synthetic", "baseline, CUDA graph", [*BASELINE, "--cuda_graph", "True"]),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,18 +107,25 @@ def _peak_memory_mib(device) -> dict:
     return out
 
 
+def main_flags(spec: dict) -> argparse.Namespace:
+    """``main.py``'s flags for a row: its defaults at the recommended size, with the row's own ``flags`` on top."""
+    from cli import build_parser
+
+    recommended = [f"--{k}={v}" for k, v in RECOMMENDED.items()]
+    return build_parser().parse_args([*recommended, "--device", spec["device"], *spec.get("flags", [])])
+
+
 def _diffusion(spec: dict):
     import torch
 
-    from diffusion import Diffusion
-    from unet import Unet
+    import main
 
     torch.manual_seed(0)
-    net = Unet(spec["unet_dim"], image_size=spec["image_size"], self_condition=spec.get("self_condition", False))
-    return Diffusion(net, image_size=spec["image_size"], timesteps=spec["time_steps"])
+    return main.build_diffusion(main_flags(spec))
 
 
 def measure_training(spec: dict) -> dict:
+    import dataclasses
     import itertools
 
     import torch
@@ -107,12 +133,14 @@ def measure_training(spec: dict) -> dict:
     from trainer import TrainConfig, Trainer
 
     device = _device(spec["device"])
-    diffusion, size, batch_size = _diffusion(spec), spec["image_size"], spec["batch_size"]
+    args = main_flags(spec)
+    diffusion, size, batch_size = _diffusion(spec), args.image_size, args.batch_size
     if spec["pipeline"] == "reference":
         from reference_way import ReferenceStep, reference_loader
 
         batches = reference_loader(Path(spec["data"]), size, batch_size, spec["workers"], device)
-        step = ReferenceStep(diffusion, batches, learning_rate=spec["learning_rate"], device=device)
+        step = ReferenceStep(diffusion, batches, learning_rate=args.learning_rate, device=device,
+                             grad_accum=args.grad_accum)
         precision = "fp32"
     else:
         if spec["pipeline"] == "package":
@@ -123,8 +151,8 @@ def measure_training(spec: dict) -> dict:
             batches = DeviceBatches(images, batch_size, device=device)
         else:  # synthetic: one batch already on the device, served again and again
             batches = itertools.repeat(torch.rand(batch_size, 3, size, size, device=device) * 2 - 1)
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         with tempfile.TemporaryDirectory() as tmp:
-            config = TrainConfig(learning_rate=spec["learning_rate"], cuda_graph=spec.get("cuda_graph", False))
             trainer = Trainer(diffusion, batches, config=config, device=device, save_folder=tmp)
         step, precision = trainer.train_step, trainer.precision
     for _ in range(spec["warmup"]):
@@ -137,21 +165,21 @@ def measure_training(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in diffusion.model.parameters())
     del step, batches  # stops DataLoader workers, so that their peak memory is counted
+    images = spec["steps"] * batch_size * args.grad_accum
     return {"precision": precision, "seconds": seconds, "steps_per_s": spec["steps"] / seconds,
-            "images_per_s": spec["steps"] * batch_size / seconds, "parameters": parameters, **_peak_memory_mib(device)}
+            "images_per_s": images / seconds, "parameters": parameters, **_peak_memory_mib(device)}
 
 
 def measure_sampling(spec: dict) -> dict:
     import torch
 
-    from trainer import AUTOCAST_DTYPES, choose_precision
+    from precision import autocast, choose_precision
 
     device = _device(spec["device"])
     diffusion = _diffusion(spec).to(device).eval()
     generator = torch.Generator(device).manual_seed(0)
     precision = choose_precision("auto", device)  # as the trainer samples its grids and FID images
-    dtype = AUTOCAST_DTYPES.get(precision)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), autocast(device, precision):
         diffusion.sample(min(spec["batch"], 4), sampler=spec["sampler"], steps=spec["steps"], generator=generator)
         _sync(device)
         start = time.perf_counter()
@@ -196,20 +224,17 @@ def train_section(args, device: str, tmp: Path, log) -> list[dict]:
     for name, folder in sets:
         cache_dir = tmp / f"cache-{name}"
         dataset.load_images(folder, "cat", RECOMMENDED["image_size"], cache_dir=cache_dir, progress=False)  # untimed
-        graphs = (False, True) if device.startswith("cuda") else (False,)  # --cuda_graph rows on a GPU
-        # the synthetic batch also with --self_condition, whose extra first pass the share column then prices
-        runs = [("reference", False, False)] + [(p, g, False) for g in graphs for p in ("package", "synthetic")]
-        for pipeline, graph, self_cond in runs + [("synthetic", False, True)]:
+        runs = TRAIN_ROWS + (GPU_TRAIN_ROWS if device.startswith("cuda") else [])
+        for pipeline, label, flags in runs:
             if pipeline == "synthetic" and name != sets[0][0]:
                 continue  # the same with any data
-            spec = {"kind": "train", "pipeline": pipeline, "dataset": name if pipeline != "synthetic" else "-",
-                    "data": str(folder), "cache_dir": str(cache_dir), "steps": steps, "warmup": warmup,
-                    "workers": args.workers, "device": device, "cuda_graph": graph, "self_condition": self_cond,
-                    **RECOMMENDED}
+            spec = {"kind": "train", "pipeline": pipeline, "label": label, "flags": flags,
+                    "dataset": name if pipeline != "synthetic" else "-", "data": str(folder),
+                    "cache_dir": str(cache_dir), "steps": steps, "warmup": warmup, "workers": args.workers,
+                    "device": device}
             row = in_subprocess(spec)
             rows.append(row)
-            label = pipeline + (" +graph" if graph else "") + (" +selfcond" if self_cond else "")
-            log(f"train  {row['dataset']:<11} {label:<17} {row['images_per_s']:9.1f} "
+            log(f"train  {row['dataset']:<11} {pipeline + ', ' + label:<44} {row['images_per_s']:9.1f} "
                 f"img/s  {row['steps_per_s']:7.2f} steps/s  RSS {row['peak_rss_mib']:.0f} MiB")
     return rows
 
@@ -252,19 +277,15 @@ def print_table(results: dict) -> None:
     print(f"\n{results['device']}, {results['cores']} cores, torch {results['torch']}, {results['date']}")
     train = results.get("train") or []
     if train:
-        base = {r["dataset"]: r["images_per_s"] for r in train if r["pipeline"] == "reference"}
-        synthetic = {r.get("cuda_graph", False): r["images_per_s"] for r in train
-                     if r["pipeline"] == "synthetic" and not r.get("self_condition")}
-        print(f"\n{'training':<34} {'img/s':>9} {'steps/s':>8} {'x baseline':>11} {'of synthetic':>13} {'peak MiB':>9}")
+        base = {r["dataset"]: r["steps_per_s"] for r in train if r["pipeline"] == "reference"}
+        print(f"\n{'training (64 images per step unless baseline)':<60} {'img/s':>9} {'steps/s':>8} "
+              f"{'x reference steps/s':>20} {'peak MiB':>9}")
         for r in train:
             ref = base.get(r["dataset"], next(iter(base.values())))
             memory = r.get("peak_gpu_mib") or r["peak_rss_mib"]
-            same = synthetic.get(r.get("cuda_graph", False))
-            share = f"{r['images_per_s'] / same:12.0%}" if same and r["pipeline"] != "reference" else "-"
-            name = (r["dataset"] + ", " + r["pipeline"] + (" + CUDA graph" if r.get("cuda_graph") else "")
-                    + (" + self-cond." if r.get("self_condition") else ""))
-            print(f"{name:<34} {r['images_per_s']:>9.1f} {r['steps_per_s']:>8.2f} "
-                  f"{r['images_per_s'] / ref:>10.2f}x {share:>13} {memory:>9.0f}")
+            name = f"{r['dataset']}, {r['pipeline']}, {r['label']}"
+            print(f"{name:<60} {r['images_per_s']:>9.1f} {r['steps_per_s']:>8.2f} "
+                  f"{r['steps_per_s'] / ref:>19.2f}x {memory:>9.0f}")
     sample = results.get("sample") or []
     if sample:
         base = sample[0]["images_per_s"]

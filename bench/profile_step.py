@@ -1,7 +1,12 @@
 """Where one training step's time goes: torch.profiler over the package's ``Trainer.train_step``.
 
-    python bench/profile_step.py                      # synthetic batches on the device, recommended flags
-    python bench/profile_step.py --data_path ../shared/afhq128/train --steps 50 --trace bench/out/trace.json
+    python bench/profile_step.py                      # synthetic batches on the device, main.py's defaults
+    python bench/profile_step.py --cuda_graph True --precision fp16 --trace bench/out/trace.json
+    python bench/profile_step.py --data --data_path ../shared/afhq128/train --steps 50
+
+Every flag of ``main.py`` that shapes the network or the step applies (``--grad_accum 1 --self_condition False
+--weight_decay 0`` profiles the baseline); ``--data`` serves the images of ``--data_path`` instead of one
+synthetic batch.
 
 Prints the step time (wall clock, with the device synchronised), how much of it the host spends issuing work
 and, on a GPU, how much the device spends computing; then the operators that take the most host and device
@@ -10,6 +15,7 @@ time. ``--trace`` also writes a Chrome trace (open it in chrome://tracing or htt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import tempfile
@@ -22,24 +28,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from diffusion import Diffusion  # noqa: E402
+import main as package_main  # noqa: E402
+from cli import build_parser  # noqa: E402
 from distributed import pick_device  # noqa: E402
-from trainer import PRECISIONS, TrainConfig, Trainer  # noqa: E402
-from unet import Unet  # noqa: E402
+from trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_path", default=None, help="train from this folder's cat/ images (default: synthetic batches)")
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--unet_dim", type=int, default=16)
-    p.add_argument("--time_steps", type=int, default=50)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
-    p.add_argument("--compile", action="store_true", help="compile the U-Net as the --compile flag of main.py does")
-    p.add_argument("--cuda_graph", action="store_true", help="capture each step in a CUDA graph, as --cuda_graph does")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[build_parser()], add_help=False,
+                                conflict_handler="resolve", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", action="store_true", help="train from --data_path's images (default: one synthetic batch)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     p.add_argument("--steps", type=int, default=30, help="profiled steps")
     p.add_argument("--rows", type=int, default=15, help="operators listed per table")
@@ -51,20 +49,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(0)
-    net = Unet(args.unet_dim, image_size=args.image_size)
-    diffusion = Diffusion(net, image_size=args.image_size, timesteps=args.time_steps)
-    if args.data_path:
+    diffusion = package_main.build_diffusion(args)
+    if args.data:
         import dataset
         from batches import DeviceBatches
 
-        images = dataset.load_images(args.data_path, "cat", args.image_size, progress=False).images
+        images = dataset.load_images(args.data_path, args.data_class, args.image_size, progress=False).images
         batches = DeviceBatches(images, args.batch_size, device=device)
     else:
         size = args.image_size
         batches = itertools.repeat(torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(diffusion, batches, device=device, save_folder=tmp,
-                          config=TrainConfig(precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph))
+        trainer = Trainer(diffusion, batches, device=device, save_folder=tmp, config=config)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         trainer.train_step()
@@ -81,9 +78,11 @@ def main(argv=None) -> int:
             trainer.train_step()
         sync()
     events = prof.key_averages()
-    print(f"{device}, precision {trainer.precision}, compile {args.compile}, cuda_graph {args.cuda_graph}, batch {args.batch_size}, "
-          f"{args.image_size} px, unet_dim {args.unet_dim}, torch {torch.__version__}")
-    print(f"step: {1e3 * wall / args.steps:.2f} ms wall clock ({args.batch_size * args.steps / wall:.0f} images/s); "
+    images = args.batch_size * args.grad_accum * args.steps
+    print(f"{device}, precision {trainer.precision}, compile {args.compile}, CUDA graph {trainer.stepper.graphed}, "
+          f"one pass {trainer.stepper.one_pass}, {args.grad_accum} x {args.batch_size} images of {args.image_size} px "
+          f"per step, self-conditioning {args.self_condition}, unet_dim {args.unet_dim}, torch {torch.__version__}")
+    print(f"step: {1e3 * wall / args.steps:.2f} ms wall clock ({images / wall:.0f} images/s); "
           f"the host returns after {1e3 * issued / args.steps:.2f} ms")
     if device.type == "cuda":
         on_device = [e for e in events if "CUDA" in str(e.device_type)]  # kernels and copies

@@ -3,8 +3,9 @@
 - ``ReferenceFolder``/``reference_loader``: an image-folder Dataset that opens, decodes and transforms
   every JPEG at every step (Resize, CenterCrop, RandomHorizontalFlip, ToTensor, Normalize), in a
   shuffling DataLoader with the 16 workers they ask for;
-- ``ReferenceStep``: their training step: fp32, cuDNN autotuning off, plain Adam, no EMA, no clipping,
-  and ``loss.item()`` at every step (a host-device synchronisation).
+- ``ReferenceStep``: their training step: ``grad_accum`` batches (the handout trainer's
+  ``gradient_accumulate_every``, 2), fp32, cuDNN autotuning off, plain Adam, no EMA, no clipping, and
+  ``loss.item()`` at every step (a host-device synchronisation).
 """
 from __future__ import annotations
 
@@ -45,17 +46,20 @@ def reference_loader(folder: Path, image_size: int, batch_size: int, workers: in
 class ReferenceStep:
     """One training step as the reference solutions take it, on the same ``Diffusion`` as the package."""
 
-    def __init__(self, diffusion, batches, *, learning_rate: float, device: torch.device):
+    def __init__(self, diffusion, batches, *, learning_rate: float, device: torch.device, grad_accum: int = 2):
         torch.backends.cudnn.benchmark = False
         self.diffusion = diffusion.to(device)
-        self.batches, self.device = batches, device
+        self.batches, self.device, self.grad_accum = batches, device, grad_accum
         self.optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=learning_rate)
         self.losses: list[float] = []
 
     def __call__(self) -> None:
-        batch = next(self.batches).to(self.device)
-        loss = self.diffusion(batch)
-        self.optimizer.zero_grad()
-        loss.backward()
+        total = 0.0
+        for _ in range(self.grad_accum):
+            batch = next(self.batches).to(self.device)
+            loss = self.diffusion(batch) / self.grad_accum
+            loss.backward()
+            total += loss.item()
         self.optimizer.step()
-        self.losses.append(loss.item())
+        self.optimizer.zero_grad()
+        self.losses.append(total)

@@ -48,10 +48,11 @@ def after_first_save(fault) -> None:
     done = []
 
     def save_and_sample(self):
-        real(self)
+        fid_seconds = real(self)
         if not done:
             done.append(True)
             fault(self.save_folder)
+        return fid_seconds
 
     trainer.Trainer.save_and_sample = save_and_sample
 

@@ -193,82 +193,6 @@ def test_forward_draws_uniform_timesteps_and_returns_scalar_with_grad():
         d(torch.rand(2, 3, 16, 16))
 
 
-def test_stratified_timesteps_cover_the_range_evenly_and_stay_uniform():
-    d = make(T=10, timestep_sampling="stratified")
-    torch.manual_seed(0)
-    draws = [d.sample_timesteps(20, torch.device("cpu")) for _ in range(2000)]
-    for t in draws[:50]:
-        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 9
-        assert torch.bincount(t, minlength=10).tolist() == [2] * 10  # B = 2 T: every timestep twice
-    # 16 = 1.6 T: each timestep once or twice per batch, and uniform over many batches
-    counts = torch.zeros(10)
-    for _ in range(4000):
-        c = torch.bincount(d.sample_timesteps(16, torch.device("cpu")), minlength=10)
-        assert c.min() >= 1 and c.max() <= 2
-        counts += c
-    assert (counts / counts.sum() - 0.1).abs().max() < 0.01
-    # independent draws do not cover the range in every batch
-    u = make(T=10)
-    assert any(torch.bincount(u.sample_timesteps(20, torch.device("cpu")), minlength=10).min() == 0 for _ in range(20))
-    with pytest.raises(ValueError, match="timestep_sampling"):
-        make(timestep_sampling="sorted")
-
-
-@pytest.mark.parametrize("sampling", ["uniform", "stratified"])
-def test_timestep_gamma_draws_t_in_proportion_to_one_minus_alpha_bar(sampling):
-    d = make(T=20, timestep_sampling=sampling, timestep_gamma=1.0)
-    _, alphas_bar = reference_schedule(20)
-    expected = (1 - alphas_bar) / (1 - alphas_bar).sum()
-    np.testing.assert_allclose(d.timestep_probs.numpy(), expected, rtol=1e-5)
-    torch.manual_seed(0)
-    t = torch.cat([d.sample_timesteps(40, torch.device("cpu")) for _ in range(5000)])
-    freq = torch.bincount(t, minlength=20).double().numpy() / len(t)
-    np.testing.assert_allclose(freq, expected, atol=0.004)
-    assert freq[-1] > 10 * freq[0]  # the noisiest timestep far more often than the cleanest
-    np.testing.assert_allclose(make(T=20, timestep_gamma=0.0).timestep_probs.numpy(), np.full(20, 0.05), rtol=1e-6)
-    with pytest.raises(ValueError, match="timestep_gamma"):
-        make(timestep_gamma=-1.5)
-
-
-def test_negative_timestep_gamma_favours_the_nearly_clean_timesteps():
-    _, alphas_bar = reference_schedule(50)
-    d = make(T=50, timestep_gamma=-0.25)
-    expected = (1 - alphas_bar) ** -0.25
-    expected /= expected.sum()
-    probs = d.timestep_probs.numpy()
-    np.testing.assert_allclose(probs, expected, rtol=1e-5)
-    assert np.all(np.diff(probs) < 0) and 4 < probs[0] / probs[-1] < 6  # falls with t; (1 - alpha_bar_0)^-0.25 ~ 4.9
-    assert np.isfinite(make(T=1000, timestep_gamma=-1.0).timestep_probs.numpy()).all()
-
-
-def test_min_snr_gamma_visits_the_nearly_clean_timesteps_less():
-    _, alphas_bar = reference_schedule(20)
-    snr = alphas_bar / (1 - alphas_bar)
-    d = make(T=20, min_snr_gamma=5.0)
-    expected = np.minimum(1.0, 5.0 / snr)
-    expected /= expected.sum()
-    np.testing.assert_allclose(d.timestep_probs.numpy(), expected, rtol=1e-5)
-    noisy = snr <= 5.0
-    assert 0 < noisy.sum() < 20  # both regimes are present at T = 20
-    probs = d.timestep_probs.numpy()
-    np.testing.assert_allclose(probs[noisy], probs[noisy][0], rtol=1e-6)  # flat where SNR_t <= gamma
-    assert np.all(probs[~noisy] < probs[noisy][0]) and probs[0] < 0.05 * probs[-1]  # 5 / SNR_0, SNR_0 = 124
-    torch.manual_seed(0)
-    t = torch.cat([d.sample_timesteps(40, torch.device("cpu")) for _ in range(5000)])
-    freq = torch.bincount(t, minlength=20).double().numpy() / len(t)
-    np.testing.assert_allclose(freq, expected, atol=0.004)
-    # it composes with timestep_gamma by multiplying the two distributions
-    both = make(T=20, timestep_gamma=1.0, min_snr_gamma=5.0).timestep_probs.numpy()
-    product = (1 - alphas_bar) * np.minimum(1.0, 5.0 / snr)
-    np.testing.assert_allclose(both, product / product.sum(), rtol=1e-5)
-    # a gamma above every SNR_t leaves the uniform distribution
-    np.testing.assert_allclose(make(T=20, min_snr_gamma=float(snr.max()) * 2).timestep_probs.numpy(),
-                               np.full(20, 0.05), rtol=1e-5)
-    for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="min_snr_gamma"):
-            make(min_snr_gamma=bad)
-
-
 def test_last_step_adds_no_noise_and_others_do():
     d = make(T=50)
     x = torch.randn(4, 3, 8, 8)
@@ -340,52 +264,6 @@ def test_bad_arguments_fail_with_messages():
         d.ddim_sample((1, 3, 8, 8), steps=11)
     with pytest.raises(ValueError, match="sampler"):
         d.sample(1, sampler="euler")
-
-
-class OracleV(nn.Module):
-    """Knows x_0 and the noise, and returns the exact v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0."""
-
-    def __init__(self, x_start, noise):
-        super().__init__()
-        self.x_start, self.noise, self.diffusion = x_start, noise, None
-
-    def forward(self, x_t, t):
-        d = self.diffusion
-        a = extract(d.sqrt_alphas_cumprod, t, x_t.shape)
-        b = extract(d.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
-        return a * self.noise - b * self.x_start
-
-
-def test_v_output_turns_the_exact_v_into_the_exact_noise_at_every_t():
-    g = torch.Generator().manual_seed(0)
-    x_start = torch.rand(50, 3, 8, 8, generator=g) * 2 - 1
-    noise = torch.randn(50, 3, 8, 8, generator=g)
-    oracle = OracleV(x_start, noise)
-    d = make(oracle, network_output="v")
-    oracle.diffusion = d
-    t = torch.arange(50)  # every timestep, including T-1 where 1 / sqrt(alpha_bar) is about 1,000
-    x_t = d.q_sample(x_start, t, noise)
-    torch.testing.assert_close(d.predict_noise(x_t, t), noise, atol=2e-5, rtol=0)
-    assert d.p_loss(x_start, t, noise).item() < 2e-5
-    # and so Eq. (19) recovers x_0 from it
-    torch.testing.assert_close(d.predict_start_from_noise(x_t, t, d.predict_noise(x_t, t))[:-1], x_start[:-1],
-                               atol=1e-3, rtol=0)
-
-
-def test_v_output_of_zero_means_x0_estimate_sqrt_alpha_bar_times_x_t():
-    d = make(network_output="v")
-    x_t = torch.randn(50, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    t = torch.arange(50)
-    x0 = d.predict_start_from_noise(x_t, t, d.predict_noise(x_t, t))
-    # v = 0: x_0 = sqrt(alpha_bar) x_t (to float32 cancellation in Eq. 19 at T-1), bounded by |x_t| even at T-1, where an eps network that is
-    # off by 1e-3 would put x_0 off by about 1
-    torch.testing.assert_close(x0, extract(d.sqrt_alphas_cumprod, t, x_t.shape) * x_t, atol=1e-3, rtol=0)
-    assert make(network_output="eps").predict_noise(x_t, t).abs().max() == 0  # eps output is the network's
-
-
-def test_network_output_is_checked():
-    with pytest.raises(ValueError, match="network_output must be one of"):
-        make(network_output="x0")
 
 
 # --- self-conditioning ----------------------------------------------------------------------------

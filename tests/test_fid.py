@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
+import feature_distances
 import fid
 from errors import UserError
 
@@ -102,11 +103,11 @@ def test_frechet_matches_independent_computations():
     f1 = rng.normal(size=(300, 24)) @ rng.normal(size=(24, 24))
     f2 = rng.normal(size=(250, 24)) * 1.5 + 0.3
     mu1, s1, mu2, s2 = f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)
-    ours = fid.frechet_distance(mu1, s1, mu2, s2)
+    ours = feature_distances.frechet_distance(mu1, s1, mu2, s2)
     assert ours == pytest.approx(independent_fid(f1, f2), rel=1e-9)
     reference_way = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
     assert ours == pytest.approx(reference_way, rel=1e-8)
-    assert fid.frechet_distance(mu1, s1, mu2, s2, sqrt_sigma2=fid._sqrt_psd(s2)) == pytest.approx(ours, rel=1e-12)
+    assert feature_distances.frechet_distance(mu1, s1, mu2, s2, sqrt_sigma2=feature_distances.sqrt_psd(s2)) == pytest.approx(ours, rel=1e-12)
 
 
 def test_frechet_singular_covariances():
@@ -116,7 +117,7 @@ def test_frechet_singular_covariances():
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     tr = np.sqrt(np.maximum(np.linalg.eigvals(s1 @ s2).real, 0)).sum()  # another independent route
     expected = ((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr
-    ours = fid.frechet_distance(f1.mean(0), s1, f2.mean(0), s2)
+    ours = feature_distances.frechet_distance(f1.mean(0), s1, f2.mean(0), s2)
     assert np.isfinite(ours) and ours == pytest.approx(expected, rel=1e-6)
     assert ours == pytest.approx(independent_fid(f1, f2), rel=1e-6)
 
@@ -125,16 +126,16 @@ def test_frechet_identical_and_mean_shift():
     rng = np.random.default_rng(2)
     f = rng.random((100, 16))
     mu, sigma = f.mean(0), np.cov(f, rowvar=False)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-10 * np.trace(sigma)
+    assert abs(feature_distances.frechet_distance(mu, sigma, mu, sigma)) < 1e-10 * np.trace(sigma)
     shift = np.arange(16) * 0.01
-    assert fid.frechet_distance(mu + shift, sigma, mu, sigma) == pytest.approx((shift ** 2).sum(), rel=1e-6)
+    assert feature_distances.frechet_distance(mu + shift, sigma, mu, sigma) == pytest.approx((shift ** 2).sum(), rel=1e-6)
 
 
 def test_frechet_rejects_bad_input():
     with pytest.raises(ValueError, match="shapes"):
-        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        feature_distances.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="finite"):
-        fid.frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+        feature_distances.frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def naive_mmd2(x, y):
 def test_kid_matches_naive_and_clean_fid_on_whole_sets():
     rng = np.random.default_rng(3)
     x, y = rng.random((40, 8)), rng.random((40, 8)) + 0.2
-    ours = fid.kernel_inception_distance(x, y, num_subsets=3, subset_size=1000)  # m = 40: every subset is all
+    ours = feature_distances.kernel_inception_distance(x, y, num_subsets=3, subset_size=1000)  # m = 40: every subset is all
     assert ours == pytest.approx(naive_mmd2(x, y), rel=1e-10)
     assert ours == pytest.approx(kernel_distance(x, y, num_subsets=2, max_subset_size=1000), rel=1e-10)
 
@@ -163,9 +164,9 @@ def test_kid_gram_and_subset_paths_agree():
     rng = np.random.default_rng(4)
     x, y = torch.tensor(rng.random((60, 8))), torch.tensor(rng.random((90, 8)))
     draws = [np.stack([rng.choice(n, 25, replace=False) for _ in range(7)]) for n in (60, 90)]
-    for a, b in zip(fid._kid_sums_gram(x, y, draws), fid._kid_sums_subsets(x, y, draws)):
+    for a, b in zip(feature_distances._kid_sums_gram(x, y, draws), feature_distances._kid_sums_subsets(x, y, draws)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-    xx, yy, xy = fid._kid_sums_gram(x, y, draws)
+    xx, yy, xy = feature_distances._kid_sums_gram(x, y, draws)
     a, b = x[draws[0][2]].numpy(), y[draws[1][2]].numpy()
     assert xy[2].item() == pytest.approx(sum((u @ v / 8 + 1) ** 3 for u in a for v in b), rel=1e-12)
     assert xx[2].item() == pytest.approx(sum((a[i] @ a[j] / 8 + 1) ** 3 for i in range(25) for j in range(25)
@@ -175,22 +176,22 @@ def test_kid_gram_and_subset_paths_agree():
 def test_kid_large_sets_take_subset_path_with_the_same_value(monkeypatch):
     rng = np.random.default_rng(5)
     x, y = rng.random((400, 4)), rng.random((300, 4))
-    small = fid.kernel_inception_distance(x, y, num_subsets=2, subset_size=10)  # n^2 >> S m^2: subset path
-    monkeypatch.setattr(fid, "_kid_sums_subsets", fid._kid_sums_gram)
-    assert fid.kernel_inception_distance(x, y, num_subsets=2, subset_size=10) == pytest.approx(small, rel=1e-10)
+    small = feature_distances.kernel_inception_distance(x, y, num_subsets=2, subset_size=10)  # n^2 >> S m^2: subset path
+    monkeypatch.setattr(feature_distances, "_kid_sums_subsets", feature_distances._kid_sums_gram)
+    assert feature_distances.kernel_inception_distance(x, y, num_subsets=2, subset_size=10) == pytest.approx(small, rel=1e-10)
 
 
 def test_kid_is_unbiased_near_zero_for_one_distribution_and_reproducible():
     rng = np.random.default_rng(6)
     x, y, z = rng.random((300, 16)), rng.random((300, 16)), rng.random((300, 16)) + 0.1
-    same = fid.kernel_inception_distance(x, y, num_subsets=20, subset_size=200)
-    different = fid.kernel_inception_distance(x, z, num_subsets=20, subset_size=200)
+    same = feature_distances.kernel_inception_distance(x, y, num_subsets=20, subset_size=200)
+    different = feature_distances.kernel_inception_distance(x, z, num_subsets=20, subset_size=200)
     assert different > 0.05 and abs(same) < 0.02 * different
-    assert fid.kernel_inception_distance(x, z, num_subsets=20, subset_size=200) == different
-    assert fid.kernel_inception_distance(x[:5], z, num_subsets=2) == pytest.approx(  # subset_size capped at 5
-        fid.kernel_inception_distance(x[:5], z, num_subsets=2, subset_size=5))
+    assert feature_distances.kernel_inception_distance(x, z, num_subsets=20, subset_size=200) == different
+    assert feature_distances.kernel_inception_distance(x[:5], z, num_subsets=2) == pytest.approx(  # subset_size capped at 5
+        feature_distances.kernel_inception_distance(x[:5], z, num_subsets=2, subset_size=5))
     with pytest.raises(ValueError):
-        fid.kernel_inception_distance(x[:1], z)
+        feature_distances.kernel_inception_distance(x[:1], z)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def test_evaluate_chunks_quantizes_and_matches_independent_fid(tmp_path, monkeyp
     gen = extractor((samples * 255 + 0.5).clamp(0, 255).to(torch.uint8))
     real_feats = extractor(real).astype(np.float32).astype(np.float64)
     assert result["fid"] == pytest.approx(independent_fid(gen, real_feats), rel=1e-6)
-    assert result["kid"] == pytest.approx(fid.kernel_inception_distance(gen, real_feats), rel=1e-6)
+    assert result["kid"] == pytest.approx(feature_distances.kernel_inception_distance(gen, real_feats), rel=1e-6)
 
 
 def test_evaluate_identical_sets_gives_zero_fid(tmp_path):

@@ -10,8 +10,8 @@ import torch
 
 import main
 from checkpoint import load_checkpoint
+from checkpoint import LAST_COMMIT_WITH_REMOVED
 from helpers import TINY_FLAGS, TinyFeatures, make_image_folder
-from trainer import LEGACY_EMA_SIGMA_REL
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_FLAGS, "--log_every", "2"]
@@ -82,46 +82,32 @@ def test_checkpoint_of_another_architecture_is_refused(data_path, tmp_path, caps
     assert "num_res_blocks=1 in the checkpoint but 2 here" in err[-1] and "--num_res_blocks 1" in err[-1]
 
 
-def test_zero_init_residual_flag_reaches_the_network(data_path, tmp_path):
-    from cli import build_parser
-    parser = build_parser()
-    for flags, zeroed in (([], False), (["--zero_init_residual"], True)):
-        net = main.build_diffusion(parser.parse_args(args(data_path, tmp_path, *flags))).model
-        conv2 = [m.conv2.weight for m in net.modules() if hasattr(m, "conv2")]
-        assert conv2 and all((torch.count_nonzero(w) == 0) == zeroed for w in conv2)
-
-
-def test_experimental_switches_reach_the_model_and_the_checkpoint(data_path, tmp_path, capsys, monkeypatch):
+def test_model_and_training_flags_reach_the_network_the_trainer_and_the_checkpoint(data_path, tmp_path, capsys,
+                                                                                  monkeypatch):
     built = []
     real = main.build_diffusion
     monkeypatch.setattr(main, "build_diffusion", lambda a: built.append(real(a)) or built[-1])
     save = tmp_path / "run"
-    extra = ["--timestep_sampling", "stratified", "--timestep_gamma", 0.5, "--min_snr_gamma", 5, "--weight_standardization",
-             "--residual_scaling", "--rescale_timesteps", "--adam_beta2", 0.99, "--network_output", "v",
-             "--weight_decay", 0.05, "--self_condition", "--ema_sigma_rel", 0.03]
+    extra = ["--loss", "huber", "--dropout", 0.1, "--weight_decay", 0.05, "--ema_sigma_rel", 0.03, "--lr_warmup", 3,
+             "--lr_decay", "cosine", "--grad_clip", 0.5, "--one_pass", "False", "--sampler", "ddim", "--sample_steps", 5]
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *extra)) == 0
     d = built[-1]
-    assert (d.timestep_sampling, d.timestep_gamma, d.min_snr_gamma, d.network_output) == ("stratified", 0.5, 5.0, "v")
-    assert d.model.time_embed[0].scale == pytest.approx(100.0)  # 1000 / T with T = 10
-    assert type(d.model.down[0].conv1).__name__ == "StandardizedConv2d"
-    assert d.model.down[0].out_scale == d.model.mid[1].out_scale == pytest.approx(2 ** -0.5)
-    assert d.self_condition and d.model.input_conv.in_channels == 6
+    assert d.loss_type == "huber" and d.self_condition and d.model.input_conv.in_channels == 6
+    assert d.model.down[0].dropout.p == 0.1
     ckpt = load_checkpoint(save / "model.pt")
-    assert ckpt["architecture"]["rescale_timesteps"] is True and ckpt["architecture"]["weight_standardization"] is True
-    assert ckpt["architecture"]["network_output"] == "v" and ckpt["architecture"]["residual_scaling"] is True
     assert ckpt["architecture"]["self_condition"] is True
-    assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
-    assert ckpt["config"]["trainer"]["weight_decay"] == 0.05  # reached the Trainer, not just the flags
-    assert ckpt["config"]["trainer"]["ema_sigma_rel"] == 0.03
+    trainer = ckpt["config"]["trainer"]  # what reached the Trainer, not just the flags
+    assert (trainer["weight_decay"], trainer["ema_sigma_rel"], trainer["lr_warmup"], trainer["lr_decay"]) == \
+        (0.05, 0.03, 3, "cosine")
+    assert (trainer["grad_clip"], trainer["one_pass"], trainer["sampler"], trainer["sample_steps"]) == \
+        (0.5, False, "ddim", 5)
     capsys.readouterr()
-    code = main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--visualize",
-                          "--self_condition", "False", "--rescale_timesteps", "False"))
-    assert code == 2  # flags named on the command line that contradict the checkpoint's network are refused
-    assert ("self_condition=True in the checkpoint but False here" in capsys.readouterr().err.strip().splitlines()[-1])
-    # unnamed, they are taken from the checkpoint
-    assert main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--visualize")) == 0
-    assert ("--rescale_timesteps True --weight_standardization True --residual_scaling True --network_output v"
-            in capsys.readouterr().out)
+    code = main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--sample", 2,
+                          "--self_condition", "False"))
+    assert code == 2  # a flag named on the command line that contradicts the checkpoint's network is refused
+    assert "self_condition=True in the checkpoint but False here" in capsys.readouterr().err.strip().splitlines()[-1]
+    # unnamed, the network's flags are taken from the checkpoint (here: the same as the defaults)
+    assert main.main(args(data_path, tmp_path / "other", "--load_path", save / "model.pt", "--sample", 2)) == 0
 
 
 def test_wandb_offline_keeps_a_local_run(data_path, tmp_path):
@@ -150,7 +136,8 @@ def test_defaults_are_the_assignments_recommended_command():
     assert Path(a.data_path) == Path("./data/train") and Path(a.save_folder) == Path("./results")
     # the package's own choices that scored best at that command (BENCHMARKS.md), on by default
     assert (a.grad_accum, a.self_condition, a.weight_decay, a.ema_sigma_rel) == (2, True, 0.1, 0.05)
-    assert (a.loss, a.network_output, a.ema_decay, a.grad_clip, a.lr_decay) == ("l1", "eps", 0.999, 1.0, "none")
+    assert (a.loss, a.ema_decay, a.grad_clip, a.lr_decay) == ("l1", 0.999, 1.0, "none")
+    assert (a.one_pass, a.cuda_graph) == ("auto", False)
 
 
 def test_named_flags_are_those_the_command_line_names_whatever_their_values():
@@ -178,25 +165,68 @@ def test_resuming_keeps_how_the_checkpoint_was_trained_unless_a_flag_says_otherw
     assert load_checkpoint(save / "model.pt")["step"] == 4
 
 
-def test_a_checkpoint_from_before_the_defaults_changed_loads_without_flags(data_path, tmp_path, capsys):
-    """A checkpoint that records neither self_condition nor grad_accum nor weight_decay was trained without them, and
-    one that records no ema_sigma_rel with the former EMA warm-up, (1 + step) / (10 + step)."""
+def test_checkpoints_made_with_a_removed_option_are_refused_with_the_commit_that_has_it(data_path, tmp_path, capsys):
+    """Checkpoints record every flag. One made with an option that was removed (BENCHMARKS.md, "Tried and
+    removed") is refused rather than loaded as another network: an architectural one for any use, a training
+    one when a run would resume without it. The same keys at their "off" values, as every checkpoint written
+    before the removal records them, load as before."""
     save = tmp_path / "run"
-    plain = ["--grad_accum", 1, "--self_condition", "False", "--weight_decay", 0]
-    assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *plain)) == 0
+    assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2)) == 0
     ckpt = load_checkpoint(save / "model.pt")
-    for key in ("self_condition", "grad_accum", "weight_decay", "ema_sigma_rel"):
-        ckpt["config"].pop(key)
-    ckpt["architecture"].pop("self_condition")
-    torch.save(ckpt, tmp_path / "old.pt")
+    ckpt["architecture"].update(rescale_timesteps=False, weight_standardization=False, residual_scaling=False,
+                                network_output="eps")
+    ckpt["config"].update(timestep_gamma=0.0, adam_beta2=0.999, ema_warmup=True, lr_decay_start=0.0,
+                          snapshot_every=0, fid_sampler="ddpm")
+    torch.save(ckpt, tmp_path / "before.pt")
+    resume = ["--train_steps", 3, "--save_and_sample_every", 3, "--load_path"]
+    assert main.main(args(data_path, tmp_path / "resumed", *resume, tmp_path / "before.pt")) == 0
+
+    def refused(path, *command) -> str:
+        capsys.readouterr()
+        assert main.main(args(data_path, tmp_path / "x", *command, "--load_path", path)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1
+        return err[0]
+
+    ckpt["architecture"]["network_output"] = "v"
+    torch.save(ckpt, tmp_path / "v.pt")
+    line = refused(tmp_path / "v.pt", "--sample", 2)
+    assert "--network_output v, an option this package no longer has" in line
+    assert f"git checkout {LAST_COMMIT_WITH_REMOVED}" in line
+    ckpt["architecture"]["network_output"] = "eps"
+    ckpt["config"]["timestep_gamma"] = 0.5
+    torch.save(ckpt, tmp_path / "gamma.pt")
+    assert "--timestep_gamma 0.5" in refused(tmp_path / "gamma.pt", "--train_steps", 3)
+    assert main.main(args(data_path, tmp_path / "y", "--load_path", tmp_path / "gamma.pt", "--sample", 2)) == 0
+    ckpt["config"].update(timestep_gamma=0.0, lr_decay="linear")
+    torch.save(ckpt, tmp_path / "linear.pt")
+    assert "--lr_decay linear" in refused(tmp_path / "linear.pt", "--train_steps", 3)
+
+
+def test_a_checkpoint_is_enough_to_sample_and_to_score_once_the_statistics_are_cached(tmp_path, stand_in_inception,
+                                                                                        capsys):
+    data = make_image_folder(tmp_path / "afhq", count=12)
+    save, cache = tmp_path / "run", tmp_path / "cache"
+    assert main.main(args(data, save, "--train_steps", 2, "--save_and_sample_every", 2, "--fid", "--fid_samples", 4,
+                          "--cache_dir", cache)) == 0
+    moved = tmp_path / "elsewhere"
+    (data / "cat").rename(moved)  # the training images are gone
+    for name in list(cache.glob("cat_*")):
+        name.unlink()  # and their decoded cache: only the FID statistics are left
+    gone = tmp_path / "nowhere" / "train"
+    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--sample", 4)) == 0
+    assert (save / "samples-2-ddpm.png").exists()
     capsys.readouterr()
-    assert main.main(args(data_path, tmp_path / "resumed", "--train_steps", 3, "--save_and_sample_every", 3,
-                          "--load_path", tmp_path / "old.pt")) == 0
-    assert "--self_condition False --grad_accum 1 --weight_decay 0.0" in capsys.readouterr().out
-    resumed = load_checkpoint(tmp_path / "resumed" / "model.pt")
-    assert resumed["step"] == 3 and resumed["config"]["trainer"]["grad_accum"] == 1
-    assert resumed["architecture"]["self_condition"] is False
-    assert resumed["config"]["trainer"]["ema_sigma_rel"] == pytest.approx(LEGACY_EMA_SIGMA_REL)
+    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 0
+    assert "FID " in capsys.readouterr().out  # found through the folder the checkpoint records
+    for stats in cache.glob("fid_ref_*.npz"):
+        stats.unlink()
+    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 2
+    assert f"--data_path {gone} does not exist" in capsys.readouterr().err  # now the images are needed
+    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--visualize")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --visualize shows real training images") and \
+        f"--data_path {gone} does not exist" in err[0]
 
 
 @pytest.fixture

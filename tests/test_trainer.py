@@ -1,4 +1,4 @@
-"""The Trainer with a tiny U-Net and fake batches: steps, EMA, precision, checkpoints, resume, NaN, figures."""
+"""The Trainer with a tiny U-Net and fake batches: steps, EMA, schedules, checkpoints, resume, NaN, FID, figures."""
 import math
 import re
 import time
@@ -9,7 +9,8 @@ import torch
 import checkpoint as ckpt_io
 from errors import UserError
 from helpers import FakeBatches, tiny_diffusion
-from trainer import LEGACY_EMA_SIGMA_REL, TrainConfig, Trainer, TrainingDiverged, choose_precision, ema_gamma
+from ema import MAX_SIGMA_REL, sigma_rel_to_gamma
+from trainer import TrainConfig, Trainer, TrainingDiverged
 
 ARCH = dict(image_size=16, channels=3, time_steps=10, unet_dim=8, dim_mults=[1, 2], num_res_blocks=1,
             attention_levels=None)
@@ -35,7 +36,6 @@ def test_training_writes_checkpoints_grids_and_lowers_loss(tmp_path, capsys):
     trainer.train()
     times = time_summary(capsys.readouterr().out)
     assert times["steps"] == 6 and times["fid"] == 0 and times["periodic"] > 0 and times["training"] > 0
-    assert abs(times["training"] + times["periodic"] + times["fid"] - times["total"]) <= 0.15
     assert trainer.step == 6
     assert (tmp_path / "model.pt").exists()
     assert (tmp_path / "sample-3.png").exists() and (tmp_path / "sample-6.png").exists()
@@ -63,25 +63,28 @@ def test_dropout_acts_in_training_only_never_when_sampling_the_ema(tmp_path):
     assert torch.equal(trainer.sample(2), first)
 
 
-def test_ema_starts_at_model_and_lags_behind(tmp_path):
-    trainer = make_trainer(tmp_path, ema_decay=0.9, ema_warmup=False)
+def test_ema_follows_the_weights_at_the_warm_up_decay(tmp_path):
+    trainer = make_trainer(tmp_path, ema_decay=0.9)
     before = [p.clone() for p in trainer.ema.model.parameters()]
+    decay = trainer.ema_decay_at(0)
     trainer.train_step()
+    assert decay == pytest.approx(1 / (sigma_rel_to_gamma(0.05) + 2))  # (1 + step) / (gamma + 2 + step) at step 0
     for p_ema, p_old, p in zip(trainer.ema.model.parameters(), before, trainer.diffusion.model.parameters()):
-        assert torch.allclose(p_ema, 0.9 * p_old + 0.1 * p.detach(), atol=1e-6)
-    assert trainer.ema_decay_at(0) == pytest.approx(0.9)
-    trainer.config.ema_warmup = True
-    trainer.config.ema_sigma_rel = LEGACY_EMA_SIGMA_REL  # the former warm-up: (1 + step) / (10 + step)
-    assert [trainer.ema_decay_at(s) for s in (0, 5, 80)] == pytest.approx([1 / 10, 6 / 15, 81 / 90], rel=1e-12)
-    assert trainer.ema_decay_at(10 ** 6) == pytest.approx(0.9)
-    trainer.config.ema_sigma_rel = 0.05  # gamma 16.97: a shorter average, so a lower decay at every step
-    assert trainer.ema_decay_at(80) == pytest.approx(81 / (80 + ema_gamma(0.05) + 2)) and 0.8 < trainer.ema_decay_at(80) < 81 / 90
+        assert torch.allclose(p_ema, decay * p_old + (1 - decay) * p.detach(), atol=1e-6)
+    assert trainer.ema_decay_at(10 ** 6) == pytest.approx(0.9)  # capped by --ema_decay
+
+
+def test_the_warm_up_width_sets_gamma():
+    """sigma_rel is the standard deviation of s / S under weights s ** gamma: gamma 8 gives sqrt(9 / 1100) (the
+    warm-up (1 + step) / (10 + step)), and a narrower average needs a larger gamma."""
+    assert sigma_rel_to_gamma((9 / 1100) ** 0.5) == pytest.approx(8.0, rel=1e-9)
+    assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert sigma_rel_to_gamma(0.28) < 1 < sigma_rel_to_gamma(0.2)
 
 
 def test_an_ema_wider_than_any_power_function_average_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ema_sigma_rel must be in"):
-        make_trainer(tmp_path, ema_sigma_rel=0.3)
-    assert make_trainer(tmp_path, ema_sigma_rel=0.3, ema_warmup=False).ema_decay_at(5) == 0.999  # unused without warm-up
+        make_trainer(tmp_path, ema_sigma_rel=MAX_SIGMA_REL + 0.01)
 
 
 def test_lr_warmup_and_gradient_accumulation(tmp_path):
@@ -103,29 +106,17 @@ def test_cosine_learning_rate_decay_after_the_warmup(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[9])  # the last step's rate was applied
     assert make_trainer(tmp_path, train_steps=10).lr_at(9) == pytest.approx(1e-3)  # no decay by default
     with pytest.raises(ValueError, match="lr_decay"):
-        make_trainer(tmp_path, lr_decay="step")
-
-
-def test_linear_learning_rate_decay_over_the_last_part_of_the_run(tmp_path):
-    trainer = make_trainer(tmp_path, train_steps=10, lr_decay="linear", lr_decay_start=0.6)
-    lrs = [trainer.lr_at(step) for step in range(11)]
-    assert lrs[:7] == pytest.approx([1e-3] * 7)  # held at the peak for the first 60 %
-    assert lrs[6:] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.0])  # then a straight line to 0
-    cosine = make_trainer(tmp_path, train_steps=10, lr_decay="cosine", lr_decay_start=0.6)
-    assert cosine.lr_at(5) == pytest.approx(1e-3) and cosine.lr_at(8) == pytest.approx(0.5e-3)
-    # a warmup longer than the held part pushes the start of the decay back to its end
-    late = make_trainer(tmp_path, train_steps=10, lr_warmup=8, lr_decay="linear", lr_decay_start=0.5)
-    assert late.lr_at(7) == pytest.approx(1e-3) and late.lr_at(8) == pytest.approx(1e-3)
-    assert late.lr_at(9) == pytest.approx(0.5e-3)
+        make_trainer(tmp_path, lr_decay="linear")
 
 
 def test_precision_choice(monkeypatch):
-    import trainer as trainer_module
+    import precision as precision_module
+    from precision import choose_precision
 
-    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: False)
     assert choose_precision("auto", torch.device("cpu")) == "fp32"
     assert choose_precision("auto", torch.device("mps")) == "fp32"
-    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: True)
     assert choose_precision("auto", torch.device("cpu")) == "bf16"  # a CPU with bf16 instructions
     assert choose_precision("auto", torch.device("mps")) == "fp32"
     assert choose_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice always wins
@@ -185,28 +176,15 @@ def test_other_architecture_is_refused_with_the_mismatch(tmp_path):
         other.load(tmp_path / "model.pt")
 
 
-def test_checkpoints_from_before_a_switch_existed_load_as_trained(tmp_path):
+def test_a_setting_the_checkpoint_does_not_record_is_checked_on_its_tensors(tmp_path):
     make_trainer(tmp_path, train_steps=3).train()
     ckpt = ckpt_io.load_checkpoint(tmp_path / "model.pt")
-    for key in ("rescale_timesteps", "weight_standardization", "network_output", "self_condition"):
-        ckpt["architecture"].pop(key, None)  # as written before these switches existed
+    del ckpt["architecture"]["self_condition"]  # as a checkpoint written before the flag existed
     torch.save(ckpt, tmp_path / "old.pt")
-    make_trainer(tmp_path / "a", rc={"rescale_timesteps": False, "network_output": "eps",
-                                     "self_condition": False}).load(tmp_path / "old.pt")
-    with pytest.raises(UserError, match="self_condition=False in the checkpoint but True here"):
-        make_trainer(tmp_path / "d", rc={"self_condition": True}).load(tmp_path / "old.pt")
-    with pytest.raises(UserError, match="network_output=eps in the checkpoint but v here; "
-                                        "rerun with --network_output eps"):
-        make_trainer(tmp_path / "c", rc={"network_output": "v"}).load(tmp_path / "old.pt")
-    switched = make_trainer(tmp_path / "b", rc={"rescale_timesteps": True})
-    with pytest.raises(UserError, match="rescale_timesteps=False in the checkpoint but True here; "
-                                        "rerun with --rescale_timesteps False"):
-        switched.load(tmp_path / "old.pt")
-
-
-def test_adam_second_moment_decay_is_configurable(tmp_path):
-    assert make_trainer(tmp_path).optimizer.param_groups[0]["betas"] == (0.9, 0.999)
-    assert make_trainer(tmp_path / "x", adam_beta2=0.99).optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    make_trainer(tmp_path / "a").load(tmp_path / "old.pt")  # the same network: loads
+    with pytest.raises(UserError, match=r"input_conv.weight has shape \[8, 3, 3, 3\] in the checkpoint but "
+                                        r"\[8, 6, 3, 3\] here; rerun with the architecture flags"):
+        make_trainer(tmp_path / "b", self_condition=True, rc={"self_condition": True}).load(tmp_path / "old.pt")
 
 
 def test_weight_decay_is_adamw_on_the_kernels_only(tmp_path):
@@ -350,67 +328,17 @@ def test_process_figures_run_in_process_order():
     assert len(frames) == 21
 
 
-@pytest.mark.parametrize("grad_accum, shipped", [(1, False), (2, False), (2, True)])
-def test_the_captured_step_body_does_what_the_eager_step_does(tmp_path, grad_accum, shipped):
-    """--cuda_graph replays ``_captured_step``; run eagerly here, it must match ``train_step``: the same loss,
-    weights, Adam state and EMA after each of three steps, with one batch per step or two accumulated, and with
-    main.py's defaults (two batches, self-conditioning, weight decay 0.1) (the capture itself needs a GPU)."""
-    settings = dict(ema_decay=0.9, precision="fp32", grad_accum=grad_accum)  # fp32: tolerances of rounding only
-    if shipped:
-        settings.update(self_condition=True, weight_decay=0.1)
-    eager = make_trainer(tmp_path / "eager", **settings)
-    body = make_trainer(tmp_path / "body", **settings)
-    batches = iter(FakeBatches())
-    for step in range(3):
-        micro = [next(batches) for _ in range(grad_accum)]
-        eager.data_iter = iter(micro)
-        torch.manual_seed(step)
-        loss = eager.train_step()
-        body.data_iter = iter(micro)
-        body._load_static_batch()  # what each replay reads: the step's batches, one slice each
-        body._ema_weight.fill_(1 - body.ema_decay_at(step))
-        body.optimizer.zero_grad(set_to_none=True)
-        torch.manual_seed(step)
-        body._captured_step()
-        body.step += 1
-        assert torch.equal(body._static_loss, loss)
-        for a, b in zip(eager.diffusion.parameters(), body.diffusion.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        for a, b in zip(eager.ema.parameters(), body.ema.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert [s["step"] for s in body.optimizer.state_dict()["state"].values()] == [3] * len(body.optimizer.state)
-
-
-@pytest.mark.parametrize("settings, message", [
-    ({}, "needs a CUDA GPU, and this run is on cpu"),
-    ({"precision": "fp16"}, "needs a CUDA GPU"),  # the device is checked first
-])
-def test_cuda_graph_settings_are_checked_with_one_line(tmp_path, settings, message):
-    with pytest.raises(UserError, match=message):
-        make_trainer(tmp_path, cuda_graph=True, **settings)
-
-
-def test_cuda_graph_blockers_name_the_flag_to_change(tmp_path, monkeypatch):
-    """Each setting a captured step cannot hold gets its own message (checked as on a GPU)."""
-    trainer = make_trainer(tmp_path)
-    trainer.device = torch.device("cuda")
-    for changes, message in [({"precision": "fp16"}, "pass --precision bf16 or fp32"),
-                             ({"compile": True}, "and --compile both take over the step")]:
-        trainer.precision = changes.get("precision", "fp32")
-        trainer.config = TrainConfig(cuda_graph=True, **{k: v for k, v in changes.items() if k != "precision"})
-        with pytest.raises(UserError, match=message):
-            trainer._check_graph_capture()
-
-
 def test_a_checkpoint_moves_between_graph_and_eager_optimizer_settings(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.train_step()
     path = trainer.save()
     other = make_trainer(tmp_path / "other")
-    other.config.cuda_graph = True  # as a --cuda_graph run would configure its Adam after loading
+    other.stepper.graphed = True  # as a --cuda_graph run configures its Adam after loading
     other.load(path, resume=True)
     group = other.optimizer.param_groups[0]
     assert isinstance(group["lr"], torch.Tensor) and group["capturable"] and float(group["lr"]) == pytest.approx(1e-3)
-    other.config.cuda_graph = False
-    other._set_optimizer_for_capture()
-    assert other.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3) and not other.optimizer.param_groups[0]["capturable"]
+    assert isinstance(other.stepper.ema_weight, torch.Tensor)
+    other.stepper.graphed = False
+    other.stepper.configure_optimizer()
+    group = other.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-3) and not isinstance(group["lr"], torch.Tensor) and not group["capturable"]

@@ -1,0 +1,228 @@
+"""One optimizer step: Algorithm 1 over the step's batches, clipping, AdamW's weight decay, Adam and the EMA.
+
+``TrainStep.body`` is the step's whole work and the only copy of it. It runs eagerly, or, with CUDA graphs,
+once on a side stream to be captured and then as replays of that capture: the same kernels launched at once,
+which is what makes a small model fast on a GPU (at the recommended size the GPU otherwise waits for Python
+to launch some three thousand kernels per step).
+
+With ``grad_accum`` k, the k batches of a step go through the network either as k passes of B images (the
+gradients added up) or as one pass of k x B images (``one_pass``): the same loss, since the loss is a mean
+and GroupNorm works per image, with the same timesteps and noise, drawn batch by batch as separate passes
+draw them, and with self-conditioning taking the same half of the images. One pass launches half the
+kernels; separate passes hold half the activations.
+
+Mixed precision in fp16 scales the loss (``torch.amp.GradScaler``). With the fused Adam that runs on CUDA,
+the scaler hands the optimizer its overflow flag on the device, and a step whose gradients overflow is
+skipped inside the optimizer's kernel, so nothing reads the GPU from the host and the step can be captured.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from diffusion import Diffusion
+from ema import update_ema
+from errors import UserError
+from precision import autocast
+
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as CUDA graphs need
+
+
+def graph_blocker(device: torch.device, *, world_size: int, compiled: bool) -> str | None:
+    """Why a CUDA graph cannot hold this run's step (a phrase to follow "CUDA graphs"), or None if it can."""
+    if device.type != "cuda":
+        return f"need a CUDA GPU, and this run is on the {device.type.upper()}"
+    if world_size > 1:
+        return f"run in a single process, and this run has {world_size} (torchrun)"
+    if compiled:
+        return "and --compile both take over the step, so only one of them can"
+    return None
+
+
+def use_graph(requested: str | bool, device: torch.device, *, world_size: int, compiled: bool) -> bool:
+    """``--cuda_graph``: True insists (a blocker is a UserError), auto captures where it can and says on a GPU
+    why it cannot, False never captures."""
+    if requested is False:
+        return False
+    why = graph_blocker(device, world_size=world_size, compiled=compiled)
+    if why is None:
+        return True
+    if requested is True:
+        raise UserError(f"--cuda_graph True: CUDA graphs {why}; pass --cuda_graph auto or False")
+    if device.type == "cuda":
+        print(f"training steps run eagerly: CUDA graphs {why}")
+    return False
+
+
+def use_one_pass(requested: str | bool, device: torch.device) -> bool:
+    """``--one_pass``: auto takes one pass on the CPU, where it was measured to pay, and separate passes elsewhere."""
+    return device.type == "cpu" if requested == "auto" else bool(requested)
+
+
+def use_fused_adam(device: torch.device) -> bool:
+    """Fused Adam (one kernel for all parameters, overflow checks on the device) where it is fastest: CUDA."""
+    return device.type == "cuda"
+
+
+def draw_inputs(diffusion: Diffusion, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_0, t and noise for one pass over ``batches``: timesteps and noise drawn batch by batch (as separate
+    passes draw them), the first half of every batch placed first (the half that self-conditioning takes)."""
+    ts, noises = [], []
+    for batch in batches:
+        ts.append(diffusion.sample_timesteps(batch.shape[0], batch.device))
+        noises.append(torch.randn_like(batch))
+    if len(batches) == 1:
+        return batches[0], ts[0], noises[0]
+
+    def halves_first(parts: list[torch.Tensor]) -> torch.Tensor:
+        half = parts[0].shape[0] // 2
+        return torch.cat([p[:half] for p in parts] + [p[half:] for p in parts])
+
+    return halves_first(batches), halves_first(ts), halves_first(noises)
+
+
+class TrainStep:
+    """The optimizer, the loss scaler and the step itself; ``step(batches, lr=..., ema_weight=...)`` runs one.
+
+    ``diffusion`` is trained, ``ema`` (a copy of it) follows it. ``config`` is the trainer's ``TrainConfig``;
+    ``world_size`` above 1 wraps the diffusion model in DistributedDataParallel (one process per device).
+    """
+
+    def __init__(self, diffusion: Diffusion, ema: Diffusion, *, config, device: torch.device, precision: str,
+                 world_size: int = 1):
+        self.diffusion, self.ema, self.config = diffusion, ema, config
+        self.device, self.precision = device, precision
+        self.graphed = use_graph(config.cuda_graph, device, world_size=world_size, compiled=config.compile)
+        self.one_pass = use_one_pass(config.one_pass, device)
+        params = list(diffusion.model.parameters())
+        self.fused = use_fused_adam(device)
+        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=self.fused, capturable=self.graphed)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        # decoupled weight decay touches the kernels of the convolutions and linear layers, not the biases and
+        # GroupNorm gains; it stays outside the optimizer, whose state and checkpoints are those of plain Adam
+        self.decayed = [p for p in params if p.dim() >= 2] if config.weight_decay > 0 else []
+        self.module = diffusion
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
+        self.ema_weight: float | torch.Tensor = 0.0  # 1 - the EMA's decay, as ``body`` reads it
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._warmup_left = GRAPH_WARMUP_STEPS
+        self._static_batches: list[torch.Tensor] = []
+        self._static_loss: torch.Tensor | None = None
+        self._written: tuple[float, float] | None = None  # (lr, ema weight) last written into the graph's tensors
+        self.configure_optimizer()
+
+    def configure_optimizer(self) -> None:
+        """Give Adam this run's implementation, also after loading a checkpoint written on another device or with
+        or without CUDA graphs: fused where chosen, and with graphs capturable, its learning rate a device tensor
+        (a captured step reads it when its kernels run)."""
+        for group in self.optimizer.param_groups:
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=self.device) if self.graphed else lr
+            group["capturable"], group["fused"] = self.graphed, self.fused
+        if self.graphed and not isinstance(self.ema_weight, torch.Tensor):
+            self.ema_weight = torch.zeros((), device=self.device)
+        self._written = None
+
+    @torch.no_grad()
+    def decay_weights(self) -> None:
+        """w *= 1 - lr * weight_decay for every kernel, at the step's learning rate, just before Adam's step:
+        with Adam's update independent of w, the pair is AdamW's step (Loshchilov & Hutter 2019) on those weights.
+
+        Without it Adam lets the kernels grow, and a kernel that GroupNorm follows then turns through a smaller
+        angle at each step, as under a learning-rate decay. In fp16, steps the loss scaler skips still decay.
+        """
+        if self.decayed:
+            lr = self.optimizer.param_groups[0]["lr"]
+            torch._foreach_mul_(self.decayed, 1.0 - lr * self.config.weight_decay)
+
+    def body(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """The step's work: forward and backward, clipping, weight decay, Adam, EMA; returns the loss (no sync).
+
+        Reads nothing from the host but the tensors it is handed, so that a CUDA graph can hold it. The gradients
+        must be unset on entry (the first backward writes them, the others add to them).
+        """
+        loss = self.forward_backward(batches)
+        self.update()
+        return loss
+
+    def forward_backward(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """Algorithm 1's loss over ``batches`` (their mean), its gradients added to the parameters' (scaled in fp16)."""
+        self.diffusion.train()
+        passes = [batches] if self.one_pass else [[batch] for batch in batches]
+        total = torch.zeros((), device=self.device)
+        for i, group in enumerate(passes):
+            # with DDP, gradients are averaged across ranks once, in the last pass
+            last = i == len(passes) - 1
+            sync = self.module.no_sync() if not last and self.module is not self.diffusion else contextlib.nullcontext()
+            with sync, autocast(self.device, self.precision, cache_enabled=not self.graphed):
+                loss = self.module(*draw_inputs(self.diffusion, group)) / (len(batches) / len(group))
+                self.scaler.scale(loss).backward()
+            total += loss.detach().float()
+        return total
+
+    def update(self) -> None:
+        """Clip the gradients, decay the kernels, take Adam's step (skipped in fp16 when the gradients overflowed)
+        and move the EMA."""
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip)
+        self.decay_weights()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        update_ema(self.ema.model, self.diffusion.model, self.ema_weight)
+
+    def step(self, batches: list[torch.Tensor], *, lr: float, ema_weight: float) -> torch.Tensor:
+        """One optimizer step on ``batches`` (the step's ``grad_accum`` batches) at learning rate ``lr``, the EMA
+        moving ``ema_weight`` of the way to the new weights; returns the loss as a device tensor."""
+        if not self.graphed:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.ema_weight = ema_weight
+            loss = self.body(batches)
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
+        if (lr, ema_weight) != self._written:  # the warm-ups change them; one tiny fill each
+            for group in self.optimizer.param_groups:
+                group["lr"].fill_(lr)
+            self.ema_weight.fill_(ema_weight)
+            self._written = (lr, ema_weight)
+        if not self._static_batches:
+            self._static_batches = [torch.empty_like(batch) for batch in batches]
+        for static, batch in zip(self._static_batches, batches):
+            static.copy_(batch)
+        return self._replay()
+
+    def _replay(self) -> torch.Tensor:
+        """Warm up on a side stream, capture once, then replay: ``body`` on the static batches."""
+        if self._graph is None and self._warmup_left > 0:
+            self._warmup_left -= 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.body(self._static_batches)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return loss
+        if self._graph is None:
+            self.optimizer.zero_grad(set_to_none=True)  # the capture then allocates the gradients in its pool
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._static_loss = self.body(self._static_batches)
+        self._graph.replay()
+        return self._static_loss.clone()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("optimizer"):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.configure_optimizer()
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
