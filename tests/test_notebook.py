@@ -1,23 +1,32 @@
-"""run_in_colab.ipynb: its settings cell, the commands it runs, and the helper that runs them.
+"""run_in_colab.ipynb: its settings cell, the commands it runs, and a whole run of it in a real Jupyter kernel.
 
 The notebook's commands are ``run(f"...")`` calls whose f-strings read the settings cell (tagged ``parameters``,
-papermill's convention). The tests render them with the settings' defaults, which must be the assignment's runs.
+papermill's convention). The static tests render them with the settings' defaults, which must be the
+assignment's runs; the end-to-end test executes every cell with papermill on the CPU, offline, scaled down.
 """
 import ast
+import base64
 import os
 import shlex
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
+from PIL import Image
 
 from cli import build_parser, check_args
+from helpers import TINY_FLAGS, make_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "run_in_colab.ipynb"
+SITE = Path(__file__).resolve().parent / "notebook_site"  # sitecustomize.py: the FID tests' stand-in Inception
 
 # What the notebook runs with its default settings: the assignment's commands (README, report questions)
 DEFAULT_COMMANDS = [
@@ -148,3 +157,64 @@ def test_the_stop_button_lets_the_command_save_and_then_stops_the_cell(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         notebook_helpers()["run"](f"python -c {shlex.quote(child)}")
     assert "saved on SIGINT" in capsys.readouterr().out and time.monotonic() - started < 50
+
+
+def snapshot_repository(dest: Path) -> Path:
+    """A git repository holding the working tree's files (committed or not, ignored ones left out), for the
+    notebook to clone: what is tested is the code as it is on disk."""
+    dest.mkdir()
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():  # a tracked file deleted on disk is left out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    git = ["git", "-c", "user.name=notebook test", "-c", "user.email=notebook-test@example.invalid",
+           "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "working tree"]):
+        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def png_outputs(cell) -> list[bytes]:
+    return [base64.b64decode(o["data"]["image/png"]) for o in cell.outputs if "image/png" in o.get("data", {})]
+
+
+def test_the_notebook_runs_top_to_bottom_in_a_kernel(tmp_path, monkeypatch):
+    repo = snapshot_repository(tmp_path / "repo")
+    data = make_image_folder(tmp_path / "afhq", count=12, size=24)
+    work = tmp_path / "colab"
+    work.mkdir()
+    # the kernel and the main.py runs it starts: FID with the stand-in network; pip never reaches an index
+    paths = [str(SITE), str(SITE.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    extra = [*TINY_FLAGS, "--precision", "fp32", "--fid_samples", "8"]
+    out = papermill.execute_notebook(
+        str(NOTEBOOK), str(tmp_path / "executed.ipynb"), cwd=str(work), kernel_name="python3",
+        progress_bar=False, execution_timeout=300,
+        parameters=dict(REPO_URL=str(repo), CODE_DIR="ddpm-afhq", DATA_PATH=str(data), LOSS_STEPS=4,
+                        LOSS_SAMPLE_EVERY=2, FID_STEPS=4, FID_EVERY=2, LONG_STEPS=4, LONG_SAMPLE_EVERY=2,
+                        EXTRA_FLAGS=" ".join(extra)))  # raises PapermillExecutionError when a cell fails
+
+    code = [c for c in out.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code)  # every cell ran
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert (work / "ddpm-afhq" / ".git").is_dir() and (work / "ddpm-afhq" / "main.py").is_file()  # really cloned
+
+    results = work / "ddpm-afhq" / "results"
+    figures = [results / "steps1k" / "loss.png", results / "fid1k" / "fid.png",
+               results / "steps1k" / "forward_process.png", results / "steps1k" / "backward_process.png",
+               results / "steps10k" / "sample-4.png"]
+    for path in figures:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 32, (path, image.format, image.size)
+            image.load()
+            assert len(set(image.convert("L").getextrema())) == 2, path  # more than one grey level
+    shown = [png for c in code for png in png_outputs(c)]
+    assert shown == [path.read_bytes() for path in figures]  # the notebook shows exactly these files, in order
+
+    fid_text = "".join(o.get("text", "") for c in code if "fid1k/metrics.jsonl" in c.source for o in c.outputs)
+    assert "step     2: FID" in fid_text and "step     4: FID" in fid_text
+    gpu_text = "".join(o.get("text", "") for o in code[0].outputs)
+    assert "CUDA available:" in gpu_text
