@@ -92,8 +92,8 @@ def build_evaluator(args, device, image_set, *, required: bool, recorded: dict |
         key, cache_dir = recorded["data_key"], cached_fid_reference(args, recorded)
 
         def real_batches():
-            raise UserError(f"the cached FID statistics in {cache_dir} do not fit --fid_mode {args.fid_mode}; pass "
-                            f"--data_path with the training images to compute them again")
+            raise UserError(f"the FID statistics cached in {cache_dir} cannot be used (the warning above says why); "
+                            f"pass --data_path with the training images to compute them again")
 
     evaluator = fid_module.FIDEvaluator(real_key=key, image_size=args.image_size, real_batches=real_batches,
                                         mode=args.fid_mode, num_samples=args.fid_samples, device=device,
@@ -174,13 +174,16 @@ def needs_data(args, recorded: dict) -> bool:
 
 
 def load_data_for(args, device, ctx):
-    """``load_data``, with a missing folder under --visualize said as what that command needs."""
+    """``load_data``, with missing data under --visualize and --evaluate said as what those commands need."""
     try:
         return load_data(args, device, ctx)
     except UserError as e:
-        if not args.visualize:
-            raise
-        raise UserError(f"--visualize shows real training images going through both processes, but {e}") from None
+        if args.visualize:
+            raise UserError(f"--visualize shows real training images going through both processes, but {e}") from None
+        if args.evaluate:
+            raise UserError(f"--evaluate needs the training images for FID's reference statistics (none are cached "
+                            f"for this model's data; --cache_dir names where they are), but {e}") from None
+        raise
 
 
 def run(args, ctx, recorded: dict) -> int:
