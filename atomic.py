@@ -16,12 +16,14 @@ from typing import BinaryIO
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary binary file in ``path``'s folder, then rename it to ``path``; returns it.
 
-    The folder is created if needed. OSError (and anything ``write`` raises) propagates with ``path`` as it was.
+    The folder is created if needed; the file gets the permissions a plain ``open`` would give it (the
+    temporary file's own are private). OSError (and anything ``write`` raises) propagates with ``path`` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _give_plain_permissions(tmp)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -43,6 +45,27 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Temporary files that ``atomic_write`` left beside ``path`` when its process was killed mid-write."""
     path = Path(path)
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def _give_plain_permissions(tmp: str) -> None:
+    """0666 less the umask, as ``open`` creates files; where the file system keeps its own (FUSE mounts), as is."""
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where there is one (reading it elsewhere means setting it briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:
