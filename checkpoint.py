@@ -10,6 +10,7 @@ came from somewhere else cannot run code. It holds everything a resumed run need
 """
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -28,14 +29,18 @@ ARCHITECTURE_KEYS = ("image_size", "channels", "time_steps", "unet_dim", "dim_mu
 # command line does not name, so that it goes on as it started, whatever the defaults are now.
 TRAINING_KEYS = ("batch_size", "learning_rate", "grad_accum", "loss", "dropout", "grad_clip", "weight_decay",
                  "lr_warmup", "lr_decay", "ema_decay", "ema_sigma_rel", "flip")
+# What a checkpoint written before one of these flags existed was made with, which is not today's default:
+# self_condition, grad_accum and weight_decay came on 2026-11-25, ema_sigma_rel on 2026-11-29 (before it the
+# warm-up was (1 + step) / (10 + step)). Checkpoints of those days exist, and resume as they were trained.
+BEFORE_THE_FLAG = {"self_condition": False, "grad_accum": 1, "weight_decay": 0.0, "ema_sigma_rel": math.sqrt(9 / 1100)}
 # Options that were measured, did not pay and were removed (BENCHMARKS.md, "Tried and removed"), with the value
 # that meant "off", and the last commit that has their code. A checkpoint made with one of them on is refused:
 # the architectural ones (the network computes something else without them) always, the training ones when a
 # run would resume with them silently off.
 REMOVED_ARCHITECTURE = {"rescale_timesteps": False, "weight_standardization": False, "residual_scaling": False,
                         "network_output": "eps"}
-REMOVED_TRAINING = {"zero_init_residual": False, "timestep_sampling": "uniform", "timestep_gamma": 0.0,
-                    "min_snr_gamma": 0.0, "lr_decay_start": 0.0, "adam_beta2": 0.999, "ema_warmup": True,
+REMOVED_TRAINING = {"timestep_sampling": "uniform", "timestep_gamma": 0.0, "min_snr_gamma": 0.0,
+                    "lr_decay_start": 0.0, "adam_beta2": 0.999, "ema_warmup": True, "snapshot_every": 0,
                     "lr_decay": ("linear",)}  # for lr_decay: the removed values, not the "off" one
 LAST_COMMIT_WITH_REMOVED = "a172cf6"
 
@@ -120,6 +125,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 def check_architecture(saved: dict, current: dict, path: str | os.PathLike) -> None:
     """Raise UserError naming every setting in which the checkpoint's network differs from this run's (settings
     a checkpoint does not record are left to ``load_state_strict``, which compares the tensors themselves)."""
+    saved = {**{k: v for k, v in BEFORE_THE_FLAG.items() if k in ARCHITECTURE_KEYS}, **saved}
     differ = [key for key in ARCHITECTURE_KEYS if key in saved and comparable(saved[key]) != comparable(current.get(key))]
     if differ:
         diffs = "; ".join(f"{k}={show(saved[k])} in the checkpoint but {show(current.get(k))} here" for k in differ)
@@ -143,13 +149,15 @@ def check_removed_options(ckpt: dict, path: str | os.PathLike, *, training: bool
 
 
 def saved_flags(ckpt: dict, *, training: bool) -> dict:
-    """The flag values a checkpoint records: its architecture (``channels`` aside, which is no flag) and, with
-    ``training``, the ``TRAINING_KEYS``."""
-    flags = {k: v for k, v in ckpt.get("architecture", {}).items()
-             if k in ARCHITECTURE_KEYS and k != "channels" and (v is not None or k == "attention_levels")}
+    """The flag values a checkpoint was made with: its architecture (``channels`` aside, which is no flag) and,
+    with ``training``, the ``TRAINING_KEYS``; as it records them, or as ``BEFORE_THE_FLAG`` says."""
+    def recorded(source: dict, keys: tuple[str, ...]) -> dict:
+        source = {**BEFORE_THE_FLAG, **{k: v for k, v in source.items() if v is not None or k == "attention_levels"}}
+        return {k: source[k] for k in keys if k in source and k != "channels"}
+
+    flags = recorded(ckpt.get("architecture", {}), ARCHITECTURE_KEYS)
     if training:
-        config = ckpt.get("config", {})
-        flags.update({k: config[k] for k in TRAINING_KEYS if k in config})
+        flags.update(recorded(ckpt.get("config", {}), TRAINING_KEYS))
     return flags
 
 

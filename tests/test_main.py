@@ -70,6 +70,12 @@ def test_visualize_writes_figures_and_gif(data_path, tmp_path):
         assert (save / name).stat().st_size > 0, name
     assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 4, "--learning_rate", 0.01)) == 0
     assert (save / "samples-2-ddpm.png").exists()
+    for name in ("forward_process.png", "samples-2-ddim.png"):
+        (save / name).unlink(missing_ok=True)
+    # both modes in one command: each runs
+    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--visualize", "--sample", 4,
+                          "--sampler", "ddim", "--sample_steps", 3)) == 0
+    assert (save / "forward_process.png").exists() and (save / "samples-2-ddim.png").exists()
     assert (save / "config.json").read_text() == trained_config  # the training run's record is kept
 
 
@@ -165,6 +171,28 @@ def test_resuming_keeps_how_the_checkpoint_was_trained_unless_a_flag_says_otherw
     assert load_checkpoint(save / "model.pt")["step"] == 4
 
 
+def test_a_checkpoint_from_before_a_flag_existed_resumes_as_it_was_trained(data_path, tmp_path, capsys):
+    """Checkpoints written before 2026-11-29 record no ema_sigma_rel (their warm-up was (1 + step) / (10 + step),
+    width sqrt(9 / 1100)), and those before 2026-11-25 neither self_condition, grad_accum nor weight_decay (they
+    trained without them). Resumed without flags they go on as they were trained, and the line says so."""
+    save = tmp_path / "run"
+    plain = ["--grad_accum", 1, "--self_condition", "False", "--weight_decay", 0]
+    assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, *plain)) == 0
+    ckpt = load_checkpoint(save / "model.pt")
+    for key in ("self_condition", "grad_accum", "weight_decay", "ema_sigma_rel"):
+        ckpt["config"].pop(key)
+    ckpt["architecture"].pop("self_condition")
+    torch.save(ckpt, tmp_path / "old.pt")
+    capsys.readouterr()
+    assert main.main(args(data_path, tmp_path / "resumed", "--train_steps", 3, "--save_and_sample_every", 3,
+                          "--load_path", tmp_path / "old.pt")) == 0
+    assert "--self_condition False --grad_accum 1 --weight_decay 0.0 --ema_sigma_rel 0.09045" in capsys.readouterr().out
+    resumed = load_checkpoint(tmp_path / "resumed" / "model.pt")
+    assert resumed["step"] == 3 and resumed["config"]["trainer"]["grad_accum"] == 1
+    assert resumed["architecture"]["self_condition"] is False
+    assert resumed["config"]["trainer"]["ema_sigma_rel"] == pytest.approx((9 / 1100) ** 0.5)
+
+
 def test_checkpoints_made_with_a_removed_option_are_refused_with_the_commit_that_has_it(data_path, tmp_path, capsys):
     """Checkpoints record every flag. One made with an option that was removed (BENCHMARKS.md, "Tried and
     removed") is refused rather than loaded as another network: an architectural one for any use, a training
@@ -219,10 +247,17 @@ def test_a_checkpoint_is_enough_to_sample_and_to_score_once_the_statistics_are_c
     capsys.readouterr()
     assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 0
     assert "FID " in capsys.readouterr().out  # found through the folder the checkpoint records
-    for stats in cache.glob("fid_ref_*.npz"):
-        stats.unlink()
+    [stats] = cache.glob("fid_ref_*.npz")
+    stats.write_bytes(stats.read_bytes()[:100])  # damaged: it would have to be computed again, from the images
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 2
+    assert "cannot be used (the warning above says why); pass --data_path with the training images" in \
+        capsys.readouterr().err
+    stats.unlink()
     assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 2
-    assert f"--data_path {gone} does not exist" in capsys.readouterr().err  # now the images are needed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --evaluate needs the training images for FID's reference "
+                                               "statistics") and f"--data_path {gone} does not exist" in err[0]
     assert main.main(args(gone, save, "--load_path", save / "model.pt", "--visualize")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --visualize shows real training images") and \

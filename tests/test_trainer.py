@@ -176,15 +176,22 @@ def test_other_architecture_is_refused_with_the_mismatch(tmp_path):
         other.load(tmp_path / "model.pt")
 
 
-def test_a_setting_the_checkpoint_does_not_record_is_checked_on_its_tensors(tmp_path):
+def test_settings_a_checkpoint_does_not_record_are_checked_as_they_were_then_or_on_the_tensors(tmp_path):
     make_trainer(tmp_path, train_steps=3).train()
     ckpt = ckpt_io.load_checkpoint(tmp_path / "model.pt")
     del ckpt["architecture"]["self_condition"]  # as a checkpoint written before the flag existed
     torch.save(ckpt, tmp_path / "old.pt")
-    make_trainer(tmp_path / "a").load(tmp_path / "old.pt")  # the same network: loads
-    with pytest.raises(UserError, match=r"input_conv.weight has shape \[8, 3, 3, 3\] in the checkpoint but "
-                                        r"\[8, 6, 3, 3\] here; rerun with the architecture flags"):
+    make_trainer(tmp_path / "a").load(tmp_path / "old.pt")  # written without self-conditioning: loads
+    with pytest.raises(UserError, match="self_condition=False in the checkpoint but True here; rerun with "
+                                        "--self_condition False"):
         make_trainer(tmp_path / "b", self_condition=True, rc={"self_condition": True}).load(tmp_path / "old.pt")
+    del ckpt["architecture"]["num_res_blocks"]  # a setting nothing knows the old value of: the tensors tell
+    torch.save(ckpt, tmp_path / "older.pt")
+    deeper = make_trainer(tmp_path / "c", rc={"num_res_blocks": 2})
+    deeper.diffusion.model = type(deeper.diffusion.model)(8, (1, 2), num_res_blocks=2, image_size=16)
+    with pytest.raises(UserError, match=r"does not fit this model: .* has shape \[24\] in the checkpoint but \[32\] "
+                                        r"here; rerun with the architecture flags it was trained with"):
+        deeper.load(tmp_path / "older.pt")
 
 
 def test_weight_decay_is_adamw_on_the_kernels_only(tmp_path):
