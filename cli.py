@@ -13,6 +13,8 @@ import argparse
 import math
 
 from dataset import CLASSES
+from precision import PRECISIONS
+from trainer import LR_DECAYS
 
 
 def str2bool(value: str) -> bool:
@@ -121,13 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "weight_decay", fraction, 0.1,
           "decoupled weight decay (AdamW) of the convolution and linear kernels; 0 = off")
     _flag(t, "lr_warmup", non_negative_int, 0, "steps of linear learning-rate warm-up")
-    _flag(t, "lr_decay", str, "none", "learning-rate decay after the warm-up: cosine down to 0 at --train_steps", choices=("none", "cosine"))
+    _flag(t, "lr_decay", str, "none", "learning-rate decay after the warm-up: cosine down to 0 at --train_steps",
+          choices=LR_DECAYS)
     _flag(t, "ema_decay", fraction, 0.999, "the largest decay of the exponential moving average of the weights")
     _flag(t, "ema_sigma_rel", _number(float, minimum=0.0, exclusive=True, maximum=0.28, what="a number in (0, 0.28]"),
           0.05, "relative width of the EMA until --ema_decay caps it (Karras et al. 2024): "
           "0.05 averages about the last twentieth of the run")
     _flag(t, "precision", str, "auto", "mixed precision: auto = bf16 on Ampere+ GPUs and CPUs with bf16 "
-          "instructions, fp16 on older GPUs, fp32 elsewhere", choices=("auto", "fp32", "fp16", "bf16"))
+          "instructions, fp16 on older GPUs, fp32 elsewhere", choices=PRECISIONS)
     _flag(t, "compile", bool, False, "compile the U-Net with torch.compile")
     _flag(t, "cuda_graph", auto_or_bool, False, "capture each training step in one CUDA graph, removing the launch "
           "overhead that bounds small models (one GPU, one process); auto = wherever it can")

@@ -32,7 +32,8 @@ from errors import UserError
 from images import CLASSES, MAX_PIXELS, UnreadableImage, decode_image, find_images
 
 __all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches", "available_memory_bytes",
-           "cache_key", "find_images", "load_images", "make_batches", "pixels_key", "resolve_cache_dir"]
+           "cache_dir_candidates", "cache_key", "find_images", "load_images", "make_batches", "pixels_key",
+           "resolve_cache_dir"]
 
 PREPROCESSING = "exif/rgb-on-white/center-square/lanczos/jpeg-draft-2x"
 CACHE_FORMAT = 1
@@ -80,17 +81,19 @@ def cache_key(files: list[Path], image_size: int, *, root: Path, max_pixels: int
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def cache_dir_candidates(data_path: str | Path) -> tuple[Path, Path]:
+    """Where caches go without ``--cache_dir``, in order: beside the data, else in the user's cache folder."""
+    return Path(data_path).expanduser() / ".cache", Path.home() / ".cache" / "ddpm_afhq"
+
+
 def resolve_cache_dir(data_path: str | Path, cache_dir: str | Path | None = None) -> Path | None:
-    """``cache_dir`` if given, else ``<data_path>/.cache`` when writable, else ``~/.cache/ddpm_afhq``, else None."""
+    """``cache_dir`` if given, else the first writable of ``cache_dir_candidates``, else None."""
     if cache_dir is not None:
         folder = Path(cache_dir).expanduser()
         if not _writable(folder):
             raise UserError(f"--cache_dir {folder} cannot be created or written; pass a folder you can write to")
         return folder
-    for folder in (Path(data_path).expanduser() / ".cache", Path.home() / ".cache" / "ddpm_afhq"):
-        if _writable(folder):
-            return folder
-    return None
+    return next((folder for folder in cache_dir_candidates(data_path) if _writable(folder)), None)
 
 
 def _writable(folder: Path) -> bool:

@@ -115,13 +115,16 @@ class Diffusion(nn.Module):
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
     def p_loss(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, *,
-               loss_type: str | None = None) -> torch.Tensor:
-        """The loss between the true noise and eps_theta(x_t, t), Algorithm 1 line 6 (L1 by default); a scalar."""
+               loss_type: str | None = None, conditioned: int | None = None) -> torch.Tensor:
+        """The loss between the true noise and eps_theta(x_t, t), Algorithm 1 line 6 (L1 by default); a scalar.
+
+        ``conditioned``: how many leading images a self-conditioned network gets its own x_0 estimate for
+        (``self_condition_estimate``; by default half the batch)."""
         loss_type = loss_type or self.loss_type
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        x_self_cond = self.self_condition_estimate(x_t, t) if self.self_condition else None
+        x_self_cond = self.self_condition_estimate(x_t, t, conditioned) if self.self_condition else None
         predicted = self.predict_noise(x_t, t, x_self_cond)
         if loss_type == "l1":
             return F.l1_loss(predicted, noise)
@@ -131,30 +134,30 @@ class Diffusion(nn.Module):
             return F.smooth_l1_loss(predicted, noise)
         raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
 
-    def forward(self, x_start: torch.Tensor, t: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_start: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                conditioned: int | None = None) -> torch.Tensor:
         """Algorithm 1 for a batch x_0 in [-1, 1]: t ~ Uniform({0 ... T-1}) and eps ~ N(0, I) (drawn in that
-        order unless given); returns the loss."""
+        order unless given); returns the loss. ``conditioned`` as in ``p_loss``."""
         b, c, h, w = x_start.shape
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape [B, {self.channels}, {self.image_size}, {self.image_size}], "
                              f"got {list(x_start.shape)}")
         if t is None:
             t = self.sample_timesteps(b, x_start.device)
-        return self.p_loss(x_start, t, noise)
+        return self.p_loss(x_start, t, noise, conditioned=conditioned)
 
-    def self_condition_estimate(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The x_0 input of a self-conditioned network in training: for the first half of the batch, the
-        network's own clamped x_0 estimate from a pass with zeros in its place, without gradients; zeros for the
-        rest.
+    def self_condition_estimate(self, x_t: torch.Tensor, t: torch.Tensor, conditioned: int | None = None) -> torch.Tensor:
+        """The x_0 input of a self-conditioned network in training: for the first ``conditioned`` images (by
+        default half the batch, rounded down), the network's own clamped x_0 estimate from a pass with zeros in
+        its place, without gradients; zeros for the rest.
 
         So the network learns both to denoise from scratch (the first sampling step, with zeros) and to refine
         an estimate (every later step). Taking a fixed half rather than a random one keeps shapes and control
         flow fixed (CUDA graphs, torch.compile); batches are shuffled and their timesteps independent, so which
-        half it is does not matter. The extra pass costs about a sixth of a training step.
+        half it is does not matter. The extra pass is a forward pass over half the batch, without a backward.
         """
         estimate = torch.zeros_like(x_t)
-        half = x_t.shape[0] // 2
+        half = x_t.shape[0] // 2 if conditioned is None else conditioned
         if half:
             with torch.no_grad():
                 x_h = x_t[:half]

@@ -12,7 +12,6 @@ Mistakes in the input end with one line on stderr and exit code 2 (see ``errors.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -55,8 +54,7 @@ def run_config(args, device, ctx, image_set) -> dict:
 def build_trainer(args, device, diffusion, batches, ctx, image_set):
     from trainer import TrainConfig, Trainer
 
-    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return Trainer(diffusion, batches, config=train_config, device=device, save_folder=args.save_folder,
+    return Trainer(diffusion, batches, config=TrainConfig.from_flags(args), device=device, save_folder=args.save_folder,
                    run_config=run_config(args, device, ctx, image_set), dist_ctx=ctx)
 
 
@@ -70,9 +68,10 @@ def cached_fid_reference(args, recorded: dict) -> Path | None:
     key = recorded.get("data_key")
     if not key or recorded.get("image_size") != args.image_size:
         return None
+    from dataset import cache_dir_candidates
+
     name = f"fid_ref_{args.fid_mode}_{args.image_size}px_{key}.npz"
-    candidates = [args.cache_dir, recorded.get("fid_cache_dir"), Path(args.data_path).expanduser() / ".cache",
-                  Path.home() / ".cache" / "ddpm_afhq", args.save_folder]
+    candidates = [args.cache_dir, recorded.get("fid_cache_dir"), *cache_dir_candidates(args.data_path), args.save_folder]
     return next((Path(c) for c in candidates if c and (Path(c) / name).is_file()), None)
 
 
@@ -167,10 +166,11 @@ def trains(args) -> bool:
 
 
 def needs_data(args, recorded: dict) -> bool:
-    """Training and --visualize need the images; --evaluate only until their FID statistics are cached."""
-    if args.sample:
-        return False
-    return not (args.evaluate and cached_fid_reference(args, recorded) is not None)
+    """Training and --visualize need the images; --evaluate only until their FID statistics are cached;
+    --sample never."""
+    if args.visualize or trains(args):
+        return True
+    return bool(args.evaluate) and cached_fid_reference(args, recorded) is None
 
 
 def load_data_for(args, device, ctx):
@@ -219,20 +219,20 @@ def run(args, ctx, recorded: dict) -> int:
                                        history=trainer.history if training else None, resume_step=trainer.step,
                                        wandb_run_id=loaded.get("wandb_run_id") if training else None)
     try:
-        if args.visualize:
-            first = image_set.images[: args.num_vis] if image_set is not None else next(iter(batches))[: args.num_vis]
-            first = first.float().div(127.5).sub(1) if first.dtype == torch.uint8 else first
-            for path in trainer.visualize(first):
-                print(f"wrote {path}")
-            return 0
-        if args.sample:
-            from visualize import save_grid
+        if not training:  # each mode asked for, in this order
+            if args.visualize:
+                first = image_set.images[: args.num_vis] if image_set is not None else next(iter(batches))[: args.num_vis]
+                first = first.float().div(127.5).sub(1) if first.dtype == torch.uint8 else first
+                for path in trainer.visualize(first):
+                    print(f"wrote {path}")
+            if args.sample:
+                from visualize import save_grid
 
-            out = save_grid(trainer.sample(args.sample), Path(args.save_folder) / f"samples-{trainer.step}-{args.sampler}.png")
-            print(f"wrote {out}")
+                grid = Path(args.save_folder) / f"samples-{trainer.step}-{args.sampler}.png"
+                print(f"wrote {save_grid(trainer.sample(args.sample), grid)}")
+            if args.evaluate:
+                evaluate_checkpoint(args, device, trainer, image_set, recorded)
             return 0
-        if args.evaluate:
-            return evaluate_checkpoint(args, device, trainer, image_set, recorded)
         if args.fid and ctx.is_main:
             if image_set is None:
                 raise UserError("--fid needs the dataset in memory, but it is too large here; lower --image_size")
@@ -246,7 +246,7 @@ def run(args, ctx, recorded: dict) -> int:
             trainer.logger.close()
 
 
-def evaluate_checkpoint(args, device, trainer, image_set, recorded: dict) -> int:
+def evaluate_checkpoint(args, device, trainer, image_set, recorded: dict) -> None:
     """Score the loaded EMA model once with FID and KID and print the result; no training."""
     if image_set is None and cached_fid_reference(args, recorded) is None:
         raise UserError("--evaluate needs the dataset in memory, but it is too large here; lower --image_size")
@@ -255,7 +255,6 @@ def evaluate_checkpoint(args, device, trainer, image_set, recorded: dict) -> int
     sampler = args.sampler + (f" ({args.sample_steps} steps)" if args.sampler == "ddim" else "")
     print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, {sampler} "
           f"sampler, clean-fid mode {args.fid_mode}, step {trainer.step}, {result['seconds']:.0f} s)")
-    return 0
 
 
 def adopt_checkpoint_flags(args, named: set[str], *, training: bool) -> tuple[dict, dict]:

@@ -40,9 +40,10 @@ def graph_blocker(device: torch.device, *, world_size: int, compiled: bool) -> s
     return None
 
 
-def use_graph(requested: str | bool, device: torch.device, *, world_size: int, compiled: bool) -> bool:
+def use_graph(requested: str | bool, device: torch.device, *, world_size: int, compiled: bool,
+              announce: bool = True) -> bool:
     """``--cuda_graph``: True insists (a blocker is a UserError), auto captures where it can and says on a GPU
-    why it cannot, False never captures."""
+    (with ``announce``) why it cannot, False never captures."""
     if requested is False:
         return False
     why = graph_blocker(device, world_size=world_size, compiled=compiled)
@@ -50,14 +51,44 @@ def use_graph(requested: str | bool, device: torch.device, *, world_size: int, c
         return True
     if requested is True:
         raise UserError(f"--cuda_graph True: CUDA graphs {why}; pass --cuda_graph auto or False")
-    if device.type == "cuda":
+    if device.type == "cuda" and announce:
         print(f"training steps run eagerly: CUDA graphs {why}")
     return False
 
 
-def use_one_pass(requested: str | bool, device: torch.device) -> bool:
-    """``--one_pass``: auto takes one pass on the CPU, where it was measured to pay, and separate passes elsewhere."""
-    return device.type == "cpu" if requested == "auto" else bool(requested)
+def use_one_pass(requested: str | bool, device: torch.device, *, step_bytes: int, free_bytes: int | None,
+                 memory_fraction: float = 0.25) -> bool:
+    """``--one_pass``: auto takes one pass on the CPU, where it was measured to pay, when the step's activations
+    (``step_bytes``) take at most ``memory_fraction`` of the free memory; a pass per batch elsewhere."""
+    if requested != "auto":
+        return bool(requested)
+    return device.type == "cpu" and (free_bytes is None or step_bytes <= memory_fraction * free_bytes)
+
+
+@torch.no_grad()
+def activation_bytes_per_image(diffusion: Diffusion) -> int:
+    """About the memory one training image's activations take: every layer's output in one forward pass of the
+    network, at 4 bytes per value (what a step holds per image for its backward pass, give or take)."""
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += output.numel() if isinstance(output, torch.Tensor) else 0
+
+    model, size = diffusion.model, diffusion.image_size
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()  # no dropout, so the global RNG is left alone
+    try:
+        x = torch.zeros(1, diffusion.channels, size, size, device=diffusion.device)
+        t = torch.zeros(1, dtype=torch.long, device=x.device)
+        diffusion.predict_noise(x, t, torch.zeros_like(x) if diffusion.self_condition else None)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return 4 * total
 
 
 def use_fused_adam(device: torch.device) -> bool:
@@ -65,21 +96,22 @@ def use_fused_adam(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def draw_inputs(diffusion: Diffusion, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_0, t and noise for one pass over ``batches``: timesteps and noise drawn batch by batch (as separate
-    passes draw them), the first half of every batch placed first (the half that self-conditioning takes)."""
+def draw_inputs(diffusion: Diffusion, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """x_0, t, noise and the count of self-conditioned images for one pass over ``batches``: timesteps and noise
+    drawn batch by batch (as separate passes draw them), the half of every batch that self-conditioning takes
+    (its first B // 2 images) placed first."""
     ts, noises = [], []
     for batch in batches:
         ts.append(diffusion.sample_timesteps(batch.shape[0], batch.device))
         noises.append(torch.randn_like(batch))
+    halves = [batch.shape[0] // 2 for batch in batches]
     if len(batches) == 1:
-        return batches[0], ts[0], noises[0]
+        return batches[0], ts[0], noises[0], halves[0]
 
     def halves_first(parts: list[torch.Tensor]) -> torch.Tensor:
-        half = parts[0].shape[0] // 2
-        return torch.cat([p[:half] for p in parts] + [p[half:] for p in parts])
+        return torch.cat([p[:h] for p, h in zip(parts, halves)] + [p[h:] for p, h in zip(parts, halves)])
 
-    return halves_first(batches), halves_first(ts), halves_first(noises)
+    return halves_first(batches), halves_first(ts), halves_first(noises), sum(halves)
 
 
 class TrainStep:
@@ -90,11 +122,12 @@ class TrainStep:
     """
 
     def __init__(self, diffusion: Diffusion, ema: Diffusion, *, config, device: torch.device, precision: str,
-                 world_size: int = 1):
+                 world_size: int = 1, batch_size: int = 0, announce: bool = True):
         self.diffusion, self.ema, self.config = diffusion, ema, config
         self.device, self.precision = device, precision
-        self.graphed = use_graph(config.cuda_graph, device, world_size=world_size, compiled=config.compile)
-        self.one_pass = use_one_pass(config.one_pass, device)
+        self.graphed = use_graph(config.cuda_graph, device, world_size=world_size, compiled=config.compile,
+                                 announce=announce)
+        self.one_pass = config.grad_accum > 1 and self._use_one_pass(config.grad_accum * batch_size)
         params = list(diffusion.model.parameters())
         self.fused = use_fused_adam(device)
         self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=self.fused, capturable=self.graphed)
@@ -116,10 +149,20 @@ class TrainStep:
         self._written: tuple[float, float] | None = None  # (lr, ema weight) last written into the graph's tensors
         self.configure_optimizer()
 
+    def _use_one_pass(self, step_images: int) -> bool:
+        if self.config.one_pass != "auto" or self.device.type != "cpu":
+            return use_one_pass(self.config.one_pass, self.device, step_bytes=0, free_bytes=None)
+        from dataset import available_memory_bytes
+
+        step_bytes = step_images * activation_bytes_per_image(self.diffusion)
+        return use_one_pass("auto", self.device, step_bytes=step_bytes, free_bytes=available_memory_bytes())
+
     def configure_optimizer(self) -> None:
         """Give Adam this run's implementation, also after loading a checkpoint written on another device or with
         or without CUDA graphs: fused where chosen, and with graphs capturable, its learning rate a device tensor
         (a captured step reads it when its kernels run)."""
+        if self._graph is not None:
+            raise RuntimeError("the optimizer cannot change after the step was captured: load checkpoints first")
         for group in self.optimizer.param_groups:
             lr = float(group["lr"])
             group["lr"] = torch.tensor(lr, device=self.device) if self.graphed else lr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -64,6 +64,11 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
 
+    @classmethod
+    def from_flags(cls, args) -> "TrainConfig":
+        """The config of ``main.py``'s parsed flags (each field is the flag of the same name)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
 
 class Trainer:
     def __init__(self, diffusion: Diffusion, batches, *, config: TrainConfig, device: torch.device | str,
@@ -86,11 +91,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.ema = copy.deepcopy(self.diffusion).eval().requires_grad_(False)
+        self.stepper = TrainStep(self.diffusion, self.ema, config=config, device=self.device,
+                                 precision=self.precision, world_size=self.dist.world_size,
+                                 batch_size=getattr(batches, "batch_size", 0), announce=self.dist.is_main)
+        self.optimizer = self.stepper.optimizer
         if config.compile:
             self.diffusion.model.compile()
-        self.stepper = TrainStep(self.diffusion, self.ema, config=config, device=self.device,
-                                 precision=self.precision, world_size=self.dist.world_size)
-        self.optimizer = self.stepper.optimizer
         self._sample_seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
         self._loss_sum, self._loss_count = torch.zeros((), device=self.device), 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)

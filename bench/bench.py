@@ -125,7 +125,6 @@ def _diffusion(spec: dict):
 
 
 def measure_training(spec: dict) -> dict:
-    import dataclasses
     import itertools
 
     import torch
@@ -151,7 +150,7 @@ def measure_training(spec: dict) -> dict:
             batches = DeviceBatches(images, batch_size, device=device)
         else:  # synthetic: one batch already on the device, served again and again
             batches = itertools.repeat(torch.rand(batch_size, 3, size, size, device=device) * 2 - 1)
-        config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        config = TrainConfig.from_flags(args)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(diffusion, batches, config=config, device=device, save_folder=tmp)
         step, precision = trainer.train_step, trainer.precision

@@ -15,7 +15,6 @@ time. ``--trace`` also writes a Chrome trace (open it in chrome://tracing or htt
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import sys
 import tempfile
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     else:
         size = args.image_size
         batches = itertools.repeat(torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    config = TrainConfig.from_flags(args)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(diffusion, batches, device=device, save_folder=tmp, config=config)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

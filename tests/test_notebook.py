@@ -72,7 +72,7 @@ def commands(nb, values: dict) -> list[str]:
         for node in ast.walk(python_of(cell)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "run":
                 [argument] = node.args
-                found.append(eval(compile(ast.Expression(argument), "<run argument>", "eval"), dict(values)))
+                found.append(eval(compile(ast.Expression(argument), "<run argument>", "eval"), {"os": os, **values}))
     return found
 
 
