@@ -193,16 +193,34 @@ class Diffusion(nn.Module):
 
         ``x_self_cond``: a self-conditioned network's x_0 input (the previous step's estimate; None: zeros).
         """
-        return self._reverse_step(x, t, t_index, generator, x_self_cond)[0]
+        return self.reverse_step(x, t, self.step_noise(x, t_index, generator), x_self_cond)[0]
 
-    def _reverse_step(self, x, t, t_index, generator, x_self_cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """``p_sample``, also returning the clamped x_0 estimate the step used."""
+    @staticmethod
+    def step_noise(x: torch.Tensor, t_index: int, generator: torch.Generator | None) -> torch.Tensor:
+        """z of Algorithm 2's line 3 for the step at 0-indexed ``t_index``: N(0, I), and 0 at the last step
+        (paper t = 1)."""
+        if t_index == 0:
+            return torch.zeros_like(x)
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+    def reverse_step(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+                     x_self_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 2, lines 4 to 9, with the step's noise ``z`` given: x_{t-1}, and the clamped x_0 estimate
+        (a self-conditioned network's input at the next step). The loops and the captured chain both run it."""
         x_start = self.predict_start(x, t, x_self_cond)  # lines 4 to 6
         mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
-        if t_index == 0:  # line 3: z = 0 at the last step (paper t = 1)
-            return mean, x_start
-        z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        return mean + variance.sqrt() * z, x_start  # line 9
+        return mean + variance.sqrt() * z, x_start  # line 9; at the last step the variance and z are 0
+
+    def ddim_step(self, x: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None, abar: torch.Tensor,
+                  abar_next: torch.Tensor, sigma: torch.Tensor,
+                  z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM step (Song et al. 2021, Eq. 12) from a timestep whose alpha_bar is ``abar`` to the next one's
+        ``abar_next``, adding ``sigma * z`` when ``z`` is given (eta > 0); also returns the clamped x_0 estimate.
+        The noise is recomputed from the clamped estimate."""
+        x_start = self.predict_start(x, t, x_self_cond)
+        eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
+        x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
+        return (x if z is None else x + sigma * z), x_start
 
     @torch.no_grad()
     def p_sample_loop(self, shape_or_noise: Sequence[int] | torch.Tensor, *, start_t: int | None = None,
@@ -236,7 +254,7 @@ class Diffusion(nn.Module):
             if i in wanted:
                 intermediates[i] = unnormalize(x)
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x, x_start = self._reverse_step(x, t, i, generator, x_start)
+            x, x_start = self.reverse_step(x, t, self.step_noise(x, i, generator), x_start)
         images = unnormalize(x)
         return (images, intermediates) if wanted else images
 
@@ -256,8 +274,7 @@ class Diffusion(nn.Module):
             x = shape_or_noise.to(self.device)
         else:
             x = torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
-        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-        pairs = list(zip(times, times[1:] + [-1]))
+        pairs = self.ddim_pairs(steps)
         if progress:
             from tqdm.auto import tqdm
             pairs = tqdm(pairs, desc="DDIM sampling", leave=False)
@@ -267,13 +284,15 @@ class Diffusion(nn.Module):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             abar = self.alphas_cumprod[i]
             abar_next = self.alphas_cumprod[j] if j >= 0 else ones
-            x_start = self.predict_start(x, t, x_start)
-            eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
             sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
-            x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
-            if eta > 0 and j >= 0:
-                x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if eta > 0 and j >= 0 else None
+            x, x_start = self.ddim_step(x, t, x_start, abar, abar_next, sigma, z)
         return unnormalize(x)
+
+    def ddim_pairs(self, steps: int) -> list[tuple[int, int]]:
+        """DDIM's (from, to) 0-indexed timesteps: ``steps`` evenly spaced from T-1 down to 0, then -1 (x_0)."""
+        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        return list(zip(times, times[1:] + [-1]))
 
     @torch.no_grad()
     def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,

@@ -23,8 +23,9 @@ from errors import UserError
 from interrupt import StopSignals
 from metrics import MetricsLogger
 from precision import autocast, choose_precision
+from sampling_graph import ChainGraphs
 from train_step import TrainStep
-from visualize import diffusion_processes, save_gif, save_grid, save_process_figure
+from visualize import save_grid, write_process_figures
 
 LR_DECAYS = ("none", "cosine")
 
@@ -98,6 +99,7 @@ class Trainer:
         if config.compile:
             self.diffusion.model.compile()
         self._sample_seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
+        self._chains = ChainGraphs(self.ema, steps=config.sample_steps)  # used with CUDA graphs
         self._loss_sum, self._loss_count = torch.zeros((), device=self.device), 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
@@ -253,24 +255,21 @@ class Trainer:
         """
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(self._sample_seed)
+        cfg = self.config
         with autocast(self.device, self.precision):
-            images = self.ema.sample(n, sampler=self.config.sampler, steps=self.config.sample_steps,
-                                     generator=generator)
+            if self.stepper.graphed:
+                images = self._chains.get(n, cfg.sampler).sample(generator)
+            else:
+                images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator)
         return images.float()
 
     @torch.no_grad()
     def visualize(self, x_start: torch.Tensor) -> list[Path]:
         """Figures of the forward and backward processes on ``x_start`` ([B, C, H, W] in [-1, 1]), and a GIF."""
         generator = torch.Generator(self.device).manual_seed(self._sample_seed)
-        steps, forward, backward, frames = diffusion_processes(self.ema, x_start, generator=generator)
-        T = self.diffusion.num_timesteps
-        paths = [
-            save_process_figure(forward, self.save_folder / "forward_process.png",
-                                title=f"forward process q(x_t | x_0), T = {T}"),
-            save_process_figure(backward, self.save_folder / "backward_process.png",
-                                title=f"backward process from t = {steps[-1]}, after {self.step} training steps"),
-            save_gif(frames, self.save_folder / "backward_process.gif", nrow=min(8, x_start.shape[0])),
-        ]
+        chain = self._chains.get(len(x_start), "ddpm").run if self.stepper.graphed else None
+        paths = write_process_figures(self.ema, x_start, self.save_folder, step=self.step, generator=generator,
+                                      chain=chain)
         if self.logger is not None:
             for path in paths:
                 self.logger.log_image(path.stem, path, self.step)

@@ -178,11 +178,23 @@ def measure_sampling(spec: dict) -> dict:
     diffusion = _diffusion(spec).to(device).eval()
     generator = torch.Generator(device).manual_seed(0)
     precision = choose_precision("auto", device)  # as the trainer samples its grids and FID images
+    if spec.get("graph"):  # the chain replayed from a CUDA graph, as --cuda_graph samples
+        from sampling_graph import ChainGraph
+
+        shape = (spec["batch"], diffusion.channels, diffusion.image_size, diffusion.image_size)
+        chain = ChainGraph(diffusion, shape, sampler=spec["sampler"], steps=spec["steps"] or diffusion.num_timesteps)
+        warmup, timed = (lambda: chain.sample(generator)), (lambda: chain.sample(generator))  # the first captures
+    else:
+        def warmup():
+            diffusion.sample(min(spec["batch"], 4), sampler=spec["sampler"], steps=spec["steps"], generator=generator)
+
+        def timed():
+            diffusion.sample(spec["batch"], sampler=spec["sampler"], steps=spec["steps"], generator=generator)
     with torch.inference_mode(), autocast(device, precision):
-        diffusion.sample(min(spec["batch"], 4), sampler=spec["sampler"], steps=spec["steps"], generator=generator)
+        warmup()
         _sync(device)
         start = time.perf_counter()
-        diffusion.sample(spec["batch"], sampler=spec["sampler"], steps=spec["steps"], generator=generator)
+        timed()
         _sync(device)
         seconds = time.perf_counter() - start
     return {"precision": precision, "seconds": seconds, "images_per_s": spec["batch"] / seconds,
@@ -241,14 +253,17 @@ def train_section(args, device: str, tmp: Path, log) -> list[dict]:
 def sample_section(args, device: str, log) -> list[dict]:
     batches = args.sample_batches[:1] if args.quick else args.sample_batches
     rows = []
+    runs = [(sampler, steps, False) for sampler, steps in (("ddpm", None), ("ddim", 10), ("ddim", 25), ("ddim", 50))]
+    if device.startswith("cuda"):
+        runs += [("ddpm", None, True), ("ddim", 10, True)]
     for batch in batches:
-        for sampler, steps in (("ddpm", None), ("ddim", 10), ("ddim", 25), ("ddim", 50)):
+        for sampler, steps, graph in runs:
             spec = {"kind": "sample", "sampler": sampler, "steps": steps, "batch": batch, "device": device,
-                    **RECOMMENDED}
+                    "graph": graph}
             row = in_subprocess(spec)
             rows.append(row)
-            log(f"sample {sampler} {steps or RECOMMENDED['time_steps']:>3} steps, batch {batch:>4}: "
-                f"{row['images_per_s']:8.1f} img/s")
+            log(f"sample {sampler} {steps or RECOMMENDED['time_steps']:>3} steps, batch {batch:>4}"
+                f"{', CUDA graph' if graph else ''}: {row['images_per_s']:8.1f} img/s")
     return rows
 
 
@@ -290,7 +305,8 @@ def print_table(results: dict) -> None:
         base = sample[0]["images_per_s"]
         print(f"\n{'sampling':<34} {'img/s':>9} {'x DDPM, batch ' + str(sample[0]['batch']):>22} {'peak MiB':>9}")
         for r in sample:
-            name = f"{r['sampler']} {r['steps'] or RECOMMENDED['time_steps']} steps, batch {r['batch']}"
+            name = (f"{r['sampler']} {r['steps'] or RECOMMENDED['time_steps']} steps, batch {r['batch']}"
+                    + (", CUDA graph" if r.get("graph") else ""))
             memory = r.get("peak_gpu_mib") or r["peak_rss_mib"]
             print(f"{name:<34} {r['images_per_s']:>9.1f} {r['images_per_s'] / base:>21.2f}x {memory:>9.0f}")
     fid = results.get("fid")
