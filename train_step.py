@@ -18,6 +18,7 @@ skipped inside the optimizer's kernel, so nothing reads the GPU from the host an
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -127,7 +128,7 @@ class TrainStep:
         self.device, self.precision = device, precision
         self.graphed = use_graph(config.cuda_graph, device, world_size=world_size, compiled=config.compile,
                                  announce=announce)
-        self.one_pass = config.grad_accum > 1 and self._use_one_pass(config.grad_accum * batch_size)
+        self._step_images = config.grad_accum * batch_size
         params = list(diffusion.model.parameters())
         self.fused = use_fused_adam(device)
         self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=self.fused, capturable=self.graphed)
@@ -149,12 +150,17 @@ class TrainStep:
         self._written: tuple[float, float] | None = None  # (lr, ema weight) last written into the graph's tensors
         self.configure_optimizer()
 
-    def _use_one_pass(self, step_images: int) -> bool:
+    @functools.cached_property
+    def one_pass(self) -> bool:
+        """Whether the step's batches go through the network as one pass (``--one_pass``); decided at the first
+        step, since ``auto`` runs the network once to estimate the memory (a model only sampled never does)."""
+        if self.config.grad_accum == 1:
+            return False
         if self.config.one_pass != "auto" or self.device.type != "cpu":
             return use_one_pass(self.config.one_pass, self.device, step_bytes=0, free_bytes=None)
         from dataset import available_memory_bytes
 
-        step_bytes = step_images * activation_bytes_per_image(self.diffusion)
+        step_bytes = self._step_images * activation_bytes_per_image(self.diffusion)
         return use_one_pass("auto", self.device, step_bytes=step_bytes, free_bytes=available_memory_bytes())
 
     def configure_optimizer(self) -> None:
