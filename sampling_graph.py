@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from diffusion import Diffusion, unnormalize
+from train_step import Captured
 
 
 class ChainGraph:
@@ -25,7 +26,7 @@ class ChainGraph:
                  capture: bool = True):
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        self.diffusion, self.shape, self.sampler, self.capture = diffusion, tuple(shape), sampler, capture
+        self.diffusion, self.shape, self.sampler = diffusion, tuple(shape), sampler
         self.pairs = diffusion.ddim_pairs(steps) if sampler == "ddim" else []
         device = diffusion.device
         self.x = torch.zeros(self.shape, device=device)  # the chain's state x_t
@@ -34,8 +35,7 @@ class ChainGraph:
         self.t = torch.zeros(self.shape[0], dtype=torch.long, device=device)
         self.abar, self.abar_next = torch.ones((), device=device), torch.ones((), device=device)  # DDIM
         self.sigma = torch.zeros((), device=device)  # DDIM's noise scale: 0, the deterministic sampler
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._warmed_up = False
+        self._captured = Captured(self._body, device, warmup=1) if capture else None
 
     def _body(self) -> None:
         """One reverse step on the static tensors, in place: what the graph holds."""
@@ -49,23 +49,8 @@ class ChainGraph:
         self.x_start.copy_(x_start)
 
     def _step(self) -> None:
-        """Run ``_body`` once: eagerly, or on CUDA first on a side stream, then captured, then replayed."""
-        if not self.capture:
-            self._body()
-        elif self._graph is not None:
-            self._graph.replay()
-        elif not self._warmed_up:
-            side = torch.cuda.Stream(self.x.device)
-            side.wait_stream(torch.cuda.current_stream(self.x.device))
-            with torch.cuda.stream(side):
-                self._body()
-            torch.cuda.current_stream(self.x.device).wait_stream(side)
-            self._warmed_up = True
-        else:
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._body()
-            self._graph.replay()
+        """Run ``_body`` once: eagerly, or on CUDA once on a side stream, then captured, then replayed."""
+        (self._captured or self._body)()
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, *, start_t: int | None = None, return_steps: Iterable[int] = (),

@@ -57,6 +57,36 @@ def use_graph(requested: str | bool, device: torch.device, *, world_size: int, c
     return False
 
 
+class Captured:
+    """``fn`` as a CUDA graph: run eagerly on a side stream for the first ``warmup`` calls (as capture needs),
+    captured at the next call and replayed from then on. ``before`` runs ahead of each warm-up call and of the
+    capture. Each call returns what ``fn`` returns; a replay, the tensors the capture recorded, refilled."""
+
+    def __init__(self, fn, device: torch.device, *, warmup: int, before=None):
+        self.fn, self.device, self.warmup_left = fn, device, warmup
+        self.before = before or (lambda: None)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output = None
+
+    def __call__(self):
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.before()
+                output = self.fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return output
+        if self.graph is None:
+            self.before()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.fn()
+        self.graph.replay()
+        return self.output
+
+
 def use_one_pass(requested: str | bool, device: torch.device, *, step_bytes: int, free_bytes: int | None,
                  memory_fraction: float = 0.25) -> bool:
     """``--one_pass``: auto takes one pass on the CPU, where it was measured to pay, when the step's activations
@@ -143,10 +173,10 @@ class TrainStep:
             ids = [device.index] if device.type == "cuda" else None
             self.module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
         self.ema_weight: float | torch.Tensor = 0.0  # 1 - the EMA's decay, as ``body`` reads it
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._warmup_left = GRAPH_WARMUP_STEPS
         self._static_batches: list[torch.Tensor] = []
-        self._static_loss: torch.Tensor | None = None
+        # warm-up steps and the capture start with the gradients unset, so the capture allocates them in its pool
+        self._captured = Captured(lambda: self.body(self._static_batches), device, warmup=GRAPH_WARMUP_STEPS,
+                                  before=lambda: self.optimizer.zero_grad(set_to_none=True))
         self._written: tuple[float, float] | None = None  # (lr, ema weight) last written into the graph's tensors
         self.configure_optimizer()
 
@@ -156,18 +186,19 @@ class TrainStep:
         step, since ``auto`` runs the network once to estimate the memory (a model only sampled never does)."""
         if self.config.grad_accum == 1:
             return False
-        if self.config.one_pass != "auto" or self.device.type != "cpu":
-            return use_one_pass(self.config.one_pass, self.device, step_bytes=0, free_bytes=None)
-        from dataset import available_memory_bytes
+        step_bytes, free_bytes = 0, None
+        if self.config.one_pass == "auto" and self.device.type == "cpu":  # the only case the estimate decides
+            from dataset import available_memory_bytes
 
-        step_bytes = self._step_images * activation_bytes_per_image(self.diffusion)
-        return use_one_pass("auto", self.device, step_bytes=step_bytes, free_bytes=available_memory_bytes())
+            step_bytes = self._step_images * activation_bytes_per_image(self.diffusion)
+            free_bytes = available_memory_bytes()
+        return use_one_pass(self.config.one_pass, self.device, step_bytes=step_bytes, free_bytes=free_bytes)
 
     def configure_optimizer(self) -> None:
         """Give Adam this run's implementation, also after loading a checkpoint written on another device or with
         or without CUDA graphs: fused where chosen, and with graphs capturable, its learning rate a device tensor
         (a captured step reads it when its kernels run)."""
-        if self._graph is not None:
+        if self._captured.graph is not None:
             raise RuntimeError("the optimizer cannot change after the step was captured: load checkpoints first")
         for group in self.optimizer.param_groups:
             lr = float(group["lr"])
@@ -244,26 +275,7 @@ class TrainStep:
             self._static_batches = [torch.empty_like(batch) for batch in batches]
         for static, batch in zip(self._static_batches, batches):
             static.copy_(batch)
-        return self._replay()
-
-    def _replay(self) -> torch.Tensor:
-        """Warm up on a side stream, capture once, then replay: ``body`` on the static batches."""
-        if self._graph is None and self._warmup_left > 0:
-            self._warmup_left -= 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.body(self._static_batches)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return loss
-        if self._graph is None:
-            self.optimizer.zero_grad(set_to_none=True)  # the capture then allocates the gradients in its pool
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._static_loss = self.body(self._static_batches)
-        self._graph.replay()
-        return self._static_loss.clone()
+        return self._captured().clone()  # a replay's loss tensor is refilled by the next one
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),

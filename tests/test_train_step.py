@@ -222,7 +222,7 @@ def test_a_replayed_fp16_step_whose_gradients_overflow_is_skipped_and_halves_the
     step, stream = cuda_step("fp16", True), iter(FakeBatches())
     for i in range(5):  # warm-up, capture, one replay
         step.step([next(stream).cuda() for _ in range(2)], lr=1e-3, ema_weight=0.1)
-    assert step._graph is not None
+    assert step._captured.graph is not None
     steps_before = {int(s["step"]) for s in step.optimizer.state.values()}
     kernels = [p.detach().clone() for p in step.decayed]
     step.scaler.update(2.0 ** 40)  # fills the scale tensor the graph reads: the scaled gradients overflow
