@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from errors import UserError
 from images import MAX_PIXELS, UnreadableImage, decode_image
+from memory import fits
 
 
 class DataWarning(UserWarning):
@@ -52,17 +53,6 @@ def epoch_order(num_images: int, *, seed: int, epoch: int, rank: int = 0,
     perm = torch.randperm(num_images, generator=generator)
     flips = torch.rand(num_images, generator=generator) < 0.5
     return perm[rank::world_size], flips[rank::world_size]
-
-
-def fits_on_device(nbytes: int, device: torch.device, *, memory_fraction: float, free_bytes: int | None = None) -> bool:
-    """Whether ``nbytes`` of images may live on ``device``: CUDA under ``memory_fraction`` of its free memory."""
-    if device.type == "cpu":
-        return True
-    if device.type != "cuda":
-        return True  # MPS shares the host's memory
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
-    return nbytes <= memory_fraction * free_bytes
 
 
 def to_model_range(x: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
@@ -141,7 +131,7 @@ class DeviceBatches(_BatchStream):
         super().__init__(images_uint8.shape[0], batch_size, device=device, flip=flip, seed=seed, rank=rank,
                          world_size=world_size)
         nbytes = images_uint8.numel()
-        on_device = fits_on_device(nbytes, self.device, memory_fraction=memory_fraction)
+        on_device = self.device.type != "cuda" or fits(nbytes, self.device, memory_fraction=memory_fraction)
         self.images = images_uint8.to(self.device) if on_device else images_uint8
         self.on_device = on_device
         self.image_size = images_uint8.shape[-1]

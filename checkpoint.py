@@ -3,14 +3,13 @@
 A checkpoint is a dict of tensors and plain Python values only (no pickled objects), so loading one that
 came from somewhere else cannot run code. It holds everything a resumed run needs to continue exactly:
 
-    {"format": 1, "step": int, "architecture": {...}, "config": {...},
+    {"format": 2, "step": int, "config": {setting: value}, "run": {...},
      "model": state_dict, "ema": state_dict, "optimizer": state_dict, "scaler": state_dict | None,
      "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}, "data": {...}, "history": [{...}, ...],
      "wandb_run_id": str | None}
 """
 from __future__ import annotations
 
-import math
 import os
 import zipfile
 from pathlib import Path
@@ -19,30 +18,12 @@ from typing import Any
 import torch
 
 from atomic import atomic_write, stale_temporaries
+from config import Config, comparable, names, show
 from errors import UserError
 
-FORMAT = 1
-# The settings that decide the network's shape and the meaning of its timesteps.
-ARCHITECTURE_KEYS = ("image_size", "channels", "time_steps", "unet_dim", "dim_mults", "num_res_blocks",
-                     "attention_levels", "self_condition")
-# The flags that say how a network was being trained: a resumed run keeps the checkpoint's values of those the
-# command line does not name, so that it goes on as it started, whatever the defaults are now.
-TRAINING_KEYS = ("batch_size", "learning_rate", "grad_accum", "loss", "dropout", "grad_clip", "weight_decay",
-                 "lr_warmup", "lr_decay", "ema_decay", "ema_sigma_rel", "flip")
-# What a checkpoint written before one of these flags existed was made with, which is not today's default:
-# self_condition, grad_accum and weight_decay came on 2026-11-25, ema_sigma_rel on 2026-11-29 (before it the
-# warm-up was (1 + step) / (10 + step)). Checkpoints of those days exist, and resume as they were trained.
-BEFORE_THE_FLAG = {"self_condition": False, "grad_accum": 1, "weight_decay": 0.0, "ema_sigma_rel": math.sqrt(9 / 1100)}
-# Options that were measured, did not pay and were removed (BENCHMARKS.md, "Tried and removed"), with the value
-# that meant "off", and the last commit that has their code. A checkpoint made with one of them on is refused:
-# the architectural ones (the network computes something else without them) always, the training ones when a
-# run would resume with them silently off.
-REMOVED_ARCHITECTURE = {"rescale_timesteps": False, "weight_standardization": False, "residual_scaling": False,
-                        "network_output": "eps"}
-REMOVED_TRAINING = {"timestep_sampling": "uniform", "timestep_gamma": 0.0, "min_snr_gamma": 0.0,
-                    "lr_decay_start": 0.0, "adam_beta2": 0.999, "ema_warmup": True, "snapshot_every": 0,
-                    "lr_decay": ("linear",)}  # for lr_decay: the removed values, not the "off" one
-LAST_COMMIT_WITH_REMOVED = "a172cf6"
+FORMAT = 2
+# The last commit that reads each older format, named when such a checkpoint is refused.
+READERS = {1: "41f33d3"}
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
@@ -116,49 +97,26 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--load_path {path} is not a readable checkpoint of this package ({reason[:200]}); "
                         f"pass a model.pt written by main.py") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
-        raise UserError(f"--load_path {path} is not a checkpoint of this package (no format-{FORMAT} model state); "
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format"), int) or "model" not in ckpt:
+        raise UserError(f"--load_path {path} is not a checkpoint of this package (no format number and model state); "
                         f"pass a model.pt written by main.py")
+    if ckpt["format"] != FORMAT:
+        reader = READERS.get(ckpt["format"])
+        use = f"use it with the code of commit {reader} (git checkout {reader})" if reader else "update this code"
+        raise UserError(f"--load_path {path} is a checkpoint of format {ckpt['format']}, and this code reads format "
+                        f"{FORMAT}; {use}")
     return ckpt
 
 
-def check_architecture(saved: dict, current: dict, path: str | os.PathLike) -> None:
-    """Raise UserError naming every setting in which the checkpoint's network differs from this run's (settings
-    a checkpoint does not record are left to ``load_state_strict``, which compares the tensors themselves)."""
-    saved = {**{k: v for k, v in BEFORE_THE_FLAG.items() if k in ARCHITECTURE_KEYS}, **saved}
-    differ = [key for key in ARCHITECTURE_KEYS if key in saved and comparable(saved[key]) != comparable(current.get(key))]
+def check_architecture(saved: dict, config: Config, path: str | os.PathLike) -> None:
+    """Raise UserError naming every network setting in which the checkpoint's recorded config differs from
+    ``config`` (the tensors themselves are compared by ``load_state_strict``)."""
+    differ = [k for k in names("network") if k in saved and comparable(saved[k]) != comparable(getattr(config, k))]
     if differ:
-        diffs = "; ".join(f"{k}={show(saved[k])} in the checkpoint but {show(current.get(k))} here" for k in differ)
+        diffs = "; ".join(f"{k}={show(saved[k])} in the checkpoint but {show(getattr(config, k))} here" for k in differ)
         flags = " ".join(f"--{k} {show(saved[k])}" for k in differ)
         raise UserError(f"checkpoint {path} has a different architecture: {diffs}; rerun with {flags} or load "
                         f"another checkpoint")
-
-
-def check_removed_options(ckpt: dict, path: str | os.PathLike, *, training: bool) -> None:
-    """Refuse, in one line, a checkpoint made with an option this package no longer has (see ``REMOVED_*``)."""
-    recorded = {**ckpt.get("config", {}), **ckpt.get("architecture", {})}
-    removed = dict(REMOVED_ARCHITECTURE, **(REMOVED_TRAINING if training else {}))
-    for key, off in removed.items():
-        value = recorded.get(key)
-        used = value in off if isinstance(off, tuple) else value is not None and value != off
-        if used:
-            use = "sample or resume it" if key in REMOVED_ARCHITECTURE else "resume it"
-            raise UserError(f"checkpoint {path} was made with --{key} {show(value)}, an option this package no "
-                            f"longer has (BENCHMARKS.md, 'Tried and removed'); {use} with the code of commit "
-                            f"{LAST_COMMIT_WITH_REMOVED} (git checkout {LAST_COMMIT_WITH_REMOVED})")
-
-
-def saved_flags(ckpt: dict, *, training: bool) -> dict:
-    """The flag values a checkpoint was made with: its architecture (``channels`` aside, which is no flag) and,
-    with ``training``, the ``TRAINING_KEYS``; as it records them, or as ``BEFORE_THE_FLAG`` says."""
-    def recorded(source: dict, keys: tuple[str, ...]) -> dict:
-        source = {**BEFORE_THE_FLAG, **{k: v for k, v in source.items() if v is not None or k == "attention_levels"}}
-        return {k: source[k] for k in keys if k in source and k != "channels"}
-
-    flags = recorded(ckpt.get("architecture", {}), ARCHITECTURE_KEYS)
-    if training:
-        flags.update(recorded(ckpt.get("config", {}), TRAINING_KEYS))
-    return flags
 
 
 def load_state_strict(module: torch.nn.Module, state: dict, what: str, path: str | os.PathLike) -> None:
@@ -192,15 +150,3 @@ def set_rng_state(state: dict) -> None:
     if torch.cuda.is_available() and state.get("cuda"):
         cuda_states = state["cuda"][: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(cuda_states)
-
-
-def comparable(value):
-    """A flag value in a form that compares equal whether it came from JSON (lists) or from code (tuples)."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def show(value) -> str:
-    """A flag value as it is written on the command line (``1 2 4 8`` for a list)."""
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(v) for v in value)
-    return str(value)

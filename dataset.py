@@ -30,8 +30,9 @@ from atomic import atomic_write, atomic_write_text
 from batches import DataWarning, DeviceBatches, StreamingBatches, available_cores, default_num_workers
 from errors import UserError
 from images import CLASSES, MAX_PIXELS, UnreadableImage, decode_image, find_images
+from memory import available_memory_bytes
 
-__all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches", "available_memory_bytes",
+__all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches",
            "cache_dir_candidates", "cache_key", "find_images", "load_images", "make_batches", "pixels_key",
            "resolve_cache_dir"]
 
@@ -233,29 +234,6 @@ def _cache_root(meta_path: Path) -> str | None:
         return json.loads(meta_path.read_text()).get("root")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this process can still use: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
-    values = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                values.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            values.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    if not values:
-        try:
-            values.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            return None
-    return max(0, min(values))
 
 
 def make_batches(data_path: str | Path, data_class: str, image_size: int, batch_size: int, *,

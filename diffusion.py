@@ -1,6 +1,6 @@
 """DDPM (Ho et al. 2020) with the cosine schedule of Nichol & Dhariwal (2021), as the assignment defines it.
 
-Equation and algorithm numbers refer to the assignment (shared/seeds/assignment-programming-section.md).
+Equation and algorithm numbers refer to the assignment handout (CMU 10-423 Homework 2, programming section).
 
 Conventions:
 - Timesteps are 0-indexed: code index ``t = 0 ... T-1`` stands for the paper's ``t = 1 ... T``. So
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LOSSES = ("l1", "l2", "huber")
+SAMPLERS = ("ddpm", "ddim")
 
 
 def cosine_alphas(timesteps: int, *, s: float = 0.008) -> torch.Tensor:
@@ -193,118 +194,143 @@ class Diffusion(nn.Module):
 
         ``x_self_cond``: a self-conditioned network's x_0 input (the previous step's estimate; None: zeros).
         """
-        return self.reverse_step(x, t, self.step_noise(x, t_index, generator), x_self_cond)[0]
+        z = self.step_noise("ddpm", x, t_index, t_index - 1, generator=generator)
+        return self.reverse_step(x, t, z, x_self_cond)[0]
 
     @staticmethod
-    def step_noise(x: torch.Tensor, t_index: int, generator: torch.Generator | None) -> torch.Tensor:
-        """z of Algorithm 2's line 3 for the step at 0-indexed ``t_index``: N(0, I), and 0 at the last step
-        (paper t = 1)."""
-        if t_index == 0:
+    def step_noise(sampler: str, x: torch.Tensor, t_index: int, next_index: int, *, eta: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The noise of the step from 0-indexed ``t_index`` to ``next_index`` (-1: x_0). DDPM: z of Algorithm 2's
+        line 3, N(0, I), and 0 at the last step (paper t = 1). DDIM: N(0, I) when eta > 0, else None; None at
+        the last step."""
+        if sampler == "ddpm" and t_index == 0:
             return torch.zeros_like(x)
+        if sampler == "ddim" and (eta == 0 or next_index < 0):
+            return None
         return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
     def reverse_step(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
                      x_self_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm 2, lines 4 to 9, with the step's noise ``z`` given: x_{t-1}, and the clamped x_0 estimate
-        (a self-conditioned network's input at the next step). The loops and the captured chain both run it."""
+        (a self-conditioned network's input at the next step)."""
         x_start = self.predict_start(x, t, x_self_cond)  # lines 4 to 6
         mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
         return mean + variance.sqrt() * z, x_start  # line 9; at the last step the variance and z are 0
 
-    def ddim_step(self, x: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None, abar: torch.Tensor,
-                  abar_next: torch.Tensor, sigma: torch.Tensor,
-                  z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step (Song et al. 2021, Eq. 12) from a timestep whose alpha_bar is ``abar`` to the next one's
-        ``abar_next``, adding ``sigma * z`` when ``z`` is given (eta > 0); also returns the clamped x_0 estimate.
-        The noise is recomputed from the clamped estimate."""
+    def ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, z: torch.Tensor | None,
+                  x_self_cond: torch.Tensor | None = None, *, eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM step (Song et al. 2021, Eq. 12) from 0-indexed timesteps ``t`` to ``t_next`` ([B]; -1 is x_0),
+        adding sigma * ``z`` when ``z`` is given (eta > 0); also returns the clamped x_0 estimate. The noise is
+        recomputed from the clamped estimate."""
+        abar = extract(self.alphas_cumprod, t, x.shape)
+        abar_next = extract(self.alphas_cumprod_prev, t_next + 1, x.shape)  # alpha_bar at t_next; 1 for x_0
+        sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
         x_start = self.predict_start(x, t, x_self_cond)
         eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
         x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
         return (x if z is None else x + sigma * z), x_start
 
+    def chain_step(self, sampler: str, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                   z: torch.Tensor | None, x_self_cond: torch.Tensor | None, *,
+                   eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the reverse chain of ``sampler``: x at ``t_next``, and the clamped x_0 estimate."""
+        if sampler == "ddpm":
+            return self.reverse_step(x, t, z, x_self_cond)
+        return self.ddim_step(x, t, t_next, z, x_self_cond, eta=eta)
+
+    def chain_plan(self, sampler: str, *, steps: int | None = None, start_t: int | None = None) -> list[tuple[int, int]]:
+        """The (from, to) 0-indexed timesteps of a chain, to = -1 being x_0: DDPM visits ``start_t`` (default
+        T-1) down to 0; DDIM ``steps`` evenly spaced timesteps from T-1 down to 0."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "ddpm":
+            start_t = self.num_timesteps - 1 if start_t is None else start_t
+            if not 0 <= start_t < self.num_timesteps:
+                raise ValueError(f"start_t must be in [0, {self.num_timesteps - 1}], got {start_t}")
+            return [(i, i - 1) for i in range(start_t, -1, -1)]
+        steps = min(50, self.num_timesteps) if steps is None else steps
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"DDIM steps must be in [1, {self.num_timesteps}] (T), got {steps}")
+        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        return list(zip(times, times[1:] + [-1]))
+
+    @torch.no_grad()
+    def run_chain(self, x: torch.Tensor, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+                  start_t: int | None = None, return_steps: Iterable[int] = (),
+                  generator: torch.Generator | None = None, progress: bool = False,
+                  step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The reverse chain of ``sampler`` from ``x`` ([B, C, H, W] in [-1, 1] at the plan's first timestep);
+        images in [0, 1]. Every sampler runs this loop; ``step`` (default ``chain_step``) takes
+        ``(x, t, t_next, z, x_self_cond)`` and returns the next x and the x_0 estimate, as a CUDA graph's replay
+        does. The noise is drawn here, step by step, from ``generator``.
+
+        ``return_steps``: 0-indexed timesteps whose image x_t (the chain's state before the step at t, in [0, 1])
+        is also returned; with any given, the result is ``(images, {t: x_t})``.
+        """
+        if eta < 0:
+            raise ValueError(f"DDIM eta must be non-negative, got {eta}")
+        plan = self.chain_plan(sampler, steps=steps, start_t=start_t)
+        if step is None:
+            def step(x, t, t_next, z, x_self_cond):
+                return self.chain_step(sampler, x, t, t_next, z, x_self_cond, eta=eta)
+        if progress:
+            from tqdm.auto import tqdm
+            plan = tqdm(plan, desc=f"{sampler.upper()} sampling", leave=False)
+        wanted, intermediates = set(return_steps), {}
+        x_start = torch.zeros_like(x) if self.self_condition else None  # the first step has no estimate yet
+        for i, j in plan:
+            if i in wanted:
+                intermediates[i] = unnormalize(x)
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            z = self.step_noise(sampler, x, i, j, eta=eta, generator=generator)
+            x, x_start = step(x, t, t + (j - i), z, x_start)
+        images = unnormalize(x)
+        return (images, intermediates) if wanted else images
+
+    def _start(self, shape_or_noise: Sequence[int] | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if isinstance(shape_or_noise, torch.Tensor):
+            return shape_or_noise.to(self.device)
+        return torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
+
     @torch.no_grad()
     def p_sample_loop(self, shape_or_noise: Sequence[int] | torch.Tensor, *, start_t: int | None = None,
                       return_steps: Iterable[int] = (), generator: torch.Generator | None = None,
-                      progress: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                      progress: bool = False, step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the reverse chain (Algorithm 2) and return images in [0, 1].
 
         Args:
             shape_or_noise: a shape [B, C, H, W] to start from x_T ~ N(0, I), or a tensor to start from.
             start_t: 0-indexed timestep of the starting tensor (default T-1, i.e. x_T); the chain runs
                 ``start_t, ..., 0``. The visualization starts from a forward-process image this way.
-            return_steps: 0-indexed timesteps whose image x_t (the chain's state before the step at t, in
-                [0, 1]) is also returned; with any given, the result is ``(images, {t: x_t})``.
+            return_steps: 0-indexed timesteps whose image x_t is also returned, as in ``run_chain``.
             generator: random source for x_T and the per-step noise, for reproducible samples.
+            step: the step function, as in ``run_chain``.
         """
-        if isinstance(shape_or_noise, torch.Tensor):
-            x = shape_or_noise.to(self.device)
-        else:
-            x = torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
-        start_t = self.num_timesteps - 1 if start_t is None else start_t
-        if not 0 <= start_t < self.num_timesteps:
-            raise ValueError(f"start_t must be in [0, {self.num_timesteps - 1}], got {start_t}")
-        wanted = set(return_steps)
-        intermediates: dict[int, torch.Tensor] = {}
-        steps = range(start_t, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="sampling", leave=False)
-        x_start = torch.zeros_like(x) if self.self_condition else None  # the first step has no estimate yet
-        for i in steps:
-            if i in wanted:
-                intermediates[i] = unnormalize(x)
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x, x_start = self.reverse_step(x, t, self.step_noise(x, i, generator), x_start)
-        images = unnormalize(x)
-        return (images, intermediates) if wanted else images
+        return self.run_chain(self._start(shape_or_noise, generator), sampler="ddpm", start_t=start_t,
+                              return_steps=return_steps, generator=generator, progress=progress, step=step)
 
     @torch.no_grad()
     def ddim_sample(self, shape_or_noise: Sequence[int] | torch.Tensor, *, steps: int = 50, eta: float = 0.0,
-                    generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                    generator: torch.Generator | None = None, progress: bool = False, step=None) -> torch.Tensor:
         """DDIM (Song et al. 2021, Eq. 12) over ``steps`` evenly spaced timesteps; deterministic when eta = 0.
 
         Uses the same network as DDPM. x_0 estimates are clamped to [-1, 1] as in Algorithm 2, and the noise
         is recomputed from the clamped estimate. Returns images in [0, 1].
         """
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"DDIM steps must be in [1, {self.num_timesteps}] (T), got {steps}")
         if eta < 0:
             raise ValueError(f"DDIM eta must be non-negative, got {eta}")
-        if isinstance(shape_or_noise, torch.Tensor):
-            x = shape_or_noise.to(self.device)
-        else:
-            x = torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
-        pairs = self.ddim_pairs(steps)
-        if progress:
-            from tqdm.auto import tqdm
-            pairs = tqdm(pairs, desc="DDIM sampling", leave=False)
-        ones = torch.ones((), device=x.device)
-        x_start = torch.zeros_like(x) if self.self_condition else None  # the first step has no estimate yet
-        for i, j in pairs:
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            abar = self.alphas_cumprod[i]
-            abar_next = self.alphas_cumprod[j] if j >= 0 else ones
-            sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
-            z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if eta > 0 and j >= 0 else None
-            x, x_start = self.ddim_step(x, t, x_start, abar, abar_next, sigma, z)
-        return unnormalize(x)
-
-    def ddim_pairs(self, steps: int) -> list[tuple[int, int]]:
-        """DDIM's (from, to) 0-indexed timesteps: ``steps`` evenly spaced from T-1 down to 0, then -1 (x_0)."""
-        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-        return list(zip(times, times[1:] + [-1]))
+        return self.run_chain(self._start(shape_or_noise, generator), sampler="ddim", steps=steps, eta=eta,
+                              generator=generator, progress=progress, step=step)
 
     @torch.no_grad()
     def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain, or DDIM over ``steps``."""
+               generator: torch.Generator | None = None, progress: bool = False, step=None) -> torch.Tensor:
+        """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain, or DDIM over ``steps``
+        (default min(50, T)); ``step`` as in ``run_chain``."""
+        self.chain_plan(sampler, steps=steps)  # a bad sampler or step count fails before any noise is drawn
         shape = (batch_size, self.channels, self.image_size, self.image_size)
-        if sampler == "ddpm":
-            return self.p_sample_loop(shape, generator=generator, progress=progress)
-        if sampler == "ddim":
-            return self.ddim_sample(shape, steps=steps or min(50, self.num_timesteps), eta=eta,
-                                    generator=generator, progress=progress)
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        return self.run_chain(self._start(shape, generator), sampler=sampler, steps=steps, eta=eta,
+                              generator=generator, progress=progress, step=step)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ AFHQ_URLS = {
     "v1": "https://www.dropbox.com/s/t9l9o3vsx2jai3z/afhq.zip?dl=1",  # StarGAN v2 download.sh, afhq-dataset
     "cmu": "https://cmu.box.com/shared/static/5iydd9zn3edn127rcq0qud2scq7839ym",  # the assignment's link
 }
+DOWNLOAD_SOURCES = tuple(AFHQ_URLS)
 DOWNLOAD_MODES = ("auto", "always", "never")
 _CHUNK = 1 << 20
 

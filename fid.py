@@ -134,6 +134,18 @@ class FeatureExtractor:
         return torch.cat(feats).numpy() if feats else np.zeros((0, 0))
 
 
+def statistics_file(mode: str, image_size: int, real_key: str) -> str:
+    """The name of the cached reference statistics of the images ``real_key`` names, at one size and mode."""
+    return f"fid_ref_{mode}_{image_size}px_{real_key}.npz"
+
+
+def find_statistics(folders: Iterable[str | os.PathLike | None], *, mode: str, image_size: int,
+                    real_key: str) -> Path | None:
+    """The first of ``folders`` (None entries skipped) that holds cached reference statistics of those images."""
+    name = statistics_file(mode, image_size, real_key)
+    return next((Path(f) for f in folders if f and (Path(f) / name).is_file()), None)
+
+
 @dataclass(frozen=True)
 class ReferenceStats:
     """The real images' features [M, D] (float32), their mean [D] and covariance [D, D] (float64)."""
@@ -163,7 +175,7 @@ class FIDEvaluator:
             raise ValueError(f"extractor mode {self.extractor.mode!r} differs from mode {mode!r}")
         self.real_key, self.image_size, self.real_batches, self.mode = real_key, image_size, real_batches, mode
         self.num_samples, self.device, self.batch_size = num_samples, torch.device(device), batch_size
-        self.cache_path = Path(cache_dir) / f"fid_ref_{mode}_{image_size}px_{real_key}.npz"
+        self.cache_path = Path(cache_dir) / statistics_file(mode, image_size, real_key)
         self._reference, self._sqrt_sigma, self._unavailable = None, None, False  # set by reference(), evaluate_or_warn
 
     def _meta(self) -> str:

@@ -1,17 +1,15 @@
-"""One optimizer step: Algorithm 1 over the step's batches, clipping, AdamW's weight decay, Adam and the EMA.
+"""One optimizer step: Algorithm 1 over the step's batches, clipping, AdamW and the EMA.
 
 ``TrainStep.body`` is the step's whole work and the only copy of it. It runs eagerly, or, with CUDA graphs,
-once on a side stream to be captured and then as replays of that capture: the same kernels launched at once,
-which is what makes a small model fast on a GPU (at the recommended size the GPU otherwise waits for Python
-to launch some three thousand kernels per step).
+through ``cuda_graph.Captured``: warm-up calls on a side stream, one capture, then replays.
 
 With ``grad_accum`` k, the k batches of a step go through the network either as k passes of B images (the
 gradients added up) or as one pass of k x B images (``one_pass``): the same loss, since the loss is a mean
 and GroupNorm works per image, with the same timesteps and noise, drawn batch by batch as separate passes
-draw them, and with self-conditioning taking the same half of the images. One pass launches half the
-kernels; separate passes hold half the activations.
+draw them, and with self-conditioning taking the same half of the images. One pass launches fewer kernels;
+separate passes hold less memory.
 
-Mixed precision in fp16 scales the loss (``torch.amp.GradScaler``). With the fused Adam that runs on CUDA,
+Mixed precision in fp16 scales the loss (``torch.amp.GradScaler``). With the fused AdamW that runs on CUDA,
 the scaler hands the optimizer its overflow flag on the device, and a step whose gradients overflow is
 skipped inside the optimizer's kernel, so nothing reads the GPU from the host and the step can be captured.
 """
@@ -22,104 +20,22 @@ import functools
 
 import torch
 
+from cuda_graph import Captured, use_graph
 from diffusion import Diffusion
 from ema import update_ema
-from errors import UserError
+from memory import activation_bytes_per_image, free_bytes
 from precision import autocast
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as CUDA graphs need
 
 
-def graph_blocker(device: torch.device, *, world_size: int, compiled: bool) -> str | None:
-    """Why a CUDA graph cannot hold this run's step (a phrase to follow "CUDA graphs"), or None if it can."""
-    if device.type != "cuda":
-        return f"need a CUDA GPU, and this run is on the {device.type.upper()}"
-    if world_size > 1:
-        return f"run in a single process, and this run has {world_size} (torchrun)"
-    if compiled:
-        return "and --compile both take over the step, so only one of them can"
-    return None
-
-
-def use_graph(requested: str | bool, device: torch.device, *, world_size: int, compiled: bool,
-              announce: bool = True) -> bool:
-    """``--cuda_graph``: True insists (a blocker is a UserError), auto captures where it can and says on a GPU
-    (with ``announce``) why it cannot, False never captures."""
-    if requested is False:
-        return False
-    why = graph_blocker(device, world_size=world_size, compiled=compiled)
-    if why is None:
-        return True
-    if requested is True:
-        raise UserError(f"--cuda_graph True: CUDA graphs {why}; pass --cuda_graph auto or False")
-    if device.type == "cuda" and announce:
-        print(f"training steps run eagerly: CUDA graphs {why}")
-    return False
-
-
-class Captured:
-    """``fn`` as a CUDA graph: run eagerly on a side stream for the first ``warmup`` calls (as capture needs),
-    captured at the next call and replayed from then on. ``before`` runs ahead of each warm-up call and of the
-    capture. Each call returns what ``fn`` returns; a replay, the tensors the capture recorded, refilled."""
-
-    def __init__(self, fn, device: torch.device, *, warmup: int, before=None):
-        self.fn, self.device, self.warmup_left = fn, device, warmup
-        self.before = before or (lambda: None)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.output = None
-
-    def __call__(self):
-        if self.graph is None and self.warmup_left > 0:
-            self.warmup_left -= 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.before()
-                output = self.fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return output
-        if self.graph is None:
-            self.before()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = self.fn()
-        self.graph.replay()
-        return self.output
-
-
-def use_one_pass(requested: str | bool, device: torch.device, *, step_bytes: int, free_bytes: int | None,
+def use_one_pass(requested: str | bool, device: torch.device, *, step_bytes: int, free: int | None,
                  memory_fraction: float = 0.25) -> bool:
-    """``--one_pass``: auto takes one pass on the CPU, where it was measured to pay, when the step's activations
-    (``step_bytes``) take at most ``memory_fraction`` of the free memory; a pass per batch elsewhere."""
+    """``--one_pass``: auto takes one pass on the CPU and on CUDA when the step's activations (``step_bytes``)
+    take at most ``memory_fraction`` of the device's free memory (``free``); a pass per batch elsewhere."""
     if requested != "auto":
         return bool(requested)
-    return device.type == "cpu" and (free_bytes is None or step_bytes <= memory_fraction * free_bytes)
-
-
-@torch.no_grad()
-def activation_bytes_per_image(diffusion: Diffusion) -> int:
-    """About the memory one training image's activations take: every layer's output in one forward pass of the
-    network, at 4 bytes per value (what a step holds per image for its backward pass, give or take)."""
-    total = 0
-
-    def count(module, inputs, output) -> None:
-        nonlocal total
-        total += output.numel() if isinstance(output, torch.Tensor) else 0
-
-    model, size = diffusion.model, diffusion.image_size
-    leaves = [m for m in model.modules() if next(m.children(), None) is None]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    was_training = model.training
-    model.eval()  # no dropout, so the global RNG is left alone
-    try:
-        x = torch.zeros(1, diffusion.channels, size, size, device=diffusion.device)
-        t = torch.zeros(1, dtype=torch.long, device=x.device)
-        diffusion.predict_noise(x, t, torch.zeros_like(x) if diffusion.self_condition else None)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return 4 * total
+    return device.type in ("cpu", "cuda") and (free is None or step_bytes <= memory_fraction * free)
 
 
 def use_fused_adam(device: torch.device) -> bool:
@@ -148,7 +64,7 @@ def draw_inputs(diffusion: Diffusion, batches: list[torch.Tensor]) -> tuple[torc
 class TrainStep:
     """The optimizer, the loss scaler and the step itself; ``step(batches, lr=..., ema_weight=...)`` runs one.
 
-    ``diffusion`` is trained, ``ema`` (a copy of it) follows it. ``config`` is the trainer's ``TrainConfig``;
+    ``diffusion`` is trained, ``ema`` (a copy of it) follows it. ``config`` is the run's ``config.Config``;
     ``world_size`` above 1 wraps the diffusion model in DistributedDataParallel (one process per device).
     """
 
@@ -159,13 +75,14 @@ class TrainStep:
         self.graphed = use_graph(config.cuda_graph, device, world_size=world_size, compiled=config.compile,
                                  announce=announce)
         self._step_images = config.grad_accum * batch_size
-        params = list(diffusion.model.parameters())
         self.fused = use_fused_adam(device)
-        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, fused=self.fused, capturable=self.graphed)
+        # AdamW's decoupled weight decay (Loshchilov & Hutter 2019) on the kernels of the convolutions and linear
+        # layers, not on the biases and GroupNorm gains
+        params = list(diffusion.model.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=self.fused, capturable=self.graphed)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        # decoupled weight decay touches the kernels of the convolutions and linear layers, not the biases and
-        # GroupNorm gains; it stays outside the optimizer, whose state and checkpoints are those of plain Adam
-        self.decayed = [p for p in params if p.dim() >= 2] if config.weight_decay > 0 else []
         self.module = diffusion
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -175,8 +92,8 @@ class TrainStep:
         self.ema_weight: float | torch.Tensor = 0.0  # 1 - the EMA's decay, as ``body`` reads it
         self._static_batches: list[torch.Tensor] = []
         # warm-up steps and the capture start with the gradients unset, so the capture allocates them in its pool
-        self._captured = Captured(lambda: self.body(self._static_batches), device, warmup=GRAPH_WARMUP_STEPS,
-                                  before=lambda: self.optimizer.zero_grad(set_to_none=True))
+        self.captured = Captured(lambda: self.body(self._static_batches), device, warmup=GRAPH_WARMUP_STEPS,
+                                 before=lambda: self.optimizer.zero_grad(set_to_none=True))
         self._written: tuple[float, float] | None = None  # (lr, ema weight) last written into the graph's tensors
         self.configure_optimizer()
 
@@ -186,19 +103,17 @@ class TrainStep:
         step, since ``auto`` runs the network once to estimate the memory (a model only sampled never does)."""
         if self.config.grad_accum == 1:
             return False
-        step_bytes, free_bytes = 0, None
-        if self.config.one_pass == "auto" and self.device.type == "cpu":  # the only case the estimate decides
-            from dataset import available_memory_bytes
-
+        step_bytes, free = 0, None
+        if self.config.one_pass == "auto" and self.device.type in ("cpu", "cuda"):  # where the estimate decides
             step_bytes = self._step_images * activation_bytes_per_image(self.diffusion)
-            free_bytes = available_memory_bytes()
-        return use_one_pass(self.config.one_pass, self.device, step_bytes=step_bytes, free_bytes=free_bytes)
+            free = free_bytes(self.device)
+        return use_one_pass(self.config.one_pass, self.device, step_bytes=step_bytes, free=free)
 
     def configure_optimizer(self) -> None:
-        """Give Adam this run's implementation, also after loading a checkpoint written on another device or with
+        """Give AdamW this run's implementation, also after loading a checkpoint written on another device or with
         or without CUDA graphs: fused where chosen, and with graphs capturable, its learning rate a device tensor
         (a captured step reads it when its kernels run)."""
-        if self._captured.graph is not None:
+        if self.captured.graph is not None:
             raise RuntimeError("the optimizer cannot change after the step was captured: load checkpoints first")
         for group in self.optimizer.param_groups:
             lr = float(group["lr"])
@@ -208,20 +123,8 @@ class TrainStep:
             self.ema_weight = torch.zeros((), device=self.device)
         self._written = None
 
-    @torch.no_grad()
-    def decay_weights(self) -> None:
-        """w *= 1 - lr * weight_decay for every kernel, at the step's learning rate, just before Adam's step:
-        with Adam's update independent of w, the pair is AdamW's step (Loshchilov & Hutter 2019) on those weights.
-
-        Without it Adam lets the kernels grow, and a kernel that GroupNorm follows then turns through a smaller
-        angle at each step, as under a learning-rate decay. In fp16, steps the loss scaler skips still decay.
-        """
-        if self.decayed:
-            lr = self.optimizer.param_groups[0]["lr"]
-            torch._foreach_mul_(self.decayed, 1.0 - lr * self.config.weight_decay)
-
     def body(self, batches: list[torch.Tensor]) -> torch.Tensor:
-        """The step's work: forward and backward, clipping, weight decay, Adam, EMA; returns the loss (no sync).
+        """The step's work: forward and backward, clipping, AdamW, EMA; returns the loss (no sync).
 
         Reads nothing from the host but the tensors it is handed, so that a CUDA graph can hold it. The gradients
         must be unset on entry (the first backward writes them, the others add to them).
@@ -246,12 +149,10 @@ class TrainStep:
         return total
 
     def update(self) -> None:
-        """Clip the gradients, decay the kernels, take Adam's step (skipped in fp16 when the gradients overflowed)
-        and move the EMA."""
+        """Clip the gradients, take AdamW's step (skipped in fp16 when the gradients overflowed), move the EMA."""
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.diffusion.model.parameters(), self.config.grad_clip)
-        self.decay_weights()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         update_ema(self.ema.model, self.diffusion.model, self.ema_weight)
@@ -275,7 +176,7 @@ class TrainStep:
             self._static_batches = [torch.empty_like(batch) for batch in batches]
         for static, batch in zip(self._static_batches, batches):
             static.copy_(batch)
-        return self._captured().clone()  # a replay's loss tensor is refilled by the next one
+        return self.captured().clone()  # a replay's loss tensor is refilled by the next one
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
@@ -284,6 +185,7 @@ class TrainStep:
     def load_state_dict(self, state: dict) -> None:
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay  # the run's, if it names one
             self.configure_optimizer()
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

@@ -10,24 +10,22 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 import checkpoint as ckpt_io
 import distributed
+from config import Config
+from cuda_graph import ChainSteps
 from diffusion import Diffusion
 from ema import ema_decay
 from errors import UserError
 from interrupt import StopSignals
 from metrics import MetricsLogger
 from precision import autocast, choose_precision
-from sampling_graph import ChainGraphs
 from train_step import TrainStep
 from visualize import save_grid, write_process_figures
-
-LR_DECAYS = ("none", "cosine")
 
 
 class TrainingInterrupted(Exception):
@@ -40,52 +38,16 @@ class TrainingDiverged(UserError):
     exit_code = 1
 
 
-@dataclass
-class TrainConfig:
-    """How ``Trainer`` trains. The defaults are plain Algorithm 1 (one batch per step, no weight decay);
-    ``main.py``'s flags default to the settings measured best at the recommended command and pass them here."""
-
-    train_steps: int = 10000
-    learning_rate: float = 1e-3
-    save_and_sample_every: int = 1000
-    grad_accum: int = 1  # batches per optimizer step
-    one_pass: str | bool = "auto"  # those batches as one forward and backward pass (auto: on the CPU)
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    weight_decay: float = 0.0  # decoupled (AdamW) decay of the convolution and linear weights; 0 = off
-    lr_warmup: int = 0  # steps of linear learning-rate warm-up
-    lr_decay: str = "none"  # "cosine": from the peak down to 0 at train_steps
-    ema_decay: float = 0.999  # the EMA's decay once its warm-up (see ema.py) reaches it
-    ema_sigma_rel: float = 0.05  # the EMA's relative width during its warm-up
-    precision: str = "auto"
-    compile: bool = False
-    cuda_graph: str | bool = False  # capture each whole step in a CUDA graph (auto: wherever it can)
-    num_samples: int = 16  # images in each periodic sample grid
-    sampler: str = "ddpm"  # the full chain, or DDIM over sample_steps (grids, FID and --sample alike)
-    sample_steps: int = 50
-    log_every: int = 10
-    seed: int = 0
-
-    @classmethod
-    def from_flags(cls, args) -> "TrainConfig":
-        """The config of ``main.py``'s parsed flags (each field is the flag of the same name)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
 class Trainer:
-    def __init__(self, diffusion: Diffusion, batches, *, config: TrainConfig, device: torch.device | str,
-                 save_folder: str | Path, run_config: dict | None = None, logger: MetricsLogger | None = None,
-                 evaluator=None, dist_ctx: distributed.Context = distributed.Context()):
-        if config.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {config.lr_decay!r}")
-        if not 0.0 <= config.weight_decay <= 1.0:
-            raise ValueError(f"weight_decay must be in [0, 1], got {config.weight_decay}")
-        ema_decay(0, config.ema_decay, config.ema_sigma_rel)  # a width no average can have fails here
+    def __init__(self, diffusion: Diffusion, batches, *, config: Config, device: torch.device | str,
+                 run_info: dict | None = None, logger: MetricsLogger | None = None, evaluator=None,
+                 dist_ctx: distributed.Context = distributed.Context()):
         self.config, self.dist, self.device = config, dist_ctx, torch.device(device)
         self.diffusion = diffusion.to(self.device)
         self.batches = batches
         self.data_iter = iter(batches) if batches is not None else None  # None: a model to sample, not to train
-        self.save_folder = Path(save_folder)
-        self.run_config = dict(run_config or {})
+        self.save_folder = Path(config.save_folder)
+        self.run_info = dict(run_info or {})  # what follows from the settings: device, data, effective batch size
         self.logger, self.evaluator = logger, evaluator
         self.step, self.best_fid, self.history = 0, math.inf, []
         self.precision = choose_precision(config.precision, self.device)
@@ -99,7 +61,7 @@ class Trainer:
         if config.compile:
             self.diffusion.model.compile()
         self._sample_seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
-        self._chains = ChainGraphs(self.ema, steps=config.sample_steps)  # used with CUDA graphs
+        self.chain_steps = ChainSteps(self.ema)  # the reverse step as a CUDA graph, used with --cuda_graph
         self._loss_sum, self._loss_count = torch.zeros((), device=self.device), 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
@@ -256,20 +218,18 @@ class Trainer:
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(self._sample_seed)
         cfg = self.config
+        step = self.chain_steps.get(n, cfg.sampler) if self.stepper.graphed else None
         with autocast(self.device, self.precision):
-            if self.stepper.graphed:
-                images = self._chains.get(n, cfg.sampler).sample(generator)
-            else:
-                images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator)
+            images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator, step=step)
         return images.float()
 
     @torch.no_grad()
     def visualize(self, x_start: torch.Tensor) -> list[Path]:
         """Figures of the forward and backward processes on ``x_start`` ([B, C, H, W] in [-1, 1]), and a GIF."""
         generator = torch.Generator(self.device).manual_seed(self._sample_seed)
-        chain = self._chains.get(len(x_start), "ddpm").run if self.stepper.graphed else None
+        step = self.chain_steps.get(len(x_start), "ddpm") if self.stepper.graphed else None
         paths = write_process_figures(self.ema, x_start, self.save_folder, step=self.step, generator=generator,
-                                      chain=chain)
+                                      chain_step=step)
         if self.logger is not None:
             for path in paths:
                 self.logger.log_image(path.stem, path, self.step)
@@ -279,8 +239,8 @@ class Trainer:
         return {
             "format": ckpt_io.FORMAT,
             "step": self.step,
-            "architecture": {k: self.run_config.get(k) for k in ckpt_io.ARCHITECTURE_KEYS},
-            "config": {**self.run_config, "trainer": asdict(self.config)},
+            "config": self.config.to_dict(),
+            "run": self.run_info,
             "model": self.diffusion.model.state_dict(),
             "ema": self.ema.model.state_dict(),
             **self.stepper.state_dict(),
@@ -301,8 +261,7 @@ class Trainer:
     def load(self, path: str | Path, *, resume: bool = True) -> dict:
         """Load weights (and, with ``resume``, optimizer, scaler, step, RNG, data position and history)."""
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
-        ckpt_io.check_architecture(ckpt.get("architecture", {}),
-                                   {k: self.run_config.get(k) for k in ckpt_io.ARCHITECTURE_KEYS}, path)
+        ckpt_io.check_architecture(ckpt["config"], self.config, path)
         ckpt_io.load_state_strict(self.diffusion.model, ckpt["model"], "model", path)
         ckpt_io.load_state_strict(self.ema.model, ckpt.get("ema", ckpt["model"]), "EMA model", path)
         self.step = int(ckpt["step"])

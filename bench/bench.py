@@ -17,8 +17,8 @@ Sections (``--sections``, all by default):
 - ``sample``: images/s of the full 50-step DDPM chain and of DDIM with 10, 25 and 50 steps, at a few batch
   sizes; the baseline is the DDPM chain at the smallest batch size.
 - ``fid``: one periodic FID evaluation against the reference way, through ``bench/bench_fid.py`` with the
-  DDPM sampling rate measured in the ``sample`` section (needs the Inception weights: on machines without
-  internet run ``python ../shared/tools/offline_inception.py`` first).
+  DDPM sampling rate measured in the ``sample`` section (needs clean-fid's Inception weights: on machines without
+  internet copy them to where ``fid.weights_location("clean")`` says first).
 
 Every measurement runs in a fresh process, so that its peak memory is its own (resident set size on the
 CPU, ``torch.cuda.max_memory_allocated`` on a GPU) and nothing from one row slows the next.
@@ -61,7 +61,7 @@ GPU_TRAIN_ROWS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_path", default="../shared/afhq128/train", help="folder holding <data_class>/")
+    p.add_argument("--data_path", default="./data/train", help="folder holding <data_class>/")
     p.add_argument("--data_class", default="cat", help="class folder to read")
     p.add_argument("--sections", nargs="+", default=["train", "sample", "fid"], choices=["train", "sample", "fid"])
     p.add_argument("--large", action="store_true", help="also train from 512 x 512 JPEGs made from the data")
@@ -107,12 +107,12 @@ def _peak_memory_mib(device) -> dict:
     return out
 
 
-def main_flags(spec: dict) -> argparse.Namespace:
-    """``main.py``'s flags for a row: its defaults at the recommended size, with the row's own ``flags`` on top."""
-    from cli import build_parser
+def main_flags(spec: dict):
+    """``main.py``'s settings for a row: its defaults at the recommended size, with the row's own ``flags`` on top."""
+    from config import parse
 
     recommended = [f"--{k}={v}" for k, v in RECOMMENDED.items()]
-    return build_parser().parse_args([*recommended, "--device", spec["device"], *spec.get("flags", [])])
+    return parse([*recommended, "--device", spec["device"], *spec.get("flags", [])])[0]
 
 
 def _diffusion(spec: dict):
@@ -129,7 +129,7 @@ def measure_training(spec: dict) -> dict:
 
     import torch
 
-    from trainer import TrainConfig, Trainer
+    from trainer import Trainer
 
     device = _device(spec["device"])
     args = main_flags(spec)
@@ -150,9 +150,8 @@ def measure_training(spec: dict) -> dict:
             batches = DeviceBatches(images, batch_size, device=device)
         else:  # synthetic: one batch already on the device, served again and again
             batches = itertools.repeat(torch.rand(batch_size, 3, size, size, device=device) * 2 - 1)
-        config = TrainConfig.from_flags(args)
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(diffusion, batches, config=config, device=device, save_folder=tmp)
+            trainer = Trainer(diffusion, batches, config=args.replace(save_folder=tmp), device=device)
         step, precision = trainer.train_step, trainer.precision
     for _ in range(spec["warmup"]):
         step()
@@ -178,18 +177,18 @@ def measure_sampling(spec: dict) -> dict:
     diffusion = _diffusion(spec).to(device).eval()
     generator = torch.Generator(device).manual_seed(0)
     precision = choose_precision("auto", device)  # as the trainer samples its grids and FID images
-    if spec.get("graph"):  # the chain replayed from a CUDA graph, as --cuda_graph samples
-        from sampling_graph import ChainGraph
+    step, warmup_batch = None, min(spec["batch"], 4)
+    if spec.get("graph"):  # the reverse step replayed from a CUDA graph, as --cuda_graph samples
+        from cuda_graph import ChainStep
 
         shape = (spec["batch"], diffusion.channels, diffusion.image_size, diffusion.image_size)
-        chain = ChainGraph(diffusion, shape, sampler=spec["sampler"], steps=spec["steps"] or diffusion.num_timesteps)
-        warmup, timed = (lambda: chain.sample(generator)), (lambda: chain.sample(generator))  # the first captures
-    else:
-        def warmup():
-            diffusion.sample(min(spec["batch"], 4), sampler=spec["sampler"], steps=spec["steps"], generator=generator)
+        step, warmup_batch = ChainStep(diffusion, shape, sampler=spec["sampler"]), spec["batch"]  # warm-up captures
 
-        def timed():
-            diffusion.sample(spec["batch"], sampler=spec["sampler"], steps=spec["steps"], generator=generator)
+    def warmup():
+        diffusion.sample(warmup_batch, sampler=spec["sampler"], steps=spec["steps"], generator=generator, step=step)
+
+    def timed():
+        diffusion.sample(spec["batch"], sampler=spec["sampler"], steps=spec["steps"], generator=generator, step=step)
     with torch.inference_mode(), autocast(device, precision):
         warmup()
         _sync(device)

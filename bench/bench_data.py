@@ -11,7 +11,7 @@ the real AFHQ files) it measures, in one run:
 
 Batches are moved to the device and, on CUDA, synchronized before the clock stops. Example:
 
-    python bench/bench_data.py --data_path ../shared/afhq128/train --large --json bench/out/data.json
+    python bench/bench_data.py --data_path ./data/train --large --json bench/out/data.json
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_path", default="../shared/afhq128/train", help="folder holding <data_class>/")
+    p.add_argument("--data_path", default="./data/train", help="folder holding <data_class>/")
     p.add_argument("--data_class", default="cat", help="class folder to read")
     p.add_argument("--image_size", type=int, default=64, help="training resolution")
     p.add_argument("--batch_size", type=int, default=32, help="images per batch")

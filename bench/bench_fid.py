@@ -13,9 +13,9 @@ The "samples" are stand-ins: the first N training images plus Gaussian noise (si
 ways do identical work and their FIDs must agree. Sampling itself costs the same in both ways and is left
 out, unless ``--sample_images_per_s`` (the trainer's sampling throughput, measured separately) is given:
 then N / rate is added to both columns. Needs clean-fid's weights at /tmp/inception-2015-12-05.pt (on
-machines without internet: ``python ../shared/tools/offline_inception.py``). Example:
+machines without internet, copy them there). Example:
 
-    python bench/bench_fid.py --data_path ../shared/afhq128/train --image_size 32 --samples 512 1000 \\
+    python bench/bench_fid.py --data_path ./data/train --image_size 32 --samples 512 1000 \\
         --json bench/out/fid.json
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_path", default="../shared/afhq128/train", help="folder holding <data_class>/")
+    p.add_argument("--data_path", default="./data/train", help="folder holding <data_class>/")
     p.add_argument("--data_class", default="cat", help="class folder to read")
     p.add_argument("--image_size", type=int, default=32, help="training resolution")
     p.add_argument("--samples", type=int, nargs="+", default=[512, 1000], help="sample counts N to time")
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     weights, url = fid.weights_location("clean")
     if not os.path.exists(weights):
-        print(f"Inception weights missing at {weights}: run `python ../shared/tools/offline_inception.py` "
-              f"(no internet) or download {url} there", file=sys.stderr)
+        print(f"Inception weights missing at {weights}: download {url} there", file=sys.stderr)
         return 2
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     limit = 200 if args.quick and not args.limit else args.limit

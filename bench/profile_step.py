@@ -2,7 +2,7 @@
 
     python bench/profile_step.py                      # synthetic batches on the device, main.py's defaults
     python bench/profile_step.py --cuda_graph True --precision fp16 --trace bench/out/trace.json
-    python bench/profile_step.py --data --data_path ../shared/afhq128/train --steps 50
+    python bench/profile_step.py --data --data_path ./data/train --steps 50
 
 Every flag of ``main.py`` that shapes the network or the step applies (``--grad_accum 1 --self_condition False
 --weight_decay 0`` profiles the baseline); ``--data`` serves the images of ``--data_path`` instead of one
@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import main as package_main  # noqa: E402
-from cli import build_parser  # noqa: E402
+from config import Config, build_parser  # noqa: E402
 from distributed import pick_device  # noqa: E402
-from trainer import TrainConfig, Trainer  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,9 +46,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    config = Config(**{name: getattr(args, name) for name in Config.__dataclass_fields__})
     device = pick_device(args.device)
     torch.manual_seed(0)
-    diffusion = package_main.build_diffusion(args)
+    diffusion = package_main.build_diffusion(config)
     if args.data:
         import dataset
         from batches import DeviceBatches
@@ -58,9 +59,8 @@ def main(argv=None) -> int:
     else:
         size = args.image_size
         batches = itertools.repeat(torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1)
-    config = TrainConfig.from_flags(args)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(diffusion, batches, device=device, save_folder=tmp, config=config)
+        trainer = Trainer(diffusion, batches, device=device, config=config.replace(save_folder=tmp))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         trainer.train_step()

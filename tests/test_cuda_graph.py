@@ -1,9 +1,14 @@
-"""The reverse chain on static tensors (what a CUDA graph replays) gives the eager loops' images for the same noise."""
+"""CUDA graphs: when a run may use them, and the reverse step on static tensors (what a graph replays), which
+gives the eager chain's images for the same noise."""
 import pytest
 import torch
 
-from helpers import tiny_diffusion
-from sampling_graph import ChainGraph, ChainGraphs
+from config import Config
+from cuda_graph import ChainStep, ChainSteps, graph_blocker, use_graph
+from errors import UserError
+from helpers import FakeBatches, tiny_diffusion
+
+CPU = torch.device("cpu")
 
 
 def trained_looking(self_condition: bool, device: str = "cpu"):
@@ -18,14 +23,38 @@ def generator(device: str = "cpu") -> torch.Generator:
     return torch.Generator(device).manual_seed(11)
 
 
+def test_cuda_graph_settings():
+    cuda = torch.device("cuda")
+    assert graph_blocker(cuda, world_size=1, compiled=False) is None  # fp16 included: it is captured too
+    assert "single process" in graph_blocker(cuda, world_size=2, compiled=False)
+    assert "--compile" in graph_blocker(cuda, world_size=1, compiled=True)
+    assert "CUDA GPU" in graph_blocker(CPU, world_size=1, compiled=False)
+    assert use_graph(False, cuda, world_size=1, compiled=False) is False
+    assert use_graph("auto", CPU, world_size=1, compiled=False) is False
+    with pytest.raises(UserError, match="--cuda_graph True: CUDA graphs need a CUDA GPU, and this run is on the CPU"):
+        use_graph(True, CPU, world_size=1, compiled=False)
+
+
+def test_auto_says_in_one_line_why_a_gpu_run_steps_eagerly(capsys):
+    cuda = torch.device("cuda")
+    assert use_graph("auto", cuda, world_size=2, compiled=False) is False
+    assert capsys.readouterr().out == ("training steps run eagerly: CUDA graphs run in a single process, and this "
+                                       "run has 2 (torchrun)\n")
+    assert use_graph("auto", CPU, world_size=1, compiled=False) is False
+    assert capsys.readouterr().out == ""  # nobody expects graphs on a CPU
+    with pytest.raises(UserError, match="--compile"):
+        use_graph(True, cuda, world_size=1, compiled=True)
+
+
 @pytest.mark.parametrize("self_condition", [False, True])
-@pytest.mark.parametrize("sampler, steps", [("ddpm", 12), ("ddim", 5)])
-def test_the_static_step_samples_what_the_eager_loops_sample(self_condition, sampler, steps):
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 5, 0.0), ("ddim", 5, 0.5)])
+def test_the_static_step_samples_what_the_eager_chain_samples(self_condition, sampler, steps, eta):
     d = trained_looking(self_condition)
-    chain = ChainGraph(d, (3, 3, 16, 16), sampler=sampler, steps=steps, capture=False)
-    expected = d.sample(3, sampler=sampler, steps=steps, generator=generator())
-    assert torch.equal(chain.sample(generator()), expected)
-    assert torch.equal(chain.sample(generator()), expected)  # the static tensors start afresh on every run
+    step = ChainStep(d, (3, 3, 16, 16), sampler=sampler, eta=eta, capture=False)
+    expected = d.sample(3, sampler=sampler, steps=steps, eta=eta, generator=generator())
+    assert torch.equal(d.sample(3, sampler=sampler, steps=steps, eta=eta, generator=generator(), step=step), expected)
+    # the static tensors start afresh on every run
+    assert torch.equal(d.sample(3, sampler=sampler, steps=steps, eta=eta, generator=generator(), step=step), expected)
     assert expected.std() > 0.05  # the images depend on the network
 
 
@@ -33,53 +62,52 @@ def test_a_partial_chain_with_intermediates_for_the_backward_figure():
     d = trained_looking(True)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     eager, eager_states = d.p_sample_loop(x, start_t=7, return_steps=[7, 3, 0], generator=generator())
-    chain = ChainGraph(d, (2, 3, 16, 16), capture=False)
-    final, states = chain.run(x, start_t=7, return_steps=[7, 3, 0], generator=generator())
-    assert torch.equal(final, eager) and states.keys() == eager_states.keys()
+    step = ChainStep(d, (2, 3, 16, 16), sampler="ddpm", capture=False)
+    final, states = d.p_sample_loop(x, start_t=7, return_steps=[7, 3, 0], generator=generator(), step=step)
+    assert torch.equal(final, eager) and states.keys() == eager_states.keys() == {7, 3, 0}
     assert all(torch.equal(states[t], eager_states[t]) for t in states)
 
 
-def test_one_chain_per_batch_size_and_sampler():
-    chains = ChainGraphs(trained_looking(False), steps=4)
-    assert chains.get(2, "ddpm") is chains.get(2, "ddpm")
-    assert chains.get(2, "ddim") is not chains.get(2, "ddpm") and chains.get(3, "ddpm").shape == (3, 3, 16, 16)
-    with pytest.raises(ValueError, match="sampler"):
-        ChainGraph(chains.diffusion, (1, 3, 16, 16), sampler="euler")
+def test_one_step_per_batch_size_and_sampler():
+    steps = ChainSteps(trained_looking(False))
+    assert steps.get(2, "ddpm") is steps.get(2, "ddpm")
+    assert steps.get(2, "ddim") is not steps.get(2, "ddpm") and steps.get(3, "ddpm").x.shape == (3, 3, 16, 16)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_with_cuda_graphs_the_trainer_samples_grids_fid_images_and_figures_through_the_chain(tmp_path, sampler):
-    """What a --cuda_graph run does, with the chain's steps run eagerly here: the same grids, FID images and
+def test_with_cuda_graphs_the_trainer_samples_grids_fid_images_and_figures_through_the_static_step(tmp_path, sampler):
+    """What a --cuda_graph run does, with the static steps run eagerly here: the same grids, FID images and
     backward-process figures as without graphs."""
-    from helpers import FakeBatches
-    from trainer import TrainConfig, Trainer
+    from trainer import Trainer
 
-    def trainer(folder):
-        config = TrainConfig(sampler=sampler, sample_steps=4, precision="fp32")
-        t = Trainer(trained_looking(True), FakeBatches(), config=config, device="cpu", save_folder=tmp_path / folder)
+    def trainer(folder, graphed: bool):
+        config = Config(image_size=16, time_steps=12, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1,
+                        sampler=sampler, sample_steps=4, precision="fp32", save_folder=str(tmp_path / folder))
+        t = Trainer(trained_looking(True), FakeBatches(), config=config, device="cpu")
+        if graphed:  # what --cuda_graph sets up on a GPU, with capture off
+            t.stepper.graphed = True
+            t.chain_steps = ChainSteps(t.ema, capture=False)
         return t
 
-    eager, graphed = trainer("eager"), trainer("graphed")
-    graphed.stepper.graphed = True
-    graphed._chains = ChainGraphs(graphed.ema, steps=4, capture=False)
+    eager, graphed = trainer("eager", False), trainer("graphed", True)
     assert torch.equal(graphed.sample(3), eager.sample(3))
     fid_images = [t.fid_sample_fn() for t in (graphed, eager)]
     assert all(torch.equal(a, b) for a, b in zip([fid_images[0](2), fid_images[0](2)], [fid_images[1](2), fid_images[1](2)]))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     for a, b in zip(graphed.visualize(x), eager.visualize(x)):
         assert a.read_bytes() == b.read_bytes()
-    assert {key[1] for key in graphed._chains._chains} == {sampler, "ddpm"}  # the figure runs the full chain
+    assert set(graphed.chain_steps.steps) == {(3, sampler), (2, sampler), (2, "ddpm")}  # the figure: the full chain
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("sampler, steps", [("ddpm", 12), ("ddim", 5)])
-def test_the_captured_chain_samples_what_the_eager_loops_sample_on_a_gpu(sampler, steps):
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 5)])
+def test_the_captured_step_samples_what_the_eager_chain_samples_on_a_gpu(sampler, steps):
     d = trained_looking(True, "cuda")
-    chain = ChainGraph(d, (4, 3, 16, 16), sampler=sampler, steps=steps)
+    step = ChainStep(d, (4, 3, 16, 16), sampler=sampler)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         expected = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"))
-        first = chain.sample(generator("cuda"))  # warm-up, capture, replays
-        again = chain.sample(generator("cuda"))  # replays only
-    assert chain._captured.graph is not None
+        first = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"), step=step)  # warm-up, capture
+        again = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"), step=step)  # replays only
+    assert step.captured.graph is not None
     torch.testing.assert_close(first, expected, rtol=0, atol=2e-3)
     torch.testing.assert_close(again, expected, rtol=0, atol=2e-3)

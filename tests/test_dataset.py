@@ -226,6 +226,25 @@ def test_batch_size_larger_than_the_data(folder, world_size, message):
     assert "\n" not in str(info.value)
 
 
-def test_available_memory_is_known_here():
-    free = dataset.available_memory_bytes()
-    assert free is None or free > 0
+def test_available_memory_is_memavailable_capped_by_the_cgroup_limit(tmp_path):
+    from memory import available_memory_bytes
+
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
+    cgroup.mkdir()
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    8000000 kB\n")
+    (cgroup / "memory.max").write_text("max\n")
+    assert available_memory_bytes(meminfo=meminfo, cgroup=cgroup) == 8_000_000 * 1024  # no limit
+    (cgroup / "memory.max").write_text(f"{3 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{2**30}\n")
+    assert available_memory_bytes(meminfo=meminfo, cgroup=cgroup) == 2 * 2**30  # the limit less what is used
+    meminfo.write_text("MemAvailable:    1000 kB\n")
+    assert available_memory_bytes(meminfo=meminfo, cgroup=cgroup) == 1000 * 1024  # the host is the tighter
+
+
+def test_what_fits_is_a_fraction_of_the_free_memory():
+    from memory import fits
+
+    cuda = torch.device("cuda")
+    assert fits(100, cuda, memory_fraction=0.25, free=400) and not fits(101, cuda, memory_fraction=0.25, free=400)
+    assert fits(10**15, torch.device("cpu"), memory_fraction=0.25, free=None) is (
+        dataset.available_memory_bytes() is None)

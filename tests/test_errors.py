@@ -58,7 +58,7 @@ CASES = [
     (["--image_size", "15"], "image size 15 is not divisible by 2"),
     (["--unet_dim", "12"], "GroupNorm cannot split into 8 groups"),
     (["--data_path", "{root}/nowhere"], "does not exist"),
-    (["--attention_levels", "5"], "--attention_levels [5] must be below the number of --dim_mults"),
+    (["--attention_levels", "5"], "--attention_levels 5 must be below the number of --dim_mults"),
     (["--cuda_graph"], "--cuda_graph True: CUDA graphs need a CUDA GPU, and this run is on the CPU; pass "
                        "--cuda_graph auto or False"),
 ]

@@ -1,4 +1,4 @@
-"""The training step: one pass against separate passes, fp16 loss scaling on the device, CUDA-graph settings."""
+"""The training step: one pass against separate passes, fp16 loss scaling on the device, captured steps."""
 import copy
 import itertools
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import train_step
-from errors import UserError
+from config import Config
 from helpers import FakeBatches, tiny_diffusion
-from trainer import TrainConfig
-from train_step import TrainStep, activation_bytes_per_image, draw_inputs, graph_blocker, use_graph, use_one_pass
+from memory import activation_bytes_per_image
+from train_step import TrainStep, use_one_pass
 
 CPU = torch.device("cpu")
 
@@ -22,7 +22,8 @@ def make_step(*, precision="fp32", self_condition=True, trained_output=False, **
     if trained_output:
         torch.nn.init.normal_(diffusion.model.output[-1].weight, std=0.1)
     ema = copy.deepcopy(diffusion).eval().requires_grad_(False)
-    return TrainStep(diffusion, ema, config=TrainConfig(**config), device=CPU, precision=precision, batch_size=4)
+    config = Config(**{"grad_accum": 1, "weight_decay": 0.0, **config})  # plain Algorithm 1 unless asked
+    return TrainStep(diffusion, ema, config=config, device=CPU, precision=precision, batch_size=4)
 
 
 def batches(count: int, batch_size: int = 4) -> list[torch.Tensor]:
@@ -49,46 +50,21 @@ def test_one_pass_gives_the_loss_and_gradients_of_separate_passes(grad_accum, ba
     assert any(g.abs().sum() > 0 for g in grads_one)
 
 
-def test_one_pass_draws_what_separate_passes_draw_and_puts_the_self_conditioned_halves_first():
-    diffusion = tiny_diffusion(self_condition=True)
-    parts = batches(2)
-    torch.manual_seed(3)
-    separate = [(diffusion.sample_timesteps(4, CPU), torch.randn_like(b)) for b in parts]
-    torch.manual_seed(3)
-    x, t, noise, conditioned = draw_inputs(diffusion, parts)
-    assert conditioned == 4
-    order = [0, 1, 4, 5, 2, 3, 6, 7]  # first halves of both batches, then the second halves
-    assert torch.equal(x, torch.cat(parts)[order])
-    assert torch.equal(t, torch.cat([s[0] for s in separate])[order])
-    assert torch.equal(noise, torch.cat([s[1] for s in separate])[order])
-
-
-def test_separate_passes_are_what_the_step_runs_when_asked(monkeypatch):
-    step = make_step(grad_accum=2, one_pass=False)
-    sizes = []
-    real = step.diffusion.p_loss
-    monkeypatch.setattr(step.diffusion, "p_loss", lambda x, *a, **k: sizes.append(len(x)) or real(x, *a, **k))
-    step.step(batches(2), lr=1e-3, ema_weight=0.1)
-    assert sizes == [4, 4]
-    step.one_pass = True
-    step.step(batches(2), lr=1e-3, ema_weight=0.1)
-    assert sizes == [4, 4, 8]
-
-
-def test_one_pass_by_default_on_the_cpu_only_and_where_it_fits():
-    gib = 2 ** 30
-    assert use_one_pass("auto", CPU, step_bytes=gib, free_bytes=8 * gib) is True
-    assert use_one_pass("auto", CPU, step_bytes=3 * gib, free_bytes=8 * gib) is False  # over a quarter: a pass per batch
-    assert use_one_pass("auto", torch.device("cuda"), step_bytes=0, free_bytes=None) is False  # until measured there
-    assert use_one_pass("auto", torch.device("mps"), step_bytes=0, free_bytes=None) is False
-    assert use_one_pass(False, CPU, step_bytes=0, free_bytes=None) is False
-    assert use_one_pass(True, torch.device("cuda"), step_bytes=gib, free_bytes=gib) is True
+def test_one_pass_by_default_where_the_steps_activations_fit_a_quarter_of_the_free_memory():
+    gib, cuda = 2 ** 30, torch.device("cuda")
+    assert use_one_pass("auto", CPU, step_bytes=gib, free=8 * gib) is True
+    assert use_one_pass("auto", CPU, step_bytes=3 * gib, free=8 * gib) is False  # over a quarter: a pass per batch
+    assert use_one_pass("auto", cuda, step_bytes=gib, free=4 * gib) is True
+    assert use_one_pass("auto", cuda, step_bytes=2 * gib, free=4 * gib) is False
+    assert use_one_pass("auto", torch.device("mps"), step_bytes=0, free=None) is False
+    assert use_one_pass(False, CPU, step_bytes=0, free=None) is False
+    assert use_one_pass(True, cuda, step_bytes=gib, free=gib) is True
     assert make_step(grad_accum=2).one_pass is True  # a tiny step fits anywhere
+    assert make_step(grad_accum=1).one_pass is False  # one batch: nothing to join
 
 
 def test_the_activation_estimate_grows_with_the_image_area_and_leaves_the_rng_alone():
-    """The estimate behind ``--one_pass auto``: one forward pass's layer outputs. At the recommended size it is
-    what the step's memory grows by per image of one pass (4.7 MiB measured against 4.5 MiB of RSS)."""
+    """The estimate behind ``--one_pass auto``: one forward pass's layer outputs, which grow with the pixels."""
     small, large = tiny_diffusion(size=16, dropout=0.5), tiny_diffusion(size=32, dropout=0.5)
     large.model.train()
     before = torch.get_rng_state()
@@ -120,35 +96,36 @@ def test_the_step_reads_its_learning_rate_and_ema_weight_from_tensors_as_a_captu
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def fp16_steps(fused: bool, monkeypatch, *, overflow: bool) -> TrainStep:
-    """One fp16 step on the CPU with Adam fused (as on CUDA, where the scaler hands it the overflow flag on the
-    device) or not (the scaler checks the flag on the host); ``overflow`` scales the loss past fp16's range."""
+def fp16_steps(fused: bool, monkeypatch, *, overflow: bool) -> tuple[TrainStep, list[torch.Tensor]]:
+    """Two fp16 steps on the CPU with AdamW fused (as on CUDA, where the scaler hands it the overflow flag on the
+    device) or not (the scaler checks the flag on the host); ``overflow`` scales the second loss past fp16's
+    range. Returns the step and the weights after its first step."""
     monkeypatch.setattr(train_step, "use_fused_adam", lambda device: fused)
     step = make_step(precision="fp16", weight_decay=0.1)
     assert step.optimizer.defaults["fused"] is fused and step.scaler.is_enabled()
     step.step(batches(1), lr=1e-3, ema_weight=0.5)  # a first step that fits
+    first = [p.detach().clone() for p in step.diffusion.model.parameters()]
     if overflow:
         step.scaler.update(2.0 ** 40)  # the scaled gradients overflow fp16
     torch.manual_seed(1)
     step.step(batches(1), lr=1e-3, ema_weight=0.5)
-    return step
+    return step, first
 
 
 @pytest.mark.parametrize("overflow", [False, True])
 def test_fp16_steps_are_taken_or_skipped_as_the_scaler_decides_with_the_flag_on_the_device(monkeypatch, overflow):
-    """The fused Adam of a captured fp16 step takes the scaler's overflow flag and scale on the device; it must
-    decide exactly as the host-side check does: take the step, or skip it (Adam's state and the weights but for
-    the weight decay untouched) and halve the scale. The EMA moves either way."""
-    host = fp16_steps(False, monkeypatch, overflow=overflow)
-    device = fp16_steps(True, monkeypatch, overflow=overflow)
+    """The fused AdamW of a captured fp16 step takes the scaler's overflow flag and scale on the device; it must
+    decide exactly as the host-side check does: take the step, or skip it (AdamW's state and the weights
+    untouched) and halve the scale. The EMA moves either way."""
+    host, _ = fp16_steps(False, monkeypatch, overflow=overflow)
+    device, first = fp16_steps(True, monkeypatch, overflow=overflow)
     assert device.scaler.get_scale() == host.scaler.get_scale() == (2.0 ** 39 if overflow else 2.0 ** 16)
     for a, b in zip(device.diffusion.model.parameters(), host.diffusion.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     steps = {int(s["step"]) for s in device.optimizer.state.values()}
     assert steps == {int(s["step"]) for s in host.optimizer.state.values()} == {1 if overflow else 2}
-    if overflow:  # the skipped step changed the kernels by the weight decay alone, 1 - 1e-3 * 0.1
-        one = fp16_steps(True, monkeypatch, overflow=False)
-        assert not torch.equal(one.diffusion.model.input_conv.weight, device.diffusion.model.input_conv.weight)
+    moved = [not torch.equal(a, b) for a, b in zip(device.diffusion.model.parameters(), first)]
+    assert not any(moved) if overflow else all(moved)
 
 
 def test_loading_a_checkpoint_keeps_this_devices_adam(monkeypatch):
@@ -163,29 +140,6 @@ def test_loading_a_checkpoint_keeps_this_devices_adam(monkeypatch):
     fused.step(batches(1), lr=1e-3, ema_weight=0.5)
 
 
-def test_cuda_graph_settings():
-    cuda = torch.device("cuda")
-    assert graph_blocker(cuda, world_size=1, compiled=False) is None  # fp16 included: it is captured too
-    assert "single process" in graph_blocker(cuda, world_size=2, compiled=False)
-    assert "--compile" in graph_blocker(cuda, world_size=1, compiled=True)
-    assert "CUDA GPU" in graph_blocker(CPU, world_size=1, compiled=False)
-    assert use_graph(False, cuda, world_size=1, compiled=False) is False
-    assert use_graph("auto", CPU, world_size=1, compiled=False) is False
-    with pytest.raises(UserError, match="--cuda_graph True: CUDA graphs need a CUDA GPU, and this run is on the CPU"):
-        use_graph(True, CPU, world_size=1, compiled=False)
-
-
-def test_auto_says_in_one_line_why_a_gpu_run_steps_eagerly(capsys):
-    cuda = torch.device("cuda")
-    assert use_graph("auto", cuda, world_size=2, compiled=False) is False
-    assert capsys.readouterr().out == ("training steps run eagerly: CUDA graphs run in a single process, and this "
-                                       "run has 2 (torchrun)\n")
-    assert use_graph("auto", CPU, world_size=1, compiled=False) is False
-    assert capsys.readouterr().out == ""  # nobody expects graphs on a CPU
-    with pytest.raises(UserError, match="--compile"):
-        use_graph(True, cuda, world_size=1, compiled=True)
-
-
 def cuda_step(precision: str, graph: bool, **config) -> TrainStep:
     cuda = torch.device("cuda")
     torch.manual_seed(0)
@@ -193,7 +147,7 @@ def cuda_step(precision: str, graph: bool, **config) -> TrainStep:
     torch.nn.init.normal_(diffusion.model.output[-1].weight, std=0.1)
     ema = copy.deepcopy(diffusion).eval().requires_grad_(False)
     step = TrainStep(diffusion, ema, device=cuda, precision=precision, batch_size=4,
-                     config=TrainConfig(**{"grad_accum": 2, "weight_decay": 0.1, "cuda_graph": graph, **config}))
+                     config=Config(**{"cuda_graph": graph, **config}))
     assert step.graphed is graph
     return step
 
@@ -222,12 +176,11 @@ def test_a_replayed_fp16_step_whose_gradients_overflow_is_skipped_and_halves_the
     step, stream = cuda_step("fp16", True), iter(FakeBatches())
     for i in range(5):  # warm-up, capture, one replay
         step.step([next(stream).cuda() for _ in range(2)], lr=1e-3, ema_weight=0.1)
-    assert step._captured.graph is not None
+    assert step.captured.graph is not None
     steps_before = {int(s["step"]) for s in step.optimizer.state.values()}
-    kernels = [p.detach().clone() for p in step.decayed]
+    weights = [p.detach().clone() for p in step.diffusion.model.parameters()]
     step.scaler.update(2.0 ** 40)  # fills the scale tensor the graph reads: the scaled gradients overflow
     step.step([next(stream).cuda() for _ in range(2)], lr=1e-3, ema_weight=0.1)
     assert step.scaler.get_scale() == 2.0 ** 39
-    assert {int(s["step"]) for s in step.optimizer.state.values()} == steps_before  # Adam skipped the step
-    for before, after in zip(kernels, step.decayed):  # only the weight decay moved the kernels
-        torch.testing.assert_close(after, before * (1 - 1e-3 * 0.1))
+    assert {int(s["step"]) for s in step.optimizer.state.values()} == steps_before  # AdamW skipped the step
+    assert all(torch.equal(before, after) for before, after in zip(weights, step.diffusion.model.parameters()))

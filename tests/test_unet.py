@@ -33,11 +33,14 @@ def test_time_embedding_changes_the_output():
     assert not torch.allclose(net(x, torch.tensor([0])), net(x, torch.tensor([30])))
 
 
-def test_default_recommended_size_parameter_count():
-    net = Unet(16)
-    n = sum(p.numel() for p in net.parameters())
-    # The README reports this figure; keep them in step.
-    assert n == 3_972_947
+def test_self_conditioning_adds_only_three_input_channels_to_the_first_convolution():
+    def count(net):
+        return sum(p.numel() for p in net.parameters())
+
+    plain, conditioned = Unet(16), Unet(16, self_condition=True)
+    assert conditioned.input_conv.in_channels == 2 * plain.input_conv.in_channels == 6
+    kernel = plain.input_conv.kernel_size
+    assert count(conditioned) - count(plain) == 3 * 16 * kernel[0] * kernel[1]
 
 
 def test_attention_placement_and_dropout():

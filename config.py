@@ -1,0 +1,346 @@
+"""Every setting of a run, declared once: ``Config``'s fields.
+
+Each field carries its name, type, default, help, flag group, validation and its role:
+
+- ``network``: decides the network's shape or the meaning of its timesteps. A checkpoint records it, and
+  loading one adopts it unless the command line names the flag.
+- ``training``: says how the weights are trained. A resumed run adopts the checkpoint's value unless the
+  command line names the flag, so that it goes on as it started.
+- ``run``: only how this run behaves (where files go, what to print, how fast to run).
+
+``main.py``'s parser, the trainer's config and its defaults, what checkpoints record and adopt, README's flag
+table and the checks of every value all come from these fields; adding a setting means adding a field here
+and the code that uses it. The assignment's flags (Table 1) come first, with its recommended command as their
+defaults. Boolean flags take both forms: ``--fid`` and ``--fid True/False``; ``--cuda_graph`` and
+``--one_pass`` also take ``auto``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from diffusion import LOSSES, SAMPLERS
+from download import DOWNLOAD_MODES, DOWNLOAD_SOURCES
+from fid import MODES as FID_MODES
+from images import CLASSES
+from metrics import WANDB_MODES
+from precision import PRECISIONS
+
+ROLES = ("network", "training", "run")
+LR_DECAYS = ("none", "cosine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class Kind:
+    """A flag's value type: parses the command line's text and checks a value however it was given."""
+
+    def __init__(self, convert: Callable[[str], Any], what: str, test: Callable[[Any], bool] = lambda v: True,
+                 metavar: str | None = None):
+        self.convert, self.what, self.test, self.metavar = convert, what, test, metavar
+        self.__name__ = what  # argparse names the type in its messages
+
+    def __call__(self, text: str):
+        try:
+            value = self.convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.what}, got {text!r}") from None
+        if not self.valid(value):
+            raise argparse.ArgumentTypeError(f"expected {self.what}, got {text!r}")
+        return value
+
+    def valid(self, value) -> bool:
+        try:
+            return self.test(value)
+        except TypeError:
+            return False
+
+
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if lowered in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _auto_or_bool(text: str) -> str | bool:
+    return "auto" if str(text).strip().lower() == "auto" else _bool(text)
+
+
+def _number(kind: type, what: str, low: float | None = None, high: float | None = None, *,
+            open_low: bool = False, open_high: bool = False) -> Kind:
+    def test(value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if low is not None and (value <= low if open_low else value < low):
+            return False
+        return high is None or (value < high if open_high else value <= high)
+
+    return Kind(kind, what, test)
+
+
+BOOL = Kind(_bool, "True or False", lambda v: isinstance(v, bool), metavar="BOOL")
+AUTO_OR_BOOL = Kind(_auto_or_bool, "auto, True or False", lambda v: v == "auto" or isinstance(v, bool),
+                    metavar="{auto,True,False}")
+TEXT = Kind(str, "a text", lambda v: isinstance(v, str))
+POSITIVE_INT = _number(int, "a positive integer", 1)
+NON_NEGATIVE_INT = _number(int, "a non-negative integer", 0)
+NON_NEGATIVE = _number(float, "a non-negative number", 0.0)
+FRACTION = _number(float, "a number in [0, 1]", 0.0, 1.0)
+
+
+def setting(default, help: str, *, group: str, role: str = "run", kind: Kind = TEXT, choices: tuple = (),
+            nargs: str | None = None, optional: bool = False):
+    """One ``Config`` field with everything the parser, the checks and the checkpoints need to know of it.
+    ``nargs`` ("+" or "*") makes a list flag, kept as a tuple; ``optional`` lets the value be None."""
+    assert role in ROLES
+    meta = dict(help=help, group=group, role=role, kind=kind, choices=choices, nargs=nargs, optional=optional)
+    return field(default=default, metadata=meta)
+
+
+ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, LOGGING = (
+    "the assignment's flags (Table 1)", "model", "training", "data", "sampling, FID and figures", "logging")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run's settings. Build it with keywords (``Config(grad_accum=1)``) or from the command line
+    (``parse``); every value is checked at construction, and a bad one raises ValueError naming its flag."""
+
+    # the assignment's Table 1
+    image_size: int = setting(32, "side of the square training images, in pixels", group=ASSIGNMENT,
+                              role="network", kind=POSITIVE_INT)
+    batch_size: int = setting(32, "images per batch (per process); each step takes --grad_accum batches",
+                              group=ASSIGNMENT, role="training", kind=POSITIVE_INT)
+    data_class: str = setting("cat", "AFHQ domain to train on ('all' = every class folder)", group=ASSIGNMENT,
+                              choices=CLASSES + ("all",))
+    save_folder: str = setting("./results/", "where checkpoints, samples, metrics and figures go", group=ASSIGNMENT)
+    load_path: str | None = setting(None, "checkpoint to resume training from, or to visualize / sample / score",
+                                    group=ASSIGNMENT, optional=True)
+    data_path: str = setting("./data/train/", "folder holding one sub-folder of images per class", group=ASSIGNMENT)
+    train_steps: int = setting(10000, "total optimizer steps (a resumed run counts its earlier steps)",
+                               group=ASSIGNMENT, kind=POSITIVE_INT)
+    time_steps: int = setting(50, "number of diffusion steps T", group=ASSIGNMENT, role="network",
+                              kind=_number(int, "an integer of at least 2", 2))
+    unet_dim: int = setting(16, "channels of the first U-Net level (a multiple of 8)", group=ASSIGNMENT,
+                            role="network", kind=POSITIVE_INT)
+    learning_rate: float = setting(1e-3, "Adam learning rate", group=ASSIGNMENT, role="training",
+                                   kind=_number(float, "a learning rate in (0, 1]", 0.0, 1.0, open_low=True))
+    save_and_sample_every: int = setting(1000, "steps between checkpoints, sample grids and FID", group=ASSIGNMENT,
+                                         kind=POSITIVE_INT)
+    fid: bool = setting(False, "score FID (and KID) every --save_and_sample_every steps", group=ASSIGNMENT, kind=BOOL)
+    visualize: bool = setting(False, "with --load_path: draw the forward and backward processes, then exit",
+                              group=ASSIGNMENT, kind=BOOL)
+
+    # the network
+    dim_mults: tuple[int, ...] = setting((1, 2, 4, 8), "channel multiplier of each U-Net level, highest resolution "
+                                         "first", group=MODEL, role="network", kind=POSITIVE_INT, nargs="+")
+    num_res_blocks: int = setting(2, "residual blocks per U-Net level", group=MODEL, role="network", kind=POSITIVE_INT)
+    attention_levels: tuple[int, ...] | None = setting(
+        None, "U-Net levels (0 = highest resolution) with self-attention; default: the lowest only", group=MODEL,
+        role="network", kind=NON_NEGATIVE_INT, nargs="*", optional=True)
+    dropout: float = setting(0.0, "dropout inside the residual blocks", group=MODEL, role="training",
+                             kind=_number(float, "a dropout rate in [0, 0.99]", 0.0, 0.99))
+    self_condition: bool = setting(True, "self-conditioning (Chen et al. 2023): the U-Net also takes an x_0 estimate "
+                                   "(its own, from a first pass or the previous sampling step)", group=MODEL,
+                                   role="network", kind=BOOL)
+    loss: str = setting("l1", "loss on the predicted noise (the assignment's is L1)", group=MODEL, role="training",
+                        choices=LOSSES)
+
+    # how the weights are trained, and how fast
+    grad_accum: int = setting(2, "batches per optimizer step (2, as the handout trainer takes)", group=TRAINING,
+                              role="training", kind=POSITIVE_INT)
+    one_pass: str | bool = setting("auto", "run a step's --grad_accum batches as one forward and backward pass "
+                                   "(False: a pass per batch, less memory); auto = one pass on the CPU or a CUDA GPU "
+                                   "when the step's activations fit a quarter of its free memory", group=TRAINING, kind=AUTO_OR_BOOL)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", group=TRAINING, role="training",
+                               kind=NON_NEGATIVE)
+    weight_decay: float = setting(0.1, "decoupled weight decay (AdamW) of the convolution and linear kernels; 0 = off",
+                                  group=TRAINING, role="training", kind=FRACTION)
+    lr_warmup: int = setting(0, "steps of linear learning-rate warm-up", group=TRAINING, role="training",
+                             kind=NON_NEGATIVE_INT)
+    lr_decay: str = setting("none", "learning-rate decay after the warm-up: cosine down to 0 at --train_steps",
+                            group=TRAINING, role="training", choices=LR_DECAYS)
+    ema_decay: float = setting(0.999, "the largest decay of the exponential moving average of the weights",
+                               group=TRAINING, role="training", kind=FRACTION)
+    ema_sigma_rel: float = setting(0.05, "relative width of the EMA until --ema_decay caps it (Karras et al. 2024): "
+                                   "0.05 averages about the last twentieth of the run", group=TRAINING,
+                                   role="training", kind=_number(float, "a number in (0, 0.28]", 0.0, 0.28,
+                                                                 open_low=True))
+    precision: str = setting("auto", "mixed precision: auto = bf16 on Ampere+ GPUs and CPUs with bf16 instructions, "
+                             "fp16 on older GPUs, fp32 elsewhere", group=TRAINING, choices=PRECISIONS)
+    compile: bool = setting(False, "compile the U-Net with torch.compile", group=TRAINING, kind=BOOL)
+    cuda_graph: str | bool = setting(False, "capture each training step in one CUDA graph, removing the launch "
+                                     "overhead that bounds small models (one GPU, one process); auto = wherever it "
+                                     "can", group=TRAINING, kind=AUTO_OR_BOOL)
+    device: str = setting("auto", "where to run: auto = CUDA, else MPS, else CPU", group=TRAINING, choices=DEVICES)
+    seed: int = setting(0, "random seed (data order, noise, timesteps)", group=TRAINING, kind=NON_NEGATIVE_INT)
+    overwrite: bool = setting(False, "let a new run replace the model.pt already in --save_folder", group=TRAINING,
+                              kind=BOOL)
+    log_every: int = setting(10, "steps between loss records (the loss is averaged over them)", group=TRAINING,
+                             kind=POSITIVE_INT)
+
+    # the data
+    flip: bool = setting(True, "random horizontal flips", group=DATA, role="training", kind=BOOL)
+    cache_dir: str | None = setting(None, "where the decoded-image cache and FID statistics go (default: beside the "
+                                    "data)", group=DATA, optional=True)
+    download: str = setting("auto", "download AFHQ: auto = when the data folder is missing", group=DATA,
+                            choices=DOWNLOAD_MODES)
+    dataset_source: str = setting("v2", "which AFHQ archive to download", group=DATA, choices=DOWNLOAD_SOURCES)
+
+    # sampling, FID and figures
+    num_samples: int = setting(16, "images in each periodic sample grid", group=SAMPLING, kind=POSITIVE_INT)
+    sampler: str = setting("ddpm", "sampler of the grids, FID and --sample: the full DDPM chain, or DDIM",
+                           group=SAMPLING, choices=SAMPLERS)
+    sample_steps: int = setting(50, "DDIM steps (with --sampler ddim)", group=SAMPLING, kind=POSITIVE_INT)
+    sample: int = setting(0, "with --load_path: write a grid of this many samples, then exit", group=SAMPLING,
+                          kind=NON_NEGATIVE_INT)
+    num_vis: int = setting(8, "images (rows) in the --visualize figures", group=SAMPLING, kind=POSITIVE_INT)
+    evaluate: bool = setting(False, "with --load_path: print the model's FID and KID, then exit", group=SAMPLING,
+                             kind=BOOL)
+    fid_samples: int = setting(1000, "generated images per FID evaluation", group=SAMPLING, kind=POSITIVE_INT)
+    fid_mode: str = setting("clean", "clean-fid mode", group=SAMPLING, choices=FID_MODES)
+
+    # logging
+    wandb: str = setting("auto", "auto = online with a wandb login, offline without", group=LOGGING,
+                         choices=WANDB_MODES)
+    wandb_project: str = setting("ddpm-afhq", "wandb project name", group=LOGGING)
+    run_name: str | None = setting(None, "wandb run name", group=LOGGING, optional=True)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["nargs"] and isinstance(value, list):
+                object.__setattr__(self, f.name, value := tuple(value))
+            if value is None and meta["optional"]:
+                continue
+            items = value if meta["nargs"] and isinstance(value, tuple) else (value,)
+            if (meta["nargs"] and not isinstance(value, tuple)) or (meta["nargs"] == "+" and not items) or not all(
+                    meta["kind"].valid(v) and (not meta["choices"] or v in meta["choices"]) for v in items):
+                expected = f"one of {', '.join(map(str, meta['choices']))}" if meta["choices"] else meta["kind"].what
+                raise ValueError(f"--{f.name} {show(value)} is not valid: expected {expected}")
+        for mode in ("visualize", "sample", "evaluate"):
+            if getattr(self, mode) and not self.load_path:
+                raise ValueError(f"--{mode} needs a trained model: add --load_path results/model.pt "
+                                 f"(the model.pt that training wrote)")
+        levels = self.attention_levels or ()
+        if any(level >= len(self.dim_mults) for level in levels):
+            raise ValueError(f"--attention_levels {show(levels)} must be below the number of --dim_mults "
+                             f"({len(self.dim_mults)})")
+        if self.sampler == "ddim" and self.sample_steps > self.time_steps:
+            raise ValueError(f"--sample_steps {self.sample_steps} is more than --time_steps {self.time_steps}; lower it")
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def trains(self) -> bool:
+        """Whether the command trains (rather than visualizing, sampling or scoring a checkpoint)."""
+        return not (self.visualize or self.sample or self.evaluate)
+
+
+def names(*roles: str) -> tuple[str, ...]:
+    """The settings of the given roles, in declaration order."""
+    return tuple(f.name for f in fields(Config) if f.metadata["role"] in roles)
+
+
+DEFAULTS = Config()
+
+
+def recorded(saved: dict, *, training: bool) -> dict:
+    """The settings a checkpoint's recorded config hands on: its network's, and with ``training`` also how it
+    was trained."""
+    wanted = names("network", "training") if training else names("network")
+    return {k: comparable(saved[k]) for k in wanted if k in saved}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (what is wrong, and where to look) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (python main.py --help lists every flag)\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    description="Train a DDPM on AFHQ cats, visualize its diffusion processes, sample it and score "
+                                "it with FID.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(Config):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kind, options = meta["kind"], dict(help=meta["help"], default=f.default, type=meta["kind"])
+        if meta["choices"]:
+            options["choices"] = meta["choices"]
+        if meta["nargs"]:
+            options["nargs"] = meta["nargs"]
+        elif kind in (BOOL, AUTO_OR_BOOL):
+            options.update(nargs="?", const=True, metavar=kind.metavar)
+        group.add_argument(f"--{f.name}", **options)
+    return parser
+
+
+def parse(argv: list[str] | None = None, parser: Parser | None = None) -> tuple[Config, set[str]]:
+    """The ``Config`` of a command line, and the settings it names; a bad value exits 2 with one line."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    return checked(parser, **{f.name: getattr(args, f.name) for f in fields(Config)}), named_flags(parser, argv)
+
+
+def checked(parser: Parser, base: Config | None = None, **values) -> Config:
+    """``Config(**values)`` (or ``base`` with ``values`` replaced), a ValueError said as the parser's error."""
+    try:
+        return base.replace(**values) if base is not None else Config(**values)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def named_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The settings that ``argv`` itself names, whatever their values."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        named, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return set(vars(named))
+
+
+def flags_markdown() -> str:
+    """The table of every flag (name, default, meaning) that README.md embeds; a test keeps them equal."""
+    lines, group = [], None
+    for f in fields(Config):
+        meta = f.metadata
+        if meta["group"] != group:
+            group = meta["group"]
+            lines += ["", f"**{group}**", "", "| flag | default | meaning |", "| --- | --- | --- |"]
+        choices = f" (one of: {', '.join(map(str, meta['choices']))})" if meta["choices"] else ""
+        lines.append(f"| `--{f.name}` | `{show(f.default)}` | {meta['help']}{choices} |")
+    return "\n".join(lines).strip() + "\n"
+
+
+def comparable(value):
+    """A setting's value in a form that compares equal whether it came from JSON (lists) or from code (tuples)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def show(value) -> str:
+    """A setting's value as it is written on the command line (``1 2 4 8`` for a list)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+if __name__ == "__main__":
+    print(flags_markdown(), end="")

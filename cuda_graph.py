@@ -1,0 +1,128 @@
+"""CUDA graphs: whether a run can use them, capturing a function once and replaying it, and the reverse step.
+
+A training step or a reverse step of the recommended model is a few hundred small kernels, which a GPU runs
+faster than Python launches them. Captured in a CUDA graph, those kernels are launched at once by a replay.
+The training step (``train_step.TrainStep``) and the reverse chain's step (``ChainSteps``) both run through
+``Captured``.
+"""
+from __future__ import annotations
+
+import torch
+
+from diffusion import Diffusion
+from errors import UserError
+
+
+def graph_blocker(device: torch.device, *, world_size: int, compiled: bool) -> str | None:
+    """Why a CUDA graph cannot hold this run's step (a phrase to follow "CUDA graphs"), or None if it can."""
+    if device.type != "cuda":
+        return f"need a CUDA GPU, and this run is on the {device.type.upper()}"
+    if world_size > 1:
+        return f"run in a single process, and this run has {world_size} (torchrun)"
+    if compiled:
+        return "and --compile both take over the step, so only one of them can"
+    return None
+
+
+def use_graph(requested: str | bool, device: torch.device, *, world_size: int, compiled: bool,
+              announce: bool = True) -> bool:
+    """``--cuda_graph``: True insists (a blocker is a UserError), auto captures where it can and says on a GPU
+    (with ``announce``) why it cannot, False never captures."""
+    if requested is False:
+        return False
+    why = graph_blocker(device, world_size=world_size, compiled=compiled)
+    if why is None:
+        return True
+    if requested is True:
+        raise UserError(f"--cuda_graph True: CUDA graphs {why}; pass --cuda_graph auto or False")
+    if device.type == "cuda" and announce:
+        print(f"training steps run eagerly: CUDA graphs {why}")
+    return False
+
+
+class Captured:
+    """``fn`` as a CUDA graph: run eagerly on a side stream for the first ``warmup`` calls (as capture needs),
+    captured at the next call and replayed from then on. ``before`` runs ahead of each warm-up call and of the
+    capture. Each call returns what ``fn`` returns; a replay, the tensors the capture recorded, refilled.
+
+    With ``capture=False`` every call runs ``fn`` eagerly on the current stream: the same static-tensor code
+    path, which is what tests check on a CPU."""
+
+    def __init__(self, fn, device: torch.device, *, warmup: int, before=None, capture: bool = True):
+        self.fn, self.device, self.warmup_left, self.capture = fn, device, warmup, capture
+        self.before = before or (lambda: None)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output = None
+
+    def __call__(self):
+        if not self.capture:
+            self.before()
+            return self.fn()
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.before()
+                output = self.fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return output
+        if self.graph is None:
+            self.before()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.fn()
+        self.graph.replay()
+        return self.output
+
+
+class ChainStep:
+    """One reverse step of ``sampler`` (``Diffusion.chain_step``) for batches of ``shape``, on static tensors:
+    each call copies its inputs in, replays the captured step and returns the static outputs (x at the next
+    timestep, and the x_0 estimate). Pass it as ``step`` to ``Diffusion.run_chain``; the noise stays drawn by
+    the loop, so the images are the eager chain's own."""
+
+    def __init__(self, diffusion: Diffusion, shape: tuple[int, ...], *, sampler: str, eta: float = 0.0,
+                 capture: bool = True):
+        self.diffusion, self.sampler, self.eta = diffusion, sampler, eta
+        self.uses_noise = sampler == "ddpm" or eta > 0
+        device = diffusion.device
+        self.x = torch.zeros(shape, device=device)  # the chain's state x_t
+        self.x_start = torch.zeros(shape, device=device)  # the previous step's x_0 estimate
+        self.z = torch.zeros(shape, device=device)  # the step's noise
+        self.t = torch.zeros(shape[0], dtype=torch.long, device=device)
+        self.t_next = torch.zeros(shape[0], dtype=torch.long, device=device)
+        self.captured = Captured(self._body, device, warmup=1, capture=capture)
+
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        estimate = self.x_start if self.diffusion.self_condition else None
+        x, x_start = self.diffusion.chain_step(self.sampler, self.x, self.t, self.t_next,
+                                               self.z if self.uses_noise else None, estimate, eta=self.eta)
+        self.x.copy_(x)
+        self.x_start.copy_(x_start)
+        return self.x, self.x_start
+
+    def __call__(self, x, t, t_next, z, x_self_cond) -> tuple[torch.Tensor, torch.Tensor]:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.t_next.copy_(t_next)
+        if self.uses_noise:
+            self.z.copy_(z) if z is not None else self.z.zero_()  # DDIM's last step draws none: sigma is 0
+        if x_self_cond is not None:
+            self.x_start.copy_(x_self_cond)
+        return self.captured()
+
+
+class ChainSteps:
+    """One ``ChainStep`` of ``diffusion`` per batch size and sampler, each captured at its first use."""
+
+    def __init__(self, diffusion: Diffusion, *, capture: bool = True):
+        self.diffusion, self.capture = diffusion, capture
+        self.steps: dict[tuple[int, str], ChainStep] = {}
+
+    def get(self, batch_size: int, sampler: str) -> ChainStep:
+        if (batch_size, sampler) not in self.steps:
+            d = self.diffusion
+            shape = (batch_size, d.channels, d.image_size, d.image_size)
+            self.steps[batch_size, sampler] = ChainStep(d, shape, sampler=sampler, capture=self.capture)
+        return self.steps[batch_size, sampler]

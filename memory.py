@@ -1,0 +1,75 @@
+"""How much memory there is, and what fits in it: the decoded images, a training step's activations.
+
+Each check keeps a ``memory_fraction`` of the free memory for what it places, leaving the rest to everything
+else the run holds.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def available_memory_bytes(*, meminfo: Path = Path("/proc/meminfo"),
+                           cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Host memory this process can still use: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
+    values = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                values.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            values.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not values:
+        try:
+            values.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return max(0, min(values))
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: the GPU's own for CUDA, the host's for the CPU and MPS (which shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory_bytes()
+
+
+def fits(nbytes: int, device: torch.device, *, memory_fraction: float, free: int | None = None) -> bool:
+    """Whether ``nbytes`` take at most ``memory_fraction`` of ``device``'s free memory (``free``, if given);
+    True where the free memory is unknown."""
+    free = free_bytes(device) if free is None else free
+    return free is None or nbytes <= memory_fraction * free
+
+
+@torch.no_grad()
+def activation_bytes_per_image(diffusion) -> int:
+    """About the memory one training image's activations take: every layer's output in one forward pass of the
+    network, at 4 bytes per value (what a step holds per image for its backward pass, give or take)."""
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += output.numel() if isinstance(output, torch.Tensor) else 0
+
+    model, size = diffusion.model, diffusion.image_size
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()  # no dropout, so the global RNG is left alone
+    try:
+        x = torch.zeros(1, diffusion.channels, size, size, device=diffusion.device)
+        t = torch.zeros(1, dtype=torch.long, device=x.device)
+        diffusion.predict_noise(x, t, torch.zeros_like(x) if diffusion.self_condition else None)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return 4 * total
