@@ -88,3 +88,33 @@ def test_missing_data_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "--data_path" in out.stderr
+
+
+def test_the_gpu_check_reads_the_trainers_time_summary_and_pytests_counts():
+    import gpu_check
+
+    out = ("loss 0.1\ntrained: 1000 steps in 41.3 s: training 30.2 s, checkpoints and sample grids 3.1 s, "
+           "FID 8.0 s\ndone: results/model.pt at step 1000\n")
+    assert gpu_check.time_summary(out) == {"steps": 1000, "total_s": 41.3, "training_s": 30.2, "periodic_s": 3.1,
+                                           "fid_s": 8.0}
+    assert gpu_check.time_summary("error: no data\n") is None
+    assert gpu_check.pytest_counts("12 passed, 7 skipped in 3.0s") == {"passed": 12, "skipped": 7}
+
+
+def test_the_gpu_check_scales_the_report_commands_and_runs_graphs_only_on_cuda():
+    import gpu_check
+    from config import parse
+
+    full = gpu_check.report_commands(gpu_check.parse_args([]), cuda=True)
+    assert [name for name, _ in full] == ["10000 steps", "10000 steps, CUDA graph", "1000 steps, FID every 100",
+                                          "1000 steps, FID every 100, CUDA graph"]
+    cpu = gpu_check.report_commands(gpu_check.parse_args(["--scale", "0.1"]), cuda=False)
+    assert [name for name, _ in cpu] == ["1000 steps", "100 steps, FID every 10"]
+    for _, flags in full + cpu:
+        parse(flags)  # every command is one main.py takes
+
+
+def test_the_gpu_check_refuses_a_missing_data_folder(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--data_path", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip().endswith("that holds cat/")
