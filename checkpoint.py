@@ -83,7 +83,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if path.stat().st_size == 0:
         raise UserError(f"--load_path {path} is empty (0 bytes); pass a complete checkpoint such as results/model.pt")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        # str: torch 2.1 maps only a file named by a str
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError, ...
         with open(path, "rb") as f:
             starts_like_a_zip = f.read(4) == b"PK\x03\x04"

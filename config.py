@@ -156,9 +156,9 @@ class Config:
     # how the weights are trained, and how fast
     grad_accum: int = setting(2, "batches per optimizer step (2, as the handout trainer takes)", group=TRAINING,
                               role="training", kind=POSITIVE_INT)
-    one_pass: str | bool = setting("auto", "run a step's --grad_accum batches as one forward and backward pass "
-                                   "(False: a pass per batch, less memory); auto = one pass on the CPU or a CUDA GPU "
-                                   "when the step's activations fit a quarter of its free memory", group=TRAINING, kind=AUTO_OR_BOOL)
+    one_pass: str | bool = setting("auto", "a step's --grad_accum batches as one pass (False: a pass per batch, less "
+                                   "memory); auto = one pass on a CPU or CUDA GPU where it fits a quarter of the free "
+                                   "memory", group=TRAINING, kind=AUTO_OR_BOOL)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", group=TRAINING, role="training",
                                kind=NON_NEGATIVE)
     weight_decay: float = setting(0.1, "decoupled weight decay (AdamW) of the convolution and linear kernels; 0 = off",

@@ -37,6 +37,19 @@ def build_diffusion(config: Config):
         raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 
 
+def check_torch_numpy() -> None:
+    """torch before 2.3 was built for NumPy 1 and hands no array to NumPy 2 ("Numpy is not available"); pip cannot
+    tell (torch names no NumPy requirement), so it is said here, in one line, before any work starts."""
+    import numpy
+    import torch
+
+    try:
+        torch.from_numpy(numpy.zeros(1))
+    except RuntimeError:
+        raise UserError(f"torch {torch.__version__} was built for NumPy 1, and NumPy {numpy.__version__} is "
+                        f"installed: pip install 'numpy<2' (or torch 2.3 or newer)") from None
+
+
 def run_info(config: Config, device, ctx, image_set) -> dict:
     """What follows from the settings: the device, the process count, the effective batch size, and the
     fingerprint of the training images and the folder of their FID statistics (so that ``--evaluate`` can find
@@ -279,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = distributed.from_environment()
     recorded_run: dict = {}
     try:
+        check_torch_numpy()
         if config.load_path:
             config, adopted, recorded_run = adopt_checkpoint_settings(config, named, parser)
             if adopted and ctx.is_main:

@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+from errors import UserError
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # fp32 runs without autocast
 
@@ -19,6 +21,9 @@ def choose_precision(requested: str, device: torch.device) -> str:
     """``requested`` itself, or for ``auto`` the precision this device runs fastest without losing quality."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        raise UserError(f"--precision fp16 off a CUDA GPU needs torch 2.3 or newer, for its loss scaler (this is "
+                        f"torch {torch.__version__}); pass --precision bf16 or fp32")
     if requested != "auto":
         return requested
     if device.type == "cuda":

@@ -43,6 +43,14 @@ def use_fused_adam(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def grad_scaler(device: torch.device, *, enabled: bool):
+    """The fp16 loss scaler for ``device``. torch.amp.GradScaler came with torch 2.3; before it only CUDA has one
+    (torch.cuda.amp), and ``choose_precision`` refuses fp16 elsewhere."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
+
+
 def draw_inputs(diffusion: Diffusion, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """x_0, t, noise and the count of self-conditioned images for one pass over ``batches``: timesteps and noise
     drawn batch by batch (as separate passes draw them), the half of every batch that self-conditioning takes
@@ -82,7 +90,7 @@ class TrainStep:
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=self.fused, capturable=self.graphed)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.scaler = grad_scaler(device, enabled=precision == "fp16")
         self.module = diffusion
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel

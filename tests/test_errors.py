@@ -77,3 +77,17 @@ def test_bad_call_gets_one_line_and_exit_2(world, tmp_path, extra, expected):
     assert len(errors) == 1, result.stderr  # progress bars and warnings may come before it
     assert expected in errors[0], errors[0]
     assert result.stderr.rstrip().endswith(errors[0].rstrip())
+
+
+def test_torch_built_for_numpy_1_beside_numpy_2_is_one_line_before_any_work(monkeypatch, capsys, tmp_path):
+    """torch before 2.3 under NumPy 2 fails its first array ("Numpy is not available"), which pip cannot prevent."""
+    import torch
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch, "from_numpy", unavailable)
+    argv = [*TINY, "--data_path", str(tmp_path / "nowhere"), "--save_folder", str(tmp_path / "out")]
+    assert main.main(argv) == 2
+    assert "was built for NumPy 1, and NumPy" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

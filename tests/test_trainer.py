@@ -122,6 +122,9 @@ def test_precision_choice(monkeypatch):
     assert choose_precision("auto", torch.device("cpu")) == "bf16"  # a CPU with bf16 instructions
     assert choose_precision("auto", torch.device("mps")) == "fp32"
     assert choose_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice always wins
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)  # torch before 2.3: a loss scaler on CUDA only
+    with pytest.raises(UserError, match="--precision fp16 off a CUDA GPU needs torch 2.3"):
+        choose_precision("fp16", torch.device("cpu"))
     assert choose_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError):
         choose_precision("fp8", torch.device("cpu"))
