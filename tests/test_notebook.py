@@ -273,17 +273,23 @@ def test_the_stop_button_lets_the_command_save_and_then_stops_the_cell(tmp_path,
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread, as in a kernel
 
-    threading.Thread(target=interrupt_when_ready, daemon=True).start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        notebook_helpers()["run"](f"python -c {shlex.quote(child)}")
+    # a kernel turns SIGINT into KeyboardInterrupt, also where this process was started with SIGINT ignored (a
+    # background job of a non-interactive shell)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_when_ready, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            notebook_helpers()["run"](f"python -c {shlex.quote(child)}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "saved on SIGINT" in capsys.readouterr().out and time.monotonic() - started < 50
 
 
 # What the snapshot never takes, git-ignored or not: a Python environment (a virtualenv's folder holds pyvenv.cfg,
 # a conda environment's conda-meta/), installed packages, and main.py's default data and results folders. The
-# project's own files come to a few MB; any of these can hold gigabytes (one 5.9 GB .venv made the suite 6 x
-# slower), and the notebook clones the snapshot once more.
+# project's own files come to a few MB; any of these can hold gigabytes, and the notebook clones the snapshot
+# once more.
 ENVIRONMENT_MARKERS = ("pyvenv.cfg", "conda-meta")
 PACKAGE_FOLDERS = ("site-packages", "dist-packages")
 RUN_FOLDERS = ("data", "results")  # at the project's top: --data_path ./data/train, --save_folder ./results/
