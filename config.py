@@ -253,9 +253,6 @@ def names(*roles: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(Config) if f.metadata["role"] in roles)
 
 
-DEFAULTS = Config()
-
-
 def recorded(saved: dict, *, training: bool) -> dict:
     """The settings a checkpoint's recorded config hands on: its network's, and with ``training`` also how it
     was trained."""

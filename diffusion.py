@@ -317,8 +317,6 @@ class Diffusion(nn.Module):
         Uses the same network as DDPM. x_0 estimates are clamped to [-1, 1] as in Algorithm 2, and the noise
         is recomputed from the clamped estimate. Returns images in [0, 1].
         """
-        if eta < 0:
-            raise ValueError(f"DDIM eta must be non-negative, got {eta}")
         return self.run_chain(self._start(shape_or_noise, generator), sampler="ddim", steps=steps, eta=eta,
                               generator=generator, progress=progress, step=step)
 
