@@ -9,6 +9,9 @@ is what ``state_dict`` saves: ``position`` counts the batches already served in 
 ``DeviceBatches`` serves from a uint8 tensor kept on the device (or on the CPU, copied per batch through
 pinned memory, when it would take more than ``memory_fraction`` of the free GPU memory); the conversion
 to float and the flips run on the device. ``StreamingBatches`` decodes files in DataLoader workers.
+
+Given ``labels`` (long [N], the class of each image), a stream serves ``(images, labels)`` pairs for
+class-conditional training: the labels travel with the indices, so the resumable order carries them too.
 """
 from __future__ import annotations
 
@@ -65,10 +68,10 @@ def to_model_range(x: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
 
 
 class _BatchStream:
-    """Bookkeeping both sources share: validation, epochs, positions, state_dict."""
+    """Bookkeeping both sources share: validation, epochs, positions, state_dict, labels."""
 
     def __init__(self, num_images: int, batch_size: int, *, device, flip: bool, seed: int, rank: int,
-                 world_size: int):
+                 world_size: int, labels: torch.Tensor | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0 ... world_size - 1 = {world_size - 1}")
         per_rank = len(range(rank, num_images, world_size))
@@ -77,6 +80,10 @@ class _BatchStream:
                             f"(rank {rank} of {world_size}); pass a batch size from 1 to {per_rank}")
         self.num_images, self.batch_size, self.device = num_images, batch_size, torch.device(device)
         self.flip, self.seed, self.rank, self.world_size = flip, seed, rank, world_size
+        if labels is not None and (labels.dim() != 1 or len(labels) != num_images):
+            raise ValueError(f"labels must be one per image ({num_images}), got shape {list(labels.shape)}")
+        self.labels = None if labels is None else labels.to(torch.long)
+        self.classes: tuple[str, ...] = ()  # the labels' class names (``dataset.make_batches`` sets them)
         self.epoch, self.position = 0, 0
         self._order: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -104,6 +111,12 @@ class _BatchStream:
         """Where an epoch's order is kept (the CPU here); called once per epoch."""
         return indices, flips
 
+    def _with_labels(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The batch, and with labels the labels of the images it holds (``indices``) beside it."""
+        if self.labels is None:
+            return x
+        return x, self.labels.index_select(0, indices.to(self.labels.device)).to(self.device, non_blocking=True)
+
     def state_dict(self) -> dict:
         """Plain values that let ``load_state_dict`` continue with exactly the next batch."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
@@ -125,14 +138,17 @@ class DeviceBatches(_BatchStream):
     """Batches from a uint8 [N, 3, S, S] tensor; see the module docstring for the order and the state."""
 
     def __init__(self, images_uint8: torch.Tensor, batch_size: int, *, device, flip: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, memory_fraction: float = 0.25):
+                 rank: int = 0, world_size: int = 1, memory_fraction: float = 0.25,
+                 labels: torch.Tensor | None = None):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, S, S], got {images_uint8.dtype} {list(images_uint8.shape)}")
         super().__init__(images_uint8.shape[0], batch_size, device=device, flip=flip, seed=seed, rank=rank,
-                         world_size=world_size)
+                         world_size=world_size, labels=labels)
         nbytes = images_uint8.numel()
         on_device = self.device.type != "cuda" or fits(nbytes, self.device, memory_fraction=memory_fraction)
         self.images = images_uint8.to(self.device) if on_device else images_uint8
+        if on_device and self.labels is not None:
+            self.labels = self.labels.to(self.device)
         self.on_device = on_device
         self.image_size = images_uint8.shape[-1]
 
@@ -147,7 +163,7 @@ class DeviceBatches(_BatchStream):
             x = self.images.index_select(0, indices)
         else:  # too large for the GPU: gather on the CPU, copy through pinned memory
             x = self.images.index_select(0, indices).pin_memory().to(self.device, non_blocking=True)
-        return to_model_range(x, flips if self.flip else None)
+        return self._with_labels(to_model_range(x, flips if self.flip else None), indices)
 
 
 class FileImages(Dataset):
@@ -207,9 +223,9 @@ class StreamingBatches(_BatchStream):
 
     def __init__(self, files: Sequence[Path], image_size: int, batch_size: int, *, device, flip: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, labels: torch.Tensor | None = None):
         super().__init__(len(files), batch_size, device=device, flip=flip, seed=seed, rank=rank,
-                         world_size=world_size)
+                         world_size=world_size, labels=labels)
         self.image_size, self.skipped, self.upsampled = image_size, 0, 0
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self._sampler = _EpochBatchSampler(len(files), batch_size, seed=seed, rank=rank, world_size=world_size)
@@ -234,7 +250,8 @@ class StreamingBatches(_BatchStream):
                             f"--data_path")
         self._count(int(skipped.sum()), int(upsampled.sum()))
         x = x.to(self.device, non_blocking=True)
-        return to_model_range(x, flips if self.flip else None)
+        served = (indices + skipped) % self.num_images  # an unreadable file's place goes to the next readable one
+        return self._with_labels(to_model_range(x, flips if self.flip else None), served)
 
     def _count(self, skipped: int, upsampled: int) -> None:
         if skipped and not self.skipped:

@@ -104,8 +104,10 @@ def setting(default, help: str, *, group: str, role: str = "run", kind: Kind = T
     return field(default=default, metadata=meta)
 
 
-ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, LOGGING = (
-    "the assignment's flags (Table 1)", "model", "training", "data", "sampling, FID and figures", "logging")
+ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, CLASSES_GROUP, LOGGING = (
+    "the assignment's flags (Table 1)", "model", "training", "data", "sampling, FID and figures",
+    "classes and classifier-free guidance", "logging")
+CLASS_FLAGS = ("class_dropout", "guidance", "sample_class")  # what only a class-conditional model takes
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,20 @@ class Config:
     fid_samples: int = setting(1000, "generated images per FID evaluation", group=SAMPLING, kind=POSITIVE_INT)
     fid_mode: str = setting("clean", "clean-fid mode", group=SAMPLING, choices=FID_MODES)
 
+    # classes and classifier-free guidance
+    class_conditional: bool = setting(False, "train on every class folder under --data_path, each image with its "
+                                      "class (the folder's name), for classifier-free guidance", group=CLASSES_GROUP,
+                                      role="network", kind=BOOL)
+    class_dropout: float = setting(0.1, "chance that a training image's class is replaced by \"no class\", which "
+                                   "trains the unconditional model that guidance needs", group=CLASSES_GROUP,
+                                   role="training", kind=_number(float, "a probability in [0, 1)", 0.0, 1.0,
+                                                                 open_high=True))
+    guidance: float = setting(1.0, "guidance scale w of a class-conditional model's grids, samples, figures and FID: "
+                              "eps = (1 + w) eps(x, class) - w eps(x, no class); 0 = the plain conditional model",
+                              group=CLASSES_GROUP, kind=NON_NEGATIVE)
+    sample_class: str | None = setting(None, "with --sample on a class-conditional model: the class to draw "
+                                       "(default: every class, a row each)", group=CLASSES_GROUP, optional=True)
+
     # logging
     wandb: str = setting("auto", "auto = online with a wandb login, offline without", group=LOGGING,
                          choices=WANDB_MODES)
@@ -241,6 +257,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def data_selection(self) -> str:
+        """The class folders the data is read from (``--data_class``): every one for a class-conditional model."""
+        return "all" if self.class_conditional else self.data_class
 
     @property
     def trains(self) -> bool:

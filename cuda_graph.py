@@ -80,11 +80,12 @@ class ChainStep:
     """One reverse step of ``sampler`` (``Diffusion.chain_step``) for batches of ``shape``, on static tensors:
     each call copies its inputs in, replays the captured step and returns the static outputs (x at the next
     timestep, and the x_0 estimate). Pass it as ``step`` to ``Diffusion.run_chain``; the noise stays drawn by
-    the loop, so the images are the eager chain's own."""
+    the loop, so the images are the eager chain's own. A class-conditional model's labels are copied in like the
+    other inputs; its guidance scale is part of the captured step."""
 
     def __init__(self, diffusion: Diffusion, shape: tuple[int, ...], *, sampler: str, eta: float = 0.0,
-                 capture: bool = True):
-        self.diffusion, self.sampler, self.eta = diffusion, sampler, eta
+                 guidance: float = 0.0, capture: bool = True):
+        self.diffusion, self.sampler, self.eta, self.guidance = diffusion, sampler, eta, guidance
         self.uses_noise = sampler == "ddpm" or eta > 0
         device = diffusion.device
         self.x = torch.zeros(shape, device=device)  # the chain's state x_t
@@ -92,18 +93,23 @@ class ChainStep:
         self.z = torch.zeros(shape, device=device)  # the step's noise
         self.t = torch.zeros(shape[0], dtype=torch.long, device=device)
         self.t_next = torch.zeros(shape[0], dtype=torch.long, device=device)
+        self.y = torch.full((shape[0],), diffusion.null_class, dtype=torch.long, device=device)  # the labels
         self.captured = Captured(self._body, device, warmup=1, capture=capture)
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         estimate = self.x_start if self.diffusion.self_condition else None
+        y = self.y if self.diffusion.num_classes else None
         x, x_start = self.diffusion.chain_step(self.sampler, self.x, self.t, self.t_next,
-                                               self.z if self.uses_noise else None, estimate, eta=self.eta)
+                                               self.z if self.uses_noise else None, estimate, eta=self.eta, y=y,
+                                               guidance=self.guidance)
         self.x.copy_(x)
         self.x_start.copy_(x_start)
         return self.x, self.x_start
 
-    def __call__(self, x, t, t_next, z, x_self_cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x, t, t_next, z, x_self_cond, y=None) -> tuple[torch.Tensor, torch.Tensor]:
         self.x.copy_(x)
+        if self.diffusion.num_classes:
+            self.y.copy_(y) if y is not None else self.y.fill_(self.diffusion.null_class)
         self.t.copy_(t)
         self.t_next.copy_(t_next)
         if self.uses_noise:
@@ -114,15 +120,17 @@ class ChainStep:
 
 
 class ChainSteps:
-    """One ``ChainStep`` of ``diffusion`` per batch size and sampler, each captured at its first use."""
+    """One ``ChainStep`` of ``diffusion`` per batch size, sampler and guidance scale, each captured at its first
+    use."""
 
     def __init__(self, diffusion: Diffusion, *, capture: bool = True):
         self.diffusion, self.capture = diffusion, capture
-        self.steps: dict[tuple[int, str], ChainStep] = {}
+        self.steps: dict[tuple[int, str, float], ChainStep] = {}
 
-    def get(self, batch_size: int, sampler: str) -> ChainStep:
-        if (batch_size, sampler) not in self.steps:
+    def get(self, batch_size: int, sampler: str, guidance: float = 0.0) -> ChainStep:
+        key = (batch_size, sampler, guidance)
+        if key not in self.steps:
             d = self.diffusion
             shape = (batch_size, d.channels, d.image_size, d.image_size)
-            self.steps[batch_size, sampler] = ChainStep(d, shape, sampler=sampler, capture=self.capture)
-        return self.steps[batch_size, sampler]
+            self.steps[key] = ChainStep(d, shape, sampler=sampler, guidance=guidance, capture=self.capture)
+        return self.steps[key]

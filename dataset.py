@@ -8,6 +8,9 @@ check and is rebuilt. A second key hashes the decoded pixels; the FID statistics
 survive a folder that is copied or re-extracted with the same images. ``DeviceBatches`` keeps that tensor on the training device and serves float32
 batches in [-1, 1] with random horizontal flips applied there; ``StreamingBatches`` decodes per sample
 through a DataLoader when the tensor would not fit in memory. ``make_batches`` picks between the two.
+
+A file's class is the class folder it lies in (its first folder under the data path); labels number the class
+names in sorted order, so they are the same on every run. The cache's file list gives each row's class.
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ from images import CLASSES, MAX_PIXELS, UnreadableImage, decode_image, find_imag
 from memory import available_memory_bytes
 
 __all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches",
-           "cache_dir_candidates", "cache_key", "find_images", "load_images", "make_batches", "pixels_key",
-           "resolve_cache_dir"]
+           "cache_dir_candidates", "cache_key", "class_labels", "find_images", "load_images", "make_batches",
+           "pixels_key", "resolve_cache_dir"]
 
 PREPROCESSING = "exif/rgb-on-white/center-square/lanczos/jpeg-draft-2x"
 CACHE_FORMAT = 1
@@ -47,6 +50,7 @@ class ImageSet:
     left out and counted in ``skipped``). ``key`` fingerprints the files (names, sizes, modification times)
     and names the cache; ``pixels_key`` fingerprints the decoded pixels themselves and names what is derived
     from them (the FID statistics), so that a copied or touched folder with the same images reuses it.
+    ``classes`` are the class folders' names, sorted, and ``labels`` (long [N]) the class of each row.
     """
 
     images: torch.Tensor
@@ -57,10 +61,28 @@ class ImageSet:
     cache_path: Path | None = None
     from_cache: bool = False
     pixels_key: str = ""
+    classes: tuple[str, ...] = ()
+    labels: torch.Tensor | None = None
 
     def __post_init__(self):
         if not self.pixels_key:
             self.pixels_key = pixels_key(self.images.numpy())
+
+    def of_class(self, label: int) -> torch.Tensor:
+        """The images of one class, uint8 [N_c, 3, S, S]."""
+        return self.images[self.labels == label]
+
+    def class_keys(self) -> dict[str, str]:
+        """Each class's ``pixels_key``: the fingerprint of its own images, naming its FID statistics."""
+        return {name: pixels_key(self.of_class(label).numpy()) for label, name in enumerate(self.classes)}
+
+
+def class_labels(files: list[Path], root: Path) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The sorted class names of ``files`` (each file's first folder under ``root``) and each file's label."""
+    folders = [path.relative_to(root).parts[0] for path in files]
+    classes = tuple(sorted(set(folders)))
+    index = {name: label for label, name in enumerate(classes)}
+    return classes, torch.tensor([index[folder] for folder in folders], dtype=torch.long)
 
 
 def pixels_key(array: np.ndarray) -> str:
@@ -124,7 +146,8 @@ def load_images(data_path: str | Path, data_class: str, image_size: int, *, cach
         array, meta = cached
         kept = [root / name for name in meta["files"]]
         image_set = ImageSet(torch.from_numpy(array), key, kept, len(meta["skipped"]), meta["upsampled"],
-                             folder / f"{stem}.npy", from_cache=True, pixels_key=meta.get("pixels_key", ""))
+                             folder / f"{stem}.npy", from_cache=True, pixels_key=meta.get("pixels_key", ""),
+                             **_classes_of(kept, root))
         _warn_about_files(root, image_size, meta["skipped"], meta["upsampled"])
         return image_set
     array, kept, skipped, upsampled = _decode_all(files, image_size, progress=progress, max_pixels=max_pixels)
@@ -142,7 +165,12 @@ def load_images(data_path: str | Path, data_class: str, image_size: int, *, cach
     path = _write_cache(folder, stem, array, meta) if folder is not None else None
     _warn_about_files(root, image_size, meta["skipped"], len(upsampled), example=upsampled[:1])
     return ImageSet(torch.from_numpy(array), key, kept, len(skipped), len(upsampled), path, from_cache=False,
-                    pixels_key=meta["pixels_key"])
+                    pixels_key=meta["pixels_key"], **_classes_of(kept, root))
+
+
+def _classes_of(files: list[Path], root: Path) -> dict:
+    classes, labels = class_labels(files, root)
+    return {"classes": classes, "labels": labels}
 
 
 def _decode_all(files: list[Path], image_size: int, *, progress: bool, max_pixels: int):
@@ -237,11 +265,20 @@ def _cache_root(meta_path: Path) -> str | None:
 
 def make_batches(data_path: str | Path, data_class: str, image_size: int, batch_size: int, *,
                  device: torch.device | str, flip: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 cache_dir: str | Path | None = None, memory_fraction: float = 0.25, progress: bool = True):
+                 cache_dir: str | Path | None = None, memory_fraction: float = 0.25, progress: bool = True,
+                 labelled: bool = False):
     """The training batches: ``(DeviceBatches, ImageSet)`` when the uint8 images take at most
-    ``memory_fraction`` of the available memory, else ``(StreamingBatches, None)``."""
+    ``memory_fraction`` of the available memory, else ``(StreamingBatches, None)``.
+
+    ``labelled``: class-conditional training on every class folder under ``data_path`` (``data_class`` must be
+    ``"all"``); the batches are ``(images, labels)`` and ``batches.classes`` names the labels."""
     root = Path(data_path).expanduser()
     files = find_images(root, data_class)
+    classes, labels = class_labels(files, root) if labelled else ((), None)
+    if labelled and len(classes) < 2:
+        found = f"only {classes[0]}/" if classes else "none"
+        raise UserError(f"--class_conditional needs at least two class folders under {root}, and it has {found}; "
+                        f"put each class's images in a folder of its own there")
     per_rank = len(range(rank, len(files), world_size))
     if batch_size > per_rank:
         where = f" (for each of {world_size} processes)" if world_size > 1 else ""
@@ -252,12 +289,15 @@ def make_batches(data_path: str | Path, data_class: str, image_size: int, batch_
     if free is None or needed <= memory_fraction * free:
         image_set = load_images(root, data_class, image_size, cache_dir=cache_dir, progress=progress)
         batches = DeviceBatches(image_set.images, batch_size, device=device, flip=flip, seed=seed, rank=rank,
-                                world_size=world_size, memory_fraction=memory_fraction)
+                                world_size=world_size, memory_fraction=memory_fraction,
+                                labels=image_set.labels if labelled else None)
+        batches.classes = image_set.classes if labelled else ()
         return batches, image_set
     workers = default_num_workers()
     warnings.warn(f"the {len(files)} images at {image_size}px need {needed / 2**30:.1f} GiB, more than "
                   f"{memory_fraction:.0%} of the {free / 2**30:.1f} GiB of free memory; decoding them from disk "
                   f"with {workers} DataLoader worker(s) instead (slower)", DataWarning, stacklevel=2)
     batches = StreamingBatches(files, image_size, batch_size, device=device, flip=flip, seed=seed, rank=rank,
-                               world_size=world_size, num_workers=workers)
+                               world_size=world_size, num_workers=workers, labels=labels)
+    batches.classes = classes
     return batches, None

@@ -50,10 +50,19 @@ class Diffusion(nn.Module):
     network's own estimate from a first pass without gradients and the other half zeros (see
     ``self_condition_estimate``); in sampling, every step gets the clamped x_0 estimate of the step before it
     (zeros at the first step).
+
+    A ``model`` whose ``num_classes`` K is positive is class-conditional: it is called with labels ``y`` as well
+    (0 ... K-1, or K = ``null_class`` for "no class"). Training replaces each label by "no class" with
+    probability ``class_dropout``, so that one network learns both eps(x_t, c) and eps(x_t, none); sampling with
+    a guidance scale w > 0 uses classifier-free guidance (Ho & Salimans 2022) in the convention
+
+        eps = (1 + w) eps(x_t, c) - w eps(x_t, none),
+
+    w = 0 being the plain conditional model; both predictions come from one pass over a doubled batch.
     """
 
     def __init__(self, model: nn.Module, *, image_size: int, channels: int = 3, timesteps: int = 1000,
-                 loss_type: str = "l1"):
+                 loss_type: str = "l1", class_dropout: float = 0.0):
         super().__init__()
         if not isinstance(timesteps, int) or timesteps < 2:
             raise ValueError(f"timesteps (T) must be an integer of at least 2, got {timesteps!r}")
@@ -65,6 +74,10 @@ class Diffusion(nn.Module):
             model.check_image_size(image_size)
         self.model = model
         self.self_condition = bool(getattr(model, "self_condition", False))
+        self.num_classes = int(getattr(model, "num_classes", 0))
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
+        self.class_dropout = class_dropout
         self.image_size, self.channels = image_size, channels
         self.num_timesteps, self.loss_type = timesteps, loss_type
 
@@ -97,13 +110,44 @@ class Diffusion(nn.Module):
     def device(self) -> torch.device:
         return self.betas.device
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def null_class(self) -> int:
+        """The label of "no class" (K) of a class-conditional model."""
+        return self.num_classes
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None,
+                      y: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
         """eps_theta(x_t, t): the network's prediction of the noise in x_t.
 
         ``x_self_cond`` is the x_0 estimate handed to a self-conditioned network (None: zeros); a network
-        without self-conditioning is called without it.
+        without self-conditioning is called without it. ``y``: class labels of a class-conditional network (None:
+        "no class"). ``guidance`` w > 0: (1 + w) eps(x_t, y) - w eps(x_t, none), both from one pass over the
+        batch twice (the conditional half, then the "no class" half).
         """
-        return self.model(x_t, t, x_self_cond) if self.self_condition else self.model(x_t, t)
+        if not guidance:
+            return self._network(x_t, t, x_self_cond, y)
+        if guidance < 0:
+            raise ValueError(f"the guidance scale must be non-negative, got {guidance}")
+        if y is None or not self.num_classes:
+            raise ValueError("classifier-free guidance needs a class-conditional model and class labels")
+        twice = (lambda v: None if v is None else torch.cat([v, v]))
+        eps = self._network(twice(x_t), twice(t), twice(x_self_cond), torch.cat([y, torch.full_like(y, self.null_class)]))
+        conditional, unconditional = eps.chunk(2)
+        return conditional + guidance * (conditional - unconditional)
+
+    def _network(self, x_t, t, x_self_cond, y) -> torch.Tensor:
+        args = (x_t, t, x_self_cond) if self.self_condition else (x_t, t)
+        if self.num_classes:
+            return self.model(*args, y=y)
+        if y is not None:
+            raise ValueError("class labels were given to a model that is not class-conditional")
+        return self.model(*args)
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Training labels with each replaced by "no class" with probability ``class_dropout`` (one uniform draw
+        per label, on the labels' device)."""
+        dropped = torch.rand(y.shape, device=y.device) < self.class_dropout
+        return torch.where(dropped, torch.full_like(y, self.null_class), y)
 
     # ----------------------------------------------------------------------------------------------
     # Training (Algorithm 1)
@@ -116,17 +160,19 @@ class Diffusion(nn.Module):
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
     def p_loss(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, *,
-               loss_type: str | None = None, conditioned: int | None = None) -> torch.Tensor:
+               loss_type: str | None = None, conditioned: int | None = None,
+               y: torch.Tensor | None = None) -> torch.Tensor:
         """The loss between the true noise and eps_theta(x_t, t), Algorithm 1 line 6 (L1 by default); a scalar.
 
         ``conditioned``: how many leading images a self-conditioned network gets its own x_0 estimate for
-        (``self_condition_estimate``; by default half the batch)."""
+        (``self_condition_estimate``; by default half the batch). ``y``: the class labels of a class-conditional
+        model, as the network is to see them (label dropout already applied)."""
         loss_type = loss_type or self.loss_type
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        x_self_cond = self.self_condition_estimate(x_t, t, conditioned) if self.self_condition else None
-        predicted = self.predict_noise(x_t, t, x_self_cond)
+        x_self_cond = self.self_condition_estimate(x_t, t, conditioned, y) if self.self_condition else None
+        predicted = self.predict_noise(x_t, t, x_self_cond, y)
         if loss_type == "l1":
             return F.l1_loss(predicted, noise)
         if loss_type == "l2":
@@ -136,18 +182,19 @@ class Diffusion(nn.Module):
         raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
 
     def forward(self, x_start: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                conditioned: int | None = None) -> torch.Tensor:
+                conditioned: int | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """Algorithm 1 for a batch x_0 in [-1, 1]: t ~ Uniform({0 ... T-1}) and eps ~ N(0, I) (drawn in that
-        order unless given); returns the loss. ``conditioned`` as in ``p_loss``."""
+        order unless given); returns the loss. ``conditioned`` and ``y`` as in ``p_loss``."""
         b, c, h, w = x_start.shape
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape [B, {self.channels}, {self.image_size}, {self.image_size}], "
                              f"got {list(x_start.shape)}")
         if t is None:
             t = self.sample_timesteps(b, x_start.device)
-        return self.p_loss(x_start, t, noise, conditioned=conditioned)
+        return self.p_loss(x_start, t, noise, conditioned=conditioned, y=y)
 
-    def self_condition_estimate(self, x_t: torch.Tensor, t: torch.Tensor, conditioned: int | None = None) -> torch.Tensor:
+    def self_condition_estimate(self, x_t: torch.Tensor, t: torch.Tensor, conditioned: int | None = None,
+                                y: torch.Tensor | None = None) -> torch.Tensor:
         """The x_0 input of a self-conditioned network in training: for the first ``conditioned`` images (by
         default half the batch, rounded down), the network's own clamped x_0 estimate from a pass with zeros in
         its place, without gradients; zeros for the rest.
@@ -162,7 +209,8 @@ class Diffusion(nn.Module):
         if half:
             with torch.no_grad():
                 x_h = x_t[:half]
-                estimate[:half] = self.predict_start(x_h, t[:half], torch.zeros_like(x_h)).to(estimate.dtype)
+                y_h = None if y is None else y[:half]
+                estimate[:half] = self.predict_start(x_h, t[:half], torch.zeros_like(x_h), y_h).to(estimate.dtype)
         return estimate
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -177,9 +225,12 @@ class Diffusion(nn.Module):
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
-    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's x_0 estimate, clamped to [-1, 1] (Algorithm 2, lines 4 to 6): eps_theta through Eq. (19)."""
-        return self.predict_start_from_noise(x_t, t, self.predict_noise(x_t, t, x_self_cond)).clamp(-1.0, 1.0)
+    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None,
+                      y: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
+        """The network's x_0 estimate, clamped to [-1, 1] (Algorithm 2, lines 4 to 6): eps_theta through Eq. (19)
+        (guided by ``y`` and ``guidance`` as in ``predict_noise``)."""
+        eps = self.predict_noise(x_t, t, x_self_cond, y, guidance)
+        return self.predict_start_from_noise(x_t, t, eps).clamp(-1.0, 1.0)
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0), Eq. (18)."""
@@ -189,13 +240,15 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def p_sample(self, x: torch.Tensor, t: torch.Tensor, t_index: int, *,
-                 generator: torch.Generator | None = None, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, x_self_cond: torch.Tensor | None = None,
+                 y: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
         """One reverse step x_t -> x_{t-1} (Algorithm 2, lines 3 to 9); ``t_index`` is t's 0-indexed value.
 
         ``x_self_cond``: a self-conditioned network's x_0 input (the previous step's estimate; None: zeros).
+        ``y``, ``guidance``: class labels and guidance scale, as in ``predict_noise``.
         """
         z = self.step_noise("ddpm", x, t_index, t_index - 1, generator=generator)
-        return self.reverse_step(x, t, z, x_self_cond)[0]
+        return self.reverse_step(x, t, z, x_self_cond, y, guidance)[0]
 
     @staticmethod
     def step_noise(sampler: str, x: torch.Tensor, t_index: int, next_index: int, *, eta: float = 0.0,
@@ -209,34 +262,35 @@ class Diffusion(nn.Module):
             return None
         return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
-    def reverse_step(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
-                     x_self_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reverse_step(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, x_self_cond: torch.Tensor | None = None,
+                     y: torch.Tensor | None = None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm 2, lines 4 to 9, with the step's noise ``z`` given: x_{t-1}, and the clamped x_0 estimate
         (a self-conditioned network's input at the next step)."""
-        x_start = self.predict_start(x, t, x_self_cond)  # lines 4 to 6
+        x_start = self.predict_start(x, t, x_self_cond, y, guidance)  # lines 4 to 6
         mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
         return mean + variance.sqrt() * z, x_start  # line 9; at the last step the variance and z are 0
 
     def ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, z: torch.Tensor | None,
-                  x_self_cond: torch.Tensor | None = None, *, eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  x_self_cond: torch.Tensor | None = None, *, eta: float = 0.0, y: torch.Tensor | None = None,
+                  guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM step (Song et al. 2021, Eq. 12) from 0-indexed timesteps ``t`` to ``t_next`` ([B]; -1 is x_0),
         adding sigma * ``z`` when ``z`` is given (eta > 0); also returns the clamped x_0 estimate. The noise is
         recomputed from the clamped estimate."""
         abar = extract(self.alphas_cumprod, t, x.shape)
         abar_next = extract(self.alphas_cumprod_prev, t_next + 1, x.shape)  # alpha_bar at t_next; 1 for x_0
         sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
-        x_start = self.predict_start(x, t, x_self_cond)
+        x_start = self.predict_start(x, t, x_self_cond, y, guidance)
         eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
         x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
         return (x if z is None else x + sigma * z), x_start
 
     def chain_step(self, sampler: str, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-                   z: torch.Tensor | None, x_self_cond: torch.Tensor | None, *,
-                   eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   z: torch.Tensor | None, x_self_cond: torch.Tensor | None, *, eta: float = 0.0,
+                   y: torch.Tensor | None = None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of the reverse chain of ``sampler``: x at ``t_next``, and the clamped x_0 estimate."""
         if sampler == "ddpm":
-            return self.reverse_step(x, t, z, x_self_cond)
-        return self.ddim_step(x, t, t_next, z, x_self_cond, eta=eta)
+            return self.reverse_step(x, t, z, x_self_cond, y, guidance)
+        return self.ddim_step(x, t, t_next, z, x_self_cond, eta=eta, y=y, guidance=guidance)
 
     def chain_plan(self, sampler: str, *, steps: int | None = None, start_t: int | None = None) -> list[tuple[int, int]]:
         """The (from, to) 0-indexed timesteps of a chain, to = -1 being x_0: DDPM visits ``start_t`` (default
@@ -257,12 +311,15 @@ class Diffusion(nn.Module):
     @torch.no_grad()
     def run_chain(self, x: torch.Tensor, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                   start_t: int | None = None, return_steps: Iterable[int] = (),
-                  generator: torch.Generator | None = None, progress: bool = False,
-                  step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                  generator: torch.Generator | None = None, progress: bool = False, classes: torch.Tensor | None = None,
+                  guidance: float = 0.0, step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The reverse chain of ``sampler`` from ``x`` ([B, C, H, W] in [-1, 1] at the plan's first timestep);
         images in [0, 1]. Every sampler runs this loop; ``step`` (default ``chain_step``) takes
-        ``(x, t, t_next, z, x_self_cond)`` and returns the next x and the x_0 estimate, as a CUDA graph's replay
+        ``(x, t, t_next, z, x_self_cond, y)`` and returns the next x and the x_0 estimate, as a CUDA graph's replay
         does. The noise is drawn here, step by step, from ``generator``.
+
+        ``classes`` ([B] labels) and ``guidance`` (w) steer a class-conditional model, as in ``predict_noise``; a
+        ``step`` given here brings its own guidance scale.
 
         ``return_steps``: 0-indexed timesteps whose image x_t (the chain's state before the step at t, in [0, 1])
         is also returned; with any given, the result is ``(images, {t: x_t})``.
@@ -270,9 +327,10 @@ class Diffusion(nn.Module):
         if eta < 0:
             raise ValueError(f"DDIM eta must be non-negative, got {eta}")
         plan = self.chain_plan(sampler, steps=steps, start_t=start_t)
+        y = self.check_classes(classes, x.shape[0])
         if step is None:
-            def step(x, t, t_next, z, x_self_cond):
-                return self.chain_step(sampler, x, t, t_next, z, x_self_cond, eta=eta)
+            def step(x, t, t_next, z, x_self_cond, y):
+                return self.chain_step(sampler, x, t, t_next, z, x_self_cond, eta=eta, y=y, guidance=guidance)
         if progress:
             from tqdm.auto import tqdm
             plan = tqdm(plan, desc=f"{sampler.upper()} sampling", leave=False)
@@ -283,9 +341,22 @@ class Diffusion(nn.Module):
                 intermediates[i] = unnormalize(x)
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             z = self.step_noise(sampler, x, i, j, eta=eta, generator=generator)
-            x, x_start = step(x, t, t + (j - i), z, x_start)
+            x, x_start = step(x, t, t + (j - i), z, x_start, y)
         images = unnormalize(x)
         return (images, intermediates) if wanted else images
+
+    def check_classes(self, classes: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """The labels of a chain over ``batch_size`` images as a long tensor on the model's device, after checking
+        that they suit this model."""
+        if classes is None:
+            return None
+        if not self.num_classes:
+            raise ValueError("classes were asked of a model that is not class-conditional")
+        y = torch.as_tensor(classes, dtype=torch.long, device=self.device).reshape(-1)
+        if len(y) != batch_size or bool(((y < 0) | (y > self.null_class)).any()):
+            raise ValueError(f"classes must be {batch_size} labels in 0 ... {self.null_class} (the last is "
+                             f"\"no class\"), got {classes}")
+        return y
 
     def _start(self, shape_or_noise: Sequence[int] | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if isinstance(shape_or_noise, torch.Tensor):
@@ -295,7 +366,8 @@ class Diffusion(nn.Module):
     @torch.no_grad()
     def p_sample_loop(self, shape_or_noise: Sequence[int] | torch.Tensor, *, start_t: int | None = None,
                       return_steps: Iterable[int] = (), generator: torch.Generator | None = None,
-                      progress: bool = False, step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                      progress: bool = False, classes: torch.Tensor | None = None, guidance: float = 0.0,
+                      step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the reverse chain (Algorithm 2) and return images in [0, 1].
 
         Args:
@@ -304,31 +376,35 @@ class Diffusion(nn.Module):
                 ``start_t, ..., 0``. The visualization starts from a forward-process image this way.
             return_steps: 0-indexed timesteps whose image x_t is also returned, as in ``run_chain``.
             generator: random source for x_T and the per-step noise, for reproducible samples.
-            step: the step function, as in ``run_chain``.
+            classes, guidance, step: the labels, guidance scale and step function, as in ``run_chain``.
         """
         return self.run_chain(self._start(shape_or_noise, generator), sampler="ddpm", start_t=start_t,
-                              return_steps=return_steps, generator=generator, progress=progress, step=step)
+                              return_steps=return_steps, generator=generator, progress=progress, classes=classes,
+                              guidance=guidance, step=step)
 
     @torch.no_grad()
     def ddim_sample(self, shape_or_noise: Sequence[int] | torch.Tensor, *, steps: int = 50, eta: float = 0.0,
-                    generator: torch.Generator | None = None, progress: bool = False, step=None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, progress: bool = False,
+                    classes: torch.Tensor | None = None, guidance: float = 0.0, step=None) -> torch.Tensor:
         """DDIM (Song et al. 2021, Eq. 12) over ``steps`` evenly spaced timesteps; deterministic when eta = 0.
 
         Uses the same network as DDPM. x_0 estimates are clamped to [-1, 1] as in Algorithm 2, and the noise
         is recomputed from the clamped estimate. Returns images in [0, 1].
         """
         return self.run_chain(self._start(shape_or_noise, generator), sampler="ddim", steps=steps, eta=eta,
-                              generator=generator, progress=progress, step=step)
+                              generator=generator, progress=progress, classes=classes, guidance=guidance, step=step)
 
     @torch.no_grad()
     def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False, step=None) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress: bool = False, classes: torch.Tensor | None = None,
+               guidance: float = 0.0, step=None) -> torch.Tensor:
         """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain, or DDIM over ``steps``
-        (default min(50, T)); ``step`` as in ``run_chain``."""
+        (default min(50, T)); ``classes`` ([B] labels), ``guidance`` and ``step`` as in ``run_chain``."""
         self.chain_plan(sampler, steps=steps)  # a bad sampler or step count fails before any noise is drawn
+        self.check_classes(classes, batch_size)
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         return self.run_chain(self._start(shape, generator), sampler=sampler, steps=steps, eta=eta,
-                              generator=generator, progress=progress, step=step)
+                              generator=generator, progress=progress, classes=classes, guidance=guidance, step=step)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,23 @@ def find_statistics(folders: Iterable[str | os.PathLike | None], *, mode: str, i
     return next((Path(f) for f in folders if f and (Path(f) / name).is_file()), None)
 
 
+class WarnsWithoutInception:
+    """``evaluate_or_warn``: ``evaluate``, except that a missing Inception warns once and gives None from then on
+    (training goes on)."""
+
+    _unavailable = False
+
+    def evaluate_or_warn(self, sample_fn) -> dict | None:
+        if self._unavailable:
+            return None
+        try:
+            return self.evaluate(sample_fn)
+        except InceptionUnavailable as e:
+            self._unavailable = True
+            warnings.warn(f"FID is skipped and training goes on: {e}", RuntimeWarning, stacklevel=2)
+            return None
+
+
 @dataclass(frozen=True)
 class ReferenceStats:
     """The real images' features [M, D] (float32), their mean [D] and covariance [D, D] (float64)."""
@@ -155,7 +172,7 @@ class ReferenceStats:
     features: np.ndarray
 
 
-class FIDEvaluator:
+class FIDEvaluator(WarnsWithoutInception):
     """Scores a sampler against the real images: FID and KID over ``num_samples`` generated images.
 
     ``real_batches()`` yields the real images as uint8 [B, 3, image_size, image_size]; ``real_key`` names
@@ -176,7 +193,7 @@ class FIDEvaluator:
         self.real_key, self.image_size, self.real_batches, self.mode = real_key, image_size, real_batches, mode
         self.num_samples, self.device, self.batch_size = num_samples, torch.device(device), batch_size
         self.cache_path = Path(cache_dir) / statistics_file(mode, image_size, real_key)
-        self._reference, self._sqrt_sigma, self._unavailable = None, None, False  # set by reference(), evaluate_or_warn
+        self._reference, self._sqrt_sigma = None, None  # set by reference()
 
     def _meta(self) -> str:
         return json.dumps({"version": 1, "mode": self.mode, "image_size": self.image_size,
@@ -217,32 +234,37 @@ class FIDEvaluator:
             warnings.warn(f"could not cache FID reference statistics in {self.cache_path} ({e}); they will be "
                           f"recomputed next run (pass a writable --cache_dir)", RuntimeWarning, stacklevel=3)
 
-    def reference(self) -> ReferenceStats:
+    def reference(self, features: Callable[[], np.ndarray] | None = None) -> ReferenceStats:
         """The real images' statistics: from memory, else from the cache, else computed and cached.
 
-        Also loads the feature network, so that a missing Inception raises ``InceptionUnavailable`` here.
+        ``features()``, if given, supplies the real images' features in place of ``real_batches`` (features
+        already computed for the same images). Also loads the feature network, so that a missing Inception
+        raises ``InceptionUnavailable`` here.
         """
         self.extractor.load()
         if self._reference is None:
             stats = self._load_cache()
             if stats is None:
-                from tqdm.auto import tqdm
-
-                feats = []
-                with tqdm(desc="FID reference statistics (once; cached for later runs)", unit="img",
-                          dynamic_ncols=True, leave=False) as bar:
-                    for batch in self.real_batches():
-                        self._check(batch, None, "real_batches")
-                        feats.append(self.extractor(batch))
-                        bar.update(len(batch))
-                features = np.concatenate(feats or [np.zeros((0, 0))]).astype(np.float32)
-                if len(features) < 2:
-                    raise ValueError(f"FID needs at least 2 real images, real_batches gave {len(features)}")
-                stats = ReferenceStats(features.mean(0, dtype=np.float64),
-                                       np.cov(features.astype(np.float64), rowvar=False), features)
+                real = (features or self._real_features)().astype(np.float32)
+                if len(real) < 2:
+                    raise ValueError(f"FID needs at least 2 real images, real_batches gave {len(real)}")
+                stats = ReferenceStats(real.mean(0, dtype=np.float64), np.cov(real.astype(np.float64), rowvar=False),
+                                       real)
                 self._save_cache(stats)
             self._reference, self._sqrt_sigma = stats, sqrt_psd(stats.sigma)
         return self._reference
+
+    def _real_features(self) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        feats = []
+        with tqdm(desc="FID reference statistics (once; cached for later runs)", unit="img", dynamic_ncols=True,
+                  leave=False) as bar:
+            for batch in self.real_batches():
+                self._check(batch, None, "real_batches")
+                feats.append(self.extractor(batch))
+                bar.update(len(batch))
+        return np.concatenate(feats or [np.zeros((0, 0))])
 
     def evaluate(self, sample_fn: Callable[[int], torch.Tensor]) -> dict:
         """FID and KID of ``num_samples`` images from ``sample_fn(n)`` (n float images in [0, 1]).
@@ -281,13 +303,53 @@ class FIDEvaluator:
         fid = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mu, ref.sigma, sqrt_sigma2=self._sqrt_sigma)
         return fid, kernel_inception_distance(gen, ref.features, device=self.device)
 
-    def evaluate_or_warn(self, sample_fn: Callable[[int], torch.Tensor]) -> dict | None:
-        """``evaluate``, except that a missing Inception warns once and gives None from then on (training goes on)."""
-        if self._unavailable:
-            return None
-        try:
-            return self.evaluate(sample_fn)
-        except InceptionUnavailable as e:
-            self._unavailable = True
-            warnings.warn(f"FID is skipped and training goes on: {e}", RuntimeWarning, stacklevel=2)
-            return None
+
+
+def class_counts(total: int, sizes: list[int]) -> list[int]:
+    """``total`` split over classes in proportion to their ``sizes`` (largest remainders), each given at least 2
+    (the fewest FID can score)."""
+    shares = [total * size / sum(sizes) for size in sizes]
+    counts = [max(2, int(share)) for share in shares]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    for i in by_remainder[: max(0, total - sum(counts))]:
+        counts[i] += 1
+    return counts
+
+
+class ClassFIDEvaluator(WarnsWithoutInception):
+    """FID and KID of a class-conditional model: of each class's samples against that class's own reference
+    statistics (``per_class``, in label order), and of all samples together against the whole data's
+    (``overall``). The ``overall.num_samples`` samples are split over the classes in proportion to ``sizes``, the
+    classes' image counts, so that the pooled samples mix the classes as the data does; a class's score is
+    therefore over fewer samples, and comparable only with scores over as many (its ``fid_samples/<class>``).
+    """
+
+    def __init__(self, overall: FIDEvaluator, per_class: dict[str, FIDEvaluator], sizes: list[int]):
+        if len(per_class) != len(sizes):
+            raise ValueError(f"{len(per_class)} classes but {len(sizes)} sizes")
+        self.overall, self.per_class = overall, per_class
+        self.counts = class_counts(overall.num_samples, sizes)
+
+    def reference(self) -> ReferenceStats:
+        """Each class's statistics, then all classes' from the classes' features (the same images: Inception runs
+        once over each image)."""
+        pooled = [evaluator.reference().features for evaluator in self.per_class.values()]
+        return self.overall.reference(lambda: np.concatenate(pooled))
+
+    def evaluate(self, sample_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> dict:
+        """Scores of samples from ``sample_fn(n, labels)`` (n float images in [0, 1] of the classes ``labels``):
+        ``{"fid", "kid", "fid_samples", "seconds"}`` over all classes, and ``fid/<class>``, ``kid/<class>``,
+        ``fid_samples/<class>`` for each."""
+        start = time.perf_counter()
+        self.reference()
+        result, pooled = {}, []
+        for label, ((name, evaluator), count) in enumerate(zip(self.per_class.items(), self.counts)):
+            features = self.overall.sample_features(
+                lambda n, label=label: sample_fn(n, torch.full((n,), label, dtype=torch.long)), count)
+            pooled.append(features)
+            result[f"fid/{name}"], result[f"kid/{name}"] = evaluator.score(features)
+            result[f"fid_samples/{name}"] = count
+        fid, kid = self.overall.score(np.concatenate(pooled))
+        return {"fid": fid, "kid": kid, "fid_samples": sum(self.counts), **result,
+                "seconds": time.perf_counter() - start}
+

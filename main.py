@@ -19,20 +19,21 @@ from pathlib import Path
 
 import distributed
 from atomic import atomic_write_text
-from config import Config, build_parser, checked, comparable, parse, recorded, show
+from config import CLASS_FLAGS, Config, build_parser, checked, comparable, parse, recorded, show
 from errors import UserError
 
 
-def build_diffusion(config: Config):
+def build_diffusion(config: Config, num_classes: int = 0):
+    """The model ``config`` describes; ``num_classes`` > 0 for a class-conditional one."""
     from diffusion import Diffusion
     from unet import Unet
 
     try:
         net = Unet(config.unet_dim, config.dim_mults, channels=3, num_res_blocks=config.num_res_blocks,
                    attention_levels=config.attention_levels or None, dropout=config.dropout,
-                   self_condition=config.self_condition, image_size=config.image_size)
+                   self_condition=config.self_condition, image_size=config.image_size, num_classes=num_classes)
         return Diffusion(net, image_size=config.image_size, channels=3, timesteps=config.time_steps,
-                         loss_type=config.loss)
+                         loss_type=config.loss, class_dropout=config.class_dropout if num_classes else 0.0)
     except ValueError as e:
         raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 
@@ -50,16 +51,66 @@ def check_torch_numpy() -> None:
                         f"installed: pip install 'numpy<2' (or torch 2.3 or newer)") from None
 
 
-def run_info(config: Config, device, ctx, image_set) -> dict:
-    """What follows from the settings: the device, the process count, the effective batch size, and the
-    fingerprint of the training images and the folder of their FID statistics (so that ``--evaluate`` can find
-    those statistics without the images)."""
+def run_info(config: Config, device, ctx, image_set, batches, classes: tuple[str, ...], recorded_run: dict) -> dict:
+    """What follows from the settings: the device, the process count, the effective batch size, the fingerprint
+    of the training images and the folder of their FID statistics (so that ``--evaluate`` can find those
+    statistics without the images), and a class-conditional model's class names (by label), image counts and
+    per-class fingerprints. Without the images, the checkpoint's record of its data (``recorded_run``) stands."""
     info = {"device": str(device), "world_size": ctx.world_size,
             "effective_batch_size": config.batch_size * config.grad_accum * ctx.world_size}
+    info.update({k: recorded_run[k] for k in ("data_key", "fid_cache_dir", "class_data_keys") if k in recorded_run})
+    labels = getattr(batches, "labels", None)
+    if classes:
+        info["classes"] = list(classes)
+        info["class_sizes"] = (recorded_run.get("class_sizes") if labels is None
+                               else labels.bincount(minlength=len(classes)).tolist())
     if image_set is not None:
         info["data_key"] = image_set.pixels_key
         info["fid_cache_dir"] = str(fid_cache_dir(config, image_set).resolve())
+        if classes:
+            info["class_data_keys"] = image_set.class_keys()
     return info
+
+
+def model_classes(config: Config, batches, recorded_run: dict, load_path: str | None) -> tuple[str, ...]:
+    """The class names of the model to build, by label: the checkpoint's, else the training data's. A resumed run
+    must see the classes its checkpoint was trained on."""
+    if not config.class_conditional:
+        return ()
+    saved = tuple(recorded_run.get("classes", ()))
+    found = tuple(getattr(batches, "classes", ()))
+    if load_path and not saved:
+        raise UserError(f"{load_path} records no class names, so it cannot be a class-conditional model; "
+                        f"load a checkpoint that --class_conditional training wrote")
+    if saved and found and saved != found:
+        raise UserError(f"{load_path} was trained on the classes {', '.join(saved)}, and --data_path "
+                        f"{config.data_path} holds {', '.join(found)}; pass the data it was trained on")
+    return saved or found
+
+
+def check_class_flags(config: Config, named: set[str]) -> None:
+    """Refuse, in one line, what only a class-conditional model takes when the model is not one, and a
+    --data_class beside --class_conditional (which reads every class folder)."""
+    if not config.class_conditional:
+        given = [flag for flag in CLASS_FLAGS if flag in named]
+        if given:
+            model = f"{config.load_path} is an unconditional model" if config.load_path else "this run is unconditional"
+            raise UserError(f"--{given[0]} needs a class-conditional model, and {model}; drop it, or train one "
+                            f"with --class_conditional")
+        return
+    if "data_class" in named and config.data_class != "all":
+        raise UserError(f"--class_conditional trains on every class folder under --data_path; drop --data_class "
+                        f"{config.data_class} (or keep only that class's folder there)")
+    if config.sample_class is not None and not config.sample:
+        raise UserError("--sample_class names the class that --sample draws; add --sample 16")
+
+
+def class_label(config: Config, classes: tuple[str, ...]) -> int:
+    """The label of ``--sample_class``, refused in one line when the model does not know it."""
+    if config.sample_class not in classes:
+        raise UserError(f"--sample_class {config.sample_class} is not a class of {config.load_path}, which knows "
+                        f"{', '.join(classes)}; pass one of those")
+    return classes.index(config.sample_class)
 
 
 def fid_cache_dir(config: Config, image_set) -> Path:
@@ -74,34 +125,42 @@ def cached_fid_reference(config: Config, recorded_run: dict) -> Path | None:
     import fid
     from dataset import cache_dir_candidates
 
-    key = recorded_run.get("data_key")
+    keys = [recorded_run.get("data_key"), *recorded_run.get("class_data_keys", {}).values()]
     folders = [config.cache_dir, recorded_run.get("fid_cache_dir"), *cache_dir_candidates(config.data_path),
                config.save_folder]
-    return fid.find_statistics(folders, mode=config.fid_mode, image_size=config.image_size, real_key=key) if key else None
+    found = [fid.find_statistics(folders, mode=config.fid_mode, image_size=config.image_size, real_key=key)
+             for key in keys if key]
+    return found[0] if found and len(found) == len(keys) and len(set(found)) == 1 else None
 
 
-def build_evaluator(config: Config, device, image_set, *, required: bool, recorded_run: dict | None = None):
-    """The FID evaluator, or None with a warning when the Inception weights cannot be had and FID is optional.
+def build_evaluator(config: Config, device, image_set, run: dict, *, required: bool):
+    """The FID evaluator (for a class-conditional model, ``run`` naming its classes, one that scores each class
+    and all together), or None with a warning when the Inception weights cannot be had and FID is optional.
 
     Without ``image_set`` the statistics must be cached already (``cached_fid_reference``)."""
     import fid as fid_module
 
-    if image_set is not None:
-        key, cache_dir = image_set.pixels_key, fid_cache_dir(config, image_set)
+    cache_dir = fid_cache_dir(config, image_set) if image_set is not None else cached_fid_reference(config, run)
+    extractor = fid_module.FeatureExtractor(mode=config.fid_mode, device=device)
 
+    def scorer(key: str, images):
         def real_batches():
-            for start in range(0, len(image_set.images), 500):
-                yield image_set.images[start:start + 500]
-    else:
-        key, cache_dir = recorded_run["data_key"], cached_fid_reference(config, recorded_run)
+            if images is None:
+                raise UserError(f"the FID statistics cached in {cache_dir} cannot be used (the warning above says "
+                                f"why); pass --data_path with the training images to compute them again")
+            for start in range(0, len(images), 500):
+                yield images[start:start + 500]
 
-        def real_batches():
-            raise UserError(f"the FID statistics cached in {cache_dir} cannot be used (the warning above says why); "
-                            f"pass --data_path with the training images to compute them again")
+        return fid_module.FIDEvaluator(real_key=key, image_size=config.image_size, real_batches=real_batches,
+                                       mode=config.fid_mode, num_samples=config.fid_samples, device=device,
+                                       cache_dir=cache_dir, extractor=extractor)
 
-    evaluator = fid_module.FIDEvaluator(real_key=key, image_size=config.image_size, real_batches=real_batches,
-                                        mode=config.fid_mode, num_samples=config.fid_samples, device=device,
-                                        cache_dir=cache_dir)
+    evaluator = scorer(run["data_key"], None if image_set is None else image_set.images)
+    if run.get("classes"):
+        per_class = {name: scorer(run["class_data_keys"][name],
+                                     None if image_set is None else image_set.of_class(label))
+                     for label, name in enumerate(run["classes"])}
+        evaluator = fid_module.ClassFIDEvaluator(evaluator, per_class, run["class_sizes"])
     try:
         evaluator.reference()
     except fid_module.InceptionUnavailable as e:
@@ -141,14 +200,14 @@ def load_data(config: Config, device, ctx):
     import download
 
     if ctx.is_main:
-        download.ensure_dataset(config.data_path, config.data_class, download=config.download,
+        download.ensure_dataset(config.data_path, config.data_selection, download=config.download,
                                 source=config.dataset_source)
     for turn in ("main", "others"):  # the other ranks read the cache rank 0 has just written
         if (turn == "main") == ctx.is_main:
             batches, image_set = dataset.make_batches(
-                config.data_path, config.data_class, config.image_size, config.batch_size, device=device,
+                config.data_path, config.data_selection, config.image_size, config.batch_size, device=device,
                 flip=config.flip, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
-                cache_dir=config.cache_dir, progress=ctx.is_main)
+                cache_dir=config.cache_dir, progress=ctx.is_main, labelled=config.class_conditional)
         distributed.barrier(ctx)
     return batches, image_set
 
@@ -203,11 +262,14 @@ def run(config: Config, ctx, recorded_run: dict) -> int:
         if training:
             check_not_overwriting(config)
     device = distributed.setup(ctx, config.device)
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
-    diffusion = build_diffusion(config)
     batches, image_set = load_data_for(config, device, ctx) if needs_data(config, recorded_run) else (None, None)
+    classes = model_classes(config, batches, recorded_run, config.load_path)
+    if config.sample_class is not None:
+        class_label(config, classes)  # an unknown class fails before any work
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    diffusion = build_diffusion(config, len(classes))
     trainer = Trainer(diffusion, batches, config=config, device=device, dist_ctx=ctx,
-                      run_info=run_info(config, device, ctx, image_set))
+                      run_info=run_info(config, device, ctx, image_set, batches, classes, recorded_run))
     loaded = trainer.load(config.load_path, resume=training) if config.load_path else {}
     if not loaded:
         torch.manual_seed(config.seed + ctx.rank)  # each rank draws its own timesteps and noise
@@ -230,17 +292,14 @@ def run(config: Config, ctx, recorded_run: dict) -> int:
                 for path in trainer.visualize(first):
                     print(f"wrote {path}")
             if config.sample:
-                from visualize import save_grid
-
-                grid = Path(config.save_folder) / f"samples-{trainer.step}-{config.sampler}.png"
-                print(f"wrote {save_grid(trainer.sample(config.sample), grid)}")
+                print(f"wrote {write_samples(config, trainer, classes)}")
             if config.evaluate:
-                evaluate_checkpoint(config, device, trainer, image_set, recorded_run)
+                evaluate_checkpoint(config, device, trainer, image_set)
             return 0
         if config.fid and ctx.is_main:
             if image_set is None:
                 raise UserError("--fid needs the dataset in memory, but it is too large here; lower --image_size")
-            trainer.evaluator = build_evaluator(config, device, image_set, required=False)
+            trainer.evaluator = build_evaluator(config, device, image_set, trainer.run_info, required=False)
         trainer.train()
         if ctx.is_main:
             print(f"done: {Path(config.save_folder) / 'model.pt'} at step {trainer.step}")
@@ -250,15 +309,38 @@ def run(config: Config, ctx, recorded_run: dict) -> int:
             trainer.logger.close()
 
 
-def evaluate_checkpoint(config: Config, device, trainer, image_set, recorded_run: dict) -> None:
-    """Score the loaded EMA model once with FID and KID and print the result; no training."""
-    if image_set is None and cached_fid_reference(config, recorded_run) is None:
+def write_samples(config: Config, trainer, classes: tuple[str, ...]) -> Path:
+    """The --sample grid: --sample images, of --sample_class or of every class (a row each) for a
+    class-conditional model."""
+    import torch
+
+    from visualize import save_grid
+
+    name, labels, per_row = f"samples-{trainer.step}-{config.sampler}", None, None
+    if classes:
+        if config.sample_class is not None:
+            labels = torch.full((config.sample,), class_label(config, classes))
+        else:
+            labels, per_row = torch.arange(len(classes)).repeat_interleave(config.sample), config.sample
+        name += f"-{config.sample_class or 'all'}-w{config.guidance:g}"
+    images = trainer.sample(config.sample if labels is None else len(labels), classes=labels)
+    return save_grid(images, Path(config.save_folder) / f"{name}.png", nrow=per_row)
+
+
+def evaluate_checkpoint(config: Config, device, trainer, image_set) -> None:
+    """Score the loaded EMA model once with FID and KID (a class-conditional model's per class too) and print
+    the result; no training."""
+    if image_set is None and cached_fid_reference(config, trainer.run_info) is None:
         raise UserError("--evaluate needs the dataset in memory, but it is too large here; lower --image_size")
-    evaluator = build_evaluator(config, device, image_set, required=True, recorded_run=recorded_run)
+    evaluator = build_evaluator(config, device, image_set, trainer.run_info, required=True)
     result = evaluator.evaluate(trainer.fid_sample_fn())
     sampler = config.sampler + (f" ({config.sample_steps} steps)" if config.sampler == "ddim" else "")
+    guided = f", guidance {config.guidance:g}" if trainer.classes else ""
     print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, {sampler} "
-          f"sampler, clean-fid mode {config.fid_mode}, step {trainer.step}, {result['seconds']:.0f} s)")
+          f"sampler{guided}, clean-fid mode {config.fid_mode}, step {trainer.step}, {result['seconds']:.0f} s)")
+    for name in trainer.classes:
+        print(f"  {name}: FID {result[f'fid/{name}']:.2f}  KID {result[f'kid/{name}']:.5f}  "
+              f"({result[f'fid_samples/{name}']} samples)")
 
 
 def adopt_checkpoint_settings(config: Config, named: set[str], parser) -> tuple[Config, dict, dict]:
@@ -298,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             if adopted and ctx.is_main:
                 print(f"from {config.load_path}: " + " ".join(f"--{k} {show(v)}" for k, v in adopted.items())
                       + " (name a flag to change it)")
+        check_class_flags(config, named)
         code = run(config, ctx, recorded_run)
         # every rank reaches the teardown together: gloo aborts a rank whose peer has already closed its connections
         distributed.barrier(ctx)

@@ -100,23 +100,32 @@ class MetricsLogger:
         return [s for s, _ in points], [v for _, v in points]
 
     def plot(self) -> list[Path]:
-        """Draw loss.png (and fid.png once there are FID points) in the save folder; returns the paths."""
+        """Draw loss.png (and fid.png once there are FID points, with a line per class for a class-conditional
+        run) in the save folder; returns the paths."""
         written = []
-        for key, name, ylabel in (("loss", "loss.png", "training loss (L1 on the noise)"), ("fid", "fid.png", "FID")):
-            steps, values = self.series(key)
-            values = [v for v in values if math.isfinite(v)]
-            if not values:
-                continue
-            written.append(self._plot(steps[: len(values)], values, self.folder / name, ylabel))
+        per_class = sorted({k for r in self.history for k in r if k.startswith("fid/")})
+        for keys, name, ylabel in ((["loss"], "loss.png", "training loss (L1 on the noise)"),
+                                   (["fid", *per_class], "fid.png", "FID")):
+            lines = {}
+            for key in keys:
+                points = [(s, v) for s, v in zip(*self.series(key)) if math.isfinite(v)]
+                if points:
+                    lines["all classes" if key == "fid" and per_class else key.removeprefix("fid/")] = points
+            if lines:
+                written.append(self._plot(lines, self.folder / name, ylabel))
         return written
 
-    def _plot(self, steps, values, path: Path, ylabel: str) -> Path:
+    def _plot(self, lines: dict[str, list[tuple[int, float]]], path: Path, ylabel: str) -> Path:
         import matplotlib
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        ax.plot(steps, values, marker="o" if len(values) <= 30 else None, markersize=3)
+        for label, points in lines.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(values) <= 30 else None, markersize=3, label=label)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -51,22 +51,38 @@ def grad_scaler(device: torch.device, *, enabled: bool):
     return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
 
 
-def draw_inputs(diffusion: Diffusion, batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def draw_inputs(diffusion: Diffusion, batches: list) -> tuple:
     """x_0, t, noise and the count of self-conditioned images for one pass over ``batches``: timesteps and noise
     drawn batch by batch (as separate passes draw them), the half of every batch that self-conditioning takes
-    (its first B // 2 images) placed first."""
-    ts, noises = [], []
-    for batch in batches:
+    (its first B // 2 images) placed first. Batches of ``(images, labels)`` (class-conditional training) add the
+    labels after label dropout, drawn batch by batch after the noise."""
+    labelled = isinstance(batches[0], (tuple, list))
+    images = [batch[0] for batch in batches] if labelled else batches
+    ts, noises, labels = [], [], []
+    for i, batch in enumerate(images):
         ts.append(diffusion.sample_timesteps(batch.shape[0], batch.device))
         noises.append(torch.randn_like(batch))
-    halves = [batch.shape[0] // 2 for batch in batches]
+        if labelled:
+            labels.append(diffusion.drop_labels(batches[i][1]))
+    halves = [batch.shape[0] // 2 for batch in images]
+    parts = [images, ts, noises] + ([labels] if labelled else [])
     if len(batches) == 1:
-        return batches[0], ts[0], noises[0], halves[0]
+        return (*(p[0] for p in parts[:3]), halves[0], *(p[0] for p in parts[3:]))
 
     def halves_first(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([p[:h] for p, h in zip(parts, halves)] + [p[h:] for p, h in zip(parts, halves)])
 
-    return halves_first(batches), halves_first(ts), halves_first(noises), sum(halves)
+    joined = [halves_first(p) for p in parts]
+    return (*joined[:3], sum(halves), *joined[3:])
+
+
+def _tensors(batch) -> tuple[torch.Tensor, ...]:
+    """A batch's tensors: the images, or the images and the labels."""
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def _map(fn, batch):
+    return tuple(map(fn, batch)) if isinstance(batch, (tuple, list)) else fn(batch)
 
 
 class TrainStep:
@@ -181,9 +197,10 @@ class TrainStep:
             self.ema_weight.fill_(ema_weight)
             self._written = (lr, ema_weight)
         if not self._static_batches:
-            self._static_batches = [torch.empty_like(batch) for batch in batches]
+            self._static_batches = [_map(torch.empty_like, batch) for batch in batches]
         for static, batch in zip(self._static_batches, batches):
-            static.copy_(batch)
+            for s, b in zip(_tensors(static), _tensors(batch)):
+                s.copy_(b)
         return self.captured().clone()  # a replay's loss tensor is refilled by the next one
 
     def state_dict(self) -> dict:

@@ -4,6 +4,10 @@
 device, a config) and keeps each job in a small method: ``train_step``, ``train``, ``sample``, ``evaluate``,
 ``visualize``, ``save``, ``load``. The step itself lives in ``train_step.TrainStep``; samples, figures and FID
 always use the EMA weights.
+
+A class-conditional model (``Diffusion.num_classes`` > 0, its class names in ``run_info["classes"]``) samples at
+the guidance scale ``--guidance``; its grids hold a row per class, FID is scored per class and over all classes,
+and ``visualize`` adds the figure of classes by guidance scales.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ from interrupt import StopSignals
 from metrics import MetricsLogger
 from precision import autocast, choose_precision
 from train_step import TrainStep
-from visualize import save_grid, write_process_figures
+from visualize import save_grid, save_guidance_figure, write_process_figures
+
+GUIDANCE_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)  # the columns of the guidance figure
 
 
 class TrainingInterrupted(Exception):
@@ -48,6 +54,9 @@ class Trainer:
         self.data_iter = iter(batches) if batches is not None else None  # None: a model to sample, not to train
         self.save_folder = Path(config.save_folder)
         self.run_info = dict(run_info or {})  # what follows from the settings: device, data, effective batch size
+        self.classes = tuple(self.run_info.get("classes", ()))  # a class-conditional model's class names, by label
+        if len(self.classes) != diffusion.num_classes:
+            raise ValueError(f"the model has {diffusion.num_classes} classes, run_info names {len(self.classes)}")
         self.logger, self.evaluator = logger, evaluator
         self.step, self.best_fid, self.history = 0, math.inf, []
         self.precision = choose_precision(config.precision, self.device)
@@ -176,7 +185,8 @@ class Trainer:
         fid_seconds = 0.0
         if self.dist.is_main:
             self.save()
-            grid = save_grid(self.sample(self.config.num_samples), self.save_folder / f"sample-{self.step}.png")
+            images, per_row = self.preview()
+            grid = save_grid(images, self.save_folder / f"sample-{self.step}.png", nrow=per_row)
             if self.logger is not None:
                 self.logger.log_image("samples", grid, self.step, caption=f"step {self.step}")
             if self.evaluator is not None:
@@ -204,13 +214,27 @@ class Trainer:
         return result
 
     def fid_sample_fn(self):
-        """``n -> n images in [0, 1]`` from the EMA model; each call continues one noise stream."""
+        """``n -> n images in [0, 1]`` from the EMA model (``(n, labels) -> ...`` for a class-conditional model);
+        each call continues one noise stream."""
         generator = torch.Generator(self.device).manual_seed(self._sample_seed + 1)
+        if self.classes:
+            return lambda n, labels: self.sample(n, generator=generator, classes=labels)
         return lambda n: self.sample(n, generator=generator)
 
+    def preview(self) -> tuple[torch.Tensor, int | None]:
+        """The periodic grid's images, and its images per row (None: a square-ish grid). A class-conditional
+        model's grid has a row per class, of ``ceil(num_samples / classes)`` images."""
+        if not self.classes:
+            return self.sample(self.config.num_samples), None
+        per_row = math.ceil(self.config.num_samples / len(self.classes))
+        labels = torch.arange(len(self.classes)).repeat_interleave(per_row)
+        return self.sample(len(labels), classes=labels), per_row
+
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` images in [0, 1] from the EMA model with the config's sampler.
+    def sample(self, n: int, *, generator: torch.Generator | None = None, classes: torch.Tensor | None = None,
+               guidance: float | None = None) -> torch.Tensor:
+        """``n`` images in [0, 1] from the EMA model with the config's sampler; a class-conditional model draws
+        the labels ``classes`` ([n]; None: "no class", unguided) at ``guidance`` (default ``--guidance``).
 
         Defaults to fixed noise (a generator seeded apart from the training RNG), so that grids are comparable
         across steps and sampling never shifts the training RNG.
@@ -218,18 +242,34 @@ class Trainer:
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(self._sample_seed)
         cfg = self.config
-        step = self.chain_steps.get(n, cfg.sampler) if self.stepper.graphed else None
+        w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
+        step = self.chain_steps.get(n, cfg.sampler, w) if self.stepper.graphed else None
         with autocast(self.device, self.precision):
-            images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator, step=step)
+            images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator,
+                                     classes=classes, guidance=w, step=step)
         return images.float()
+
+    def guidance_figure(self) -> Path:
+        """``guidance.png``: each class (``num_vis // classes`` rows of it, at least one) drawn at each of
+        ``GUIDANCE_SCALES``, every row from the same noise at every scale."""
+        rows = max(1, self.config.num_vis // len(self.classes))
+        labels = torch.arange(len(self.classes)).repeat_interleave(rows)
+        images = {w: self.sample(len(labels), classes=labels, guidance=w) for w in GUIDANCE_SCALES}
+        names = [self.classes[label] for label in labels.tolist()]
+        sampler = self.config.sampler + (f", {self.config.sample_steps} steps" if self.config.sampler == "ddim" else "")
+        return save_guidance_figure(images, names, self.save_folder / "guidance.png",
+                                    title=f"classifier-free guidance scale w ({sampler}), after {self.step} training steps")
 
     @torch.no_grad()
     def visualize(self, x_start: torch.Tensor) -> list[Path]:
-        """Figures of the forward and backward processes on ``x_start`` ([B, C, H, W] in [-1, 1]), and a GIF."""
+        """Figures of the forward and backward processes on ``x_start`` ([B, C, H, W] in [-1, 1]) and a GIF; for a
+        class-conditional model also the guidance figure."""
         generator = torch.Generator(self.device).manual_seed(self._sample_seed)
         step = self.chain_steps.get(len(x_start), "ddpm") if self.stepper.graphed else None
         paths = write_process_figures(self.ema, x_start, self.save_folder, step=self.step, generator=generator,
                                       chain_step=step)
+        if self.classes:
+            paths.append(self.guidance_figure())
         if self.logger is not None:
             for path in paths:
                 self.logger.log_image(path.stem, path, self.step)

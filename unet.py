@@ -11,6 +11,10 @@ normalisation. Self-attention (``F.scaled_dot_product_attention``) runs in the m
 levels named in ``attention_levels`` (by default the lowest resolution only). The last convolution is
 zero-initialised, so an untrained network predicts zero noise.
 
+With ``num_classes`` K > 0 the network is class-conditional: a learned embedding of the class label (0 ... K-1,
+or K for "no class", the label classifier-free guidance trains and samples with) is added to the time
+embedding, so every residual block sees it.
+
 With ``self_condition`` the network also takes an estimate of x_0 (the sampler's clamped estimate from the
 previous step, or zeros), concatenated to x_t as extra input channels: the self-conditioning of Chen et al.
 (2023, "Analog Bits"); ``Diffusion`` supplies the estimate in training and sampling.
@@ -119,12 +123,14 @@ class Unet(nn.Module):
         self_condition: take an estimate of x_0 as a second input, ``forward(x, t, x_self_cond)``; only the
             input convolution changes (2 * ``channels`` input channels).
         image_size: if given, checked at construction (see ``check_image_size``).
+        num_classes: K > 0 makes the network class-conditional, ``forward(x, t, x_self_cond, y)`` with labels
+            ``y`` in 0 ... K (K = ``null_class``, "no class").
     """
 
     def __init__(self, dim: int, dim_mults: tuple[int, ...] = (1, 2, 4, 8), channels: int = 3, *,
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] | None = None,
                  dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32, self_condition: bool = False,
-                 image_size: int | None = None):
+                 image_size: int | None = None, num_classes: int = 0):
         super().__init__()
         dim_mults = tuple(dim_mults)
         _check_sizes(dim, dim_mults, channels, num_res_blocks, groups, dropout)
@@ -137,6 +143,9 @@ class Unet(nn.Module):
         self.dim, self.dim_mults, self.channels = dim, dim_mults, channels
         self.num_res_blocks = num_res_blocks
         self.self_condition = bool(self_condition)
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"U-Net num_classes must be a non-negative integer, got {num_classes!r}")
+        self.num_classes = num_classes
         self.attention_levels = tuple(sorted(set(attention_levels)))
         self.downsample_factor = 2 ** (len(dim_mults) - 1)
         if image_size is not None:
@@ -145,6 +154,10 @@ class Unet(nn.Module):
         time_dim = 4 * dim
         self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(dim), nn.Linear(dim, time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim))
+        if num_classes:
+            # the last row is "no class"; N(0, 1) rows (nn.Embedding's own start), as improved-diffusion's label
+            # embedding, set the classes apart from the first step (a zero start learns them far more slowly)
+            self.class_embed = nn.Embedding(num_classes + 1, time_dim)
         block = dict(time_dim=time_dim, groups=groups, dropout=dropout)
         attention = dict(groups=groups, head_dim=attn_head_dim)
         self.input_conv = nn.Conv2d(channels * (2 if self.self_condition else 1), dim, 3, padding=1)
@@ -195,11 +208,19 @@ class Unet(nn.Module):
                 f"{len(self.dim_mults)} levels (dim_mults {self.dim_mults}) needs; use a multiple of "
                 f"{self.downsample_factor} such as {max(1, round(image_size / self.downsample_factor)) * self.downsample_factor}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def null_class(self) -> int:
+        """The label that means "no class" (K); only a class-conditional network has one."""
+        return self.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in ``x`` ([B, C, H, W]) at timesteps ``t`` ([B], 0-indexed); returns [B, C, H, W].
 
         ``x_self_cond`` ([B, C, H, W], in [-1, 1]) is the x_0 estimate of a self-conditioned network (None: zeros,
-        i.e. no estimate); a network built without ``self_condition`` does not accept one.
+        i.e. no estimate); a network built without ``self_condition`` does not accept one. ``y`` ([B] integer) are
+        the class labels of a class-conditional network (None: "no class" for every image); a network built
+        without ``num_classes`` does not accept them.
         """
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             self.check_image_size(x.shape[-1] if x.shape[-1] % self.downsample_factor else x.shape[-2])
@@ -208,6 +229,12 @@ class Unet(nn.Module):
         elif x_self_cond is not None:
             raise ValueError("this U-Net was built without self_condition, so it takes no x_0 estimate")
         emb = self.time_embed(t)  # [B, 4 * dim]
+        if self.num_classes:
+            if y is None:
+                y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+            emb = emb + self.class_embed(y)
+        elif y is not None:
+            raise ValueError("this U-Net was built without num_classes, so it takes no class labels")
         h = self.input_conv(x)
         skips = [h]
         for module in self.down:

@@ -67,21 +67,37 @@ def write_process_figures(diffusion: Diffusion, x_start: torch.Tensor, folder: s
 
 def save_process_figure(images: dict[int, torch.Tensor], path: str | os.PathLike, *, title: str) -> Path:
     """A grid with a row per image and a column per timestep, columns labelled ``t = ...``."""
+    return save_table({f"t = {t}": batch for t, batch in images.items()}, path, title=title)
+
+
+def save_guidance_figure(images: dict[float, torch.Tensor], row_names: list[str], path: str | os.PathLike, *,
+                         title: str) -> Path:
+    """A grid with a row per image (labelled with its class) and a column per guidance scale ``w``."""
+    return save_table({f"w = {w:g}": batch for w, batch in images.items()}, path, title=title, row_names=row_names)
+
+
+def save_table(images: dict[str, torch.Tensor], path: str | os.PathLike, *, title: str,
+               row_names: list[str] | None = None) -> Path:
+    """A figure of images in [0, 1]: a column per entry of ``images`` (headed by its key), a row per image of
+    each entry's batch (named by ``row_names``, if given)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    steps = list(images)
-    rows = images[steps[0]].shape[0]
-    fig, axes = plt.subplots(rows, len(steps), figsize=(1.4 * len(steps), 1.4 * rows + 0.5), squeeze=False)
-    for col, t in enumerate(steps):
+    columns = list(images)
+    rows = images[columns[0]].shape[0]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.4 * len(columns) + 0.6 * bool(row_names),
+                                                          1.4 * rows + 0.5), squeeze=False)
+    for col, heading in enumerate(columns):
         for row in range(rows):
             ax = axes[row][col]
-            ax.imshow(images[t][row].permute(1, 2, 0).cpu().float().numpy(), interpolation="nearest")
+            ax.imshow(images[heading][row].permute(1, 2, 0).cpu().float().numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(f"t = {t}", fontsize=9)
+                ax.set_title(heading, fontsize=9)
+            if col == 0 and row_names:
+                ax.set_ylabel(row_names[row], fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
@@ -89,11 +105,12 @@ def save_process_figure(images: dict[int, torch.Tensor], path: str | os.PathLike
     return path
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike) -> Path:
-    """A square-ish grid of images in [0, 1] as one PNG, written whole or not at all."""
+def save_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None) -> Path:
+    """A grid of images in [0, 1], ``nrow`` to a row (None: square-ish), as one PNG, written whole or not at all."""
     from torchvision.utils import save_image
 
-    return atomic_write(path, lambda f: save_image(images, f, format="png", nrow=max(1, int(len(images) ** 0.5))))
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    return atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow))
 
 
 def save_gif(frames: list[torch.Tensor], path: str | os.PathLike, *, nrow: int = 8, scale: int = 2,

@@ -23,14 +23,15 @@ def test_every_setting_has_a_role_help_and_a_group():
 
 def network_fingerprint(config: Config) -> dict:
     """What a built network is: its tensors' names and shapes (the schedule's among them), and the images it makes."""
-    diffusion = main.build_diffusion(config)
+    diffusion = main.build_diffusion(config, 3 if config.class_conditional else 0)  # as main.py, on three classes
     shapes = {name: tuple(t.shape) for name, t in diffusion.state_dict().items()}
     return {**shapes, "images": (diffusion.channels, diffusion.image_size)}
 
 
 # a value other than TINY's for each setting that could change the network
 OTHER = dict(image_size=32, time_steps=12, unet_dim=16, dim_mults=(1, 2, 2), num_res_blocks=2,
-             attention_levels=(0,), self_condition=False, dropout=0.2, loss="l2")
+             attention_levels=(0,), self_condition=False, dropout=0.2, loss="l2", class_conditional=True,
+             class_dropout=0.3, guidance=3.0)
 
 
 @pytest.mark.parametrize("name", sorted(OTHER))

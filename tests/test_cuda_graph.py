@@ -96,7 +96,7 @@ def test_with_cuda_graphs_the_trainer_samples_grids_fid_images_and_figures_throu
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     for a, b in zip(graphed.visualize(x), eager.visualize(x)):
         assert a.read_bytes() == b.read_bytes()
-    assert set(graphed.chain_steps.steps) == {(3, sampler), (2, sampler), (2, "ddpm")}  # the figure: the full chain
+    assert set(graphed.chain_steps.steps) == {(3, sampler, 0.0), (2, sampler, 0.0), (2, "ddpm", 0.0)}  # the figure: the full chain
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -91,7 +91,7 @@ def test_model_and_training_flags_reach_the_network_the_trainer_and_the_checkpoi
                                                                                   monkeypatch):
     built = []
     real = main.build_diffusion
-    monkeypatch.setattr(main, "build_diffusion", lambda a: built.append(real(a)) or built[-1])
+    monkeypatch.setattr(main, "build_diffusion", lambda *a: built.append(real(*a)) or built[-1])
     save = tmp_path / "run"
     extra = ["--loss", "huber", "--dropout", 0.1, "--weight_decay", 0.05, "--ema_sigma_rel", 0.03, "--lr_warmup", 3,
              "--lr_decay", "cosine", "--grad_clip", 0.5, "--one_pass", "False", "--sampler", "ddim", "--sample_steps", 5]
