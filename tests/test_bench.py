@@ -118,3 +118,21 @@ def test_the_gpu_check_refuses_a_missing_data_folder(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--data_path", str(tmp_path)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.strip().endswith("that holds cat/")
+
+
+def test_the_guidance_benchmarks_classifier_learns_the_real_classes_and_scores_samples_by_them():
+    from bench_guidance import share_classified, train_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(40)
+    shapes = torch.zeros(3, 8, 8)
+    shapes[0, 3:5, :] = 1  # a horizontal bar, a vertical bar, a diagonal
+    shapes[1, :, 3:5] = 1
+    shapes[2] = torch.eye(8)
+    grey = 0.7 * shapes[labels] + 0.2 * torch.rand(len(labels), 8, 8, generator=generator)
+    images = (grey[:, None].expand(-1, 3, -1, -1) * 255).to(torch.uint8)
+    net, accuracy = train_classifier(images, labels, 3, epochs=30)
+    assert accuracy == 1.0
+    x = images.float() / 255
+    assert share_classified(net, x, labels) == 1.0
+    assert share_classified(net, x, (labels + 1) % 3) == 0.0  # samples of another class than asked: none counted
