@@ -210,18 +210,18 @@ class Config:
     fid_mode: str = setting("clean", "clean-fid mode", group=SAMPLING, choices=FID_MODES)
 
     # classes and classifier-free guidance
-    class_conditional: bool = setting(False, "train on every class folder under --data_path, each image with its "
-                                      "class (the folder's name), for classifier-free guidance", group=CLASSES_GROUP,
+    class_conditional: bool = setting(False, "train on every class folder under --data_path, with the folder's "
+                                      "name as each image's class", group=CLASSES_GROUP,
                                       role="network", kind=BOOL)
-    class_dropout: float = setting(0.1, "chance that a training image's class is replaced by \"no class\", which "
-                                   "trains the unconditional model that guidance needs", group=CLASSES_GROUP,
+    class_dropout: float = setting(0.1, "chance that a training image's class is replaced by \"no class\"",
+                                   group=CLASSES_GROUP,
                                    role="training", kind=_number(float, "a probability in [0, 1)", 0.0, 1.0,
                                                                  open_high=True))
-    guidance: float = setting(1.0, "guidance scale w of a class-conditional model's grids, samples, figures and FID: "
-                              "eps = (1 + w) eps(x, class) - w eps(x, no class); 0 = the plain conditional model",
+    guidance: float = setting(1.0, "guidance scale w of a conditional model's samples and FID: eps = (1 + w) "
+                              "eps(x, class) - w eps(x, no class)",
                               group=CLASSES_GROUP, kind=NON_NEGATIVE)
-    sample_class: str | None = setting(None, "with --sample on a class-conditional model: the class to draw "
-                                       "(default: every class, a row each)", group=CLASSES_GROUP, optional=True)
+    sample_class: str | None = setting(None, "the class --sample draws (default: every class, a row each)",
+                                       group=CLASSES_GROUP, optional=True)
 
     # logging
     wandb: str = setting("auto", "auto = online with a wandb login, offline without", group=LOGGING,
