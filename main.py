@@ -292,7 +292,7 @@ def run(config: Config, ctx, recorded_run: dict) -> int:
                 for path in trainer.visualize(first):
                     print(f"wrote {path}")
             if config.sample:
-                print(f"wrote {write_samples(config, trainer, classes)}")
+                print(f"wrote {write_samples(config, trainer)}")
             if config.evaluate:
                 evaluate_checkpoint(config, device, trainer, image_set)
             return 0
@@ -309,7 +309,7 @@ def run(config: Config, ctx, recorded_run: dict) -> int:
             trainer.logger.close()
 
 
-def write_samples(config: Config, trainer, classes: tuple[str, ...]) -> Path:
+def write_samples(config: Config, trainer) -> Path:
     """The --sample grid: --sample images, of --sample_class or of every class (a row each) for a
     class-conditional model."""
     import torch
@@ -317,11 +317,11 @@ def write_samples(config: Config, trainer, classes: tuple[str, ...]) -> Path:
     from visualize import save_grid
 
     name, labels, per_row = f"samples-{trainer.step}-{config.sampler}", None, None
-    if classes:
+    if trainer.classes:
         if config.sample_class is not None:
-            labels = torch.full((config.sample,), class_label(config, classes))
+            labels = torch.full((config.sample,), class_label(config, trainer.classes))
         else:
-            labels, per_row = torch.arange(len(classes)).repeat_interleave(config.sample), config.sample
+            labels, per_row = trainer.class_rows(config.sample), config.sample
         name += f"-{config.sample_class or 'all'}-w{config.guidance:g}"
     images = trainer.sample(config.sample if labels is None else len(labels), classes=labels)
     return save_grid(images, Path(config.save_folder) / f"{name}.png", nrow=per_row)

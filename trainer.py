@@ -227,8 +227,12 @@ class Trainer:
         if not self.classes:
             return self.sample(self.config.num_samples), None
         per_row = math.ceil(self.config.num_samples / len(self.classes))
-        labels = torch.arange(len(self.classes)).repeat_interleave(per_row)
+        labels = self.class_rows(per_row)
         return self.sample(len(labels), classes=labels), per_row
+
+    def class_rows(self, per_class: int) -> torch.Tensor:
+        """Labels for a row of ``per_class`` images of each class, in label order: [0, 0, ..., 1, 1, ...]."""
+        return torch.arange(len(self.classes)).repeat_interleave(per_class)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, classes: torch.Tensor | None = None,
@@ -253,7 +257,7 @@ class Trainer:
         """``guidance.png``: each class (``num_vis // classes`` rows of it, at least one) drawn at each of
         ``GUIDANCE_SCALES``, every row from the same noise at every scale."""
         rows = max(1, self.config.num_vis // len(self.classes))
-        labels = torch.arange(len(self.classes)).repeat_interleave(rows)
+        labels = self.class_rows(rows)
         images = {w: self.sample(len(labels), classes=labels, guidance=w) for w in GUIDANCE_SCALES}
         names = [self.classes[label] for label in labels.tolist()]
         sampler = self.config.sampler + (f", {self.config.sample_steps} steps" if self.config.sampler == "ddim" else "")
