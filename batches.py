@@ -1,4 +1,5 @@
-"""Endless, resumable streams of training batches: float32 [B, 3, S, S] in [-1, 1] on the training device.
+"""Endless, resumable streams of training batches (``Batch``: float32 images [B, 3, S, S] in [-1, 1] on the
+training device, and their class labels or None).
 
 Both sources share one sampling rule. Epoch ``e`` shuffles the N images with a CPU ``torch.Generator``
 seeded from ``(seed, e)`` and draws one flip coin per image from the same generator; rank ``r`` of
@@ -10,8 +11,9 @@ is what ``state_dict`` saves: ``position`` counts the batches already served in 
 pinned memory, when it would take more than ``memory_fraction`` of the free GPU memory); the conversion
 to float and the flips run on the device. ``StreamingBatches`` decodes files in DataLoader workers.
 
-Given ``labels`` (long [N], the class of each image), a stream serves ``(images, labels)`` pairs for
+Given ``labels`` (long [N], the class of each image), each ``Batch`` carries its images' labels for
 class-conditional training: the labels travel with the indices, so the resumable order carries them too.
+Without labels a batch's ``labels`` is None.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 from errors import UserError
 from images import MAX_PIXELS, UnreadableImage, decode_image
 from memory import fits
+
+
+class Batch(NamedTuple):
+    """One training batch: images in [-1, 1] on the training device, and their class labels (long [B]) for a
+    class-conditional model, None for an unconditional one."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
 
 
 class DataWarning(UserWarning):
@@ -83,7 +94,6 @@ class _BatchStream:
         if labels is not None and (labels.dim() != 1 or len(labels) != num_images):
             raise ValueError(f"labels must be one per image ({num_images}), got shape {list(labels.shape)}")
         self.labels = None if labels is None else labels.to(torch.long)
-        self.classes: tuple[str, ...] = ()  # the labels' class names (``dataset.make_batches`` sets them)
         self.epoch, self.position = 0, 0
         self._order: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -91,7 +101,7 @@ class _BatchStream:
         """Batches per epoch for this rank (the incomplete last batch is dropped)."""
         return len(range(self.rank, self.num_images, self.world_size)) // self.batch_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
     def _next_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +121,11 @@ class _BatchStream:
         """Where an epoch's order is kept (the CPU here); called once per epoch."""
         return indices, flips
 
-    def _with_labels(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The batch, and with labels the labels of the images it holds (``indices``) beside it."""
+    def _batch(self, x: torch.Tensor, indices: torch.Tensor) -> Batch:
+        """The batch of images ``x``, with the labels of the images it holds (``indices``) when there are labels."""
         if self.labels is None:
-            return x
-        return x, self.labels.index_select(0, indices.to(self.labels.device)).to(self.device, non_blocking=True)
+            return Batch(x)
+        return Batch(x, self.labels.index_select(0, indices.to(self.labels.device)).to(self.device, non_blocking=True))
 
     def state_dict(self) -> dict:
         """Plain values that let ``load_state_dict`` continue with exactly the next batch."""
@@ -157,13 +167,13 @@ class DeviceBatches(_BatchStream):
             return indices.to(self.device), flips.to(self.device)
         return indices, flips
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         indices, flips = self._next_indices()
         if self.on_device:
             x = self.images.index_select(0, indices)
         else:  # too large for the GPU: gather on the CPU, copy through pinned memory
             x = self.images.index_select(0, indices).pin_memory().to(self.device, non_blocking=True)
-        return self._with_labels(to_model_range(x, flips if self.flip else None), indices)
+        return self._batch(to_model_range(x, flips if self.flip else None), indices)
 
 
 class FileImages(Dataset):
@@ -239,7 +249,7 @@ class StreamingBatches(_BatchStream):
         super().load_state_dict(state)
         self._iterator_epoch = None
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         indices, flips = self._next_indices()
         if self._iterator_epoch != self.epoch:
             self._sampler.epoch, self._sampler.start = self.epoch, self.position - 1
@@ -251,7 +261,7 @@ class StreamingBatches(_BatchStream):
         self._count(int(skipped.sum()), int(upsampled.sum()))
         x = x.to(self.device, non_blocking=True)
         served = (indices + skipped) % self.num_images  # an unreadable file's place goes to the next readable one
-        return self._with_labels(to_model_range(x, flips if self.flip else None), served)
+        return self._batch(to_model_range(x, flips if self.flip else None), served)
 
     def _count(self, skipped: int, upsampled: int) -> None:
         if skipped and not self.skipped:

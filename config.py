@@ -8,7 +8,7 @@ Each field carries its name, type, default, help, flag group, validation and its
   command line names the flag, so that it goes on as it started.
 - ``run``: only how this run behaves (where files go, what to print, how fast to run).
 
-``main.py``'s parser, the trainer's config and its defaults, what checkpoints record and adopt, README's flag
+``cli.py``'s parser, the trainer's config and its defaults, what checkpoints record and adopt, README's flag
 table and the checks of every value all come from these fields; adding a setting means adding a field here
 and the code that uses it. The assignment's flags (Table 1) come first, with its recommended command as their
 defaults. Boolean flags take both forms: ``--fid`` and ``--fid True/False``; ``--cuda_graph`` and
@@ -22,14 +22,17 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from diffusion import LOSSES, SAMPLERS
 from download import DOWNLOAD_MODES, DOWNLOAD_SOURCES
-from fid import MODES as FID_MODES
 from images import CLASSES
 from metrics import WANDB_MODES
-from precision import PRECISIONS
 
 ROLES = ("network", "training", "run")
+# The choices of the settings whose modules import torch are declared here, and those modules read them from
+# here, so that the command line (and --help) is built without importing torch.
+LOSSES = ("l1", "l2", "huber")
+SAMPLERS = ("ddpm", "ddim")
+FID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_DECAYS = ("none", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -178,9 +181,9 @@ class Config:
     precision: str = setting("auto", "mixed precision: auto = bf16 on Ampere+ GPUs and CPUs with bf16 instructions, "
                              "fp16 on older GPUs, fp32 elsewhere", group=TRAINING, choices=PRECISIONS)
     compile: bool = setting(False, "compile the U-Net with torch.compile", group=TRAINING, kind=BOOL)
-    cuda_graph: str | bool = setting(False, "capture each training step in one CUDA graph, removing the launch "
-                                     "overhead that bounds small models (one GPU, one process); auto = wherever it "
-                                     "can", group=TRAINING, kind=AUTO_OR_BOOL)
+    cuda_graph: str | bool = setting(False, "capture the training step and the sampling step each in a CUDA "
+                                     "graph, removing the launch overhead that bounds small models (training: one "
+                                     "GPU, one process, no --compile); auto = wherever it can", group=TRAINING, kind=AUTO_OR_BOOL)
     device: str = setting("auto", "where to run: auto = CUDA, else MPS, else CPU", group=TRAINING, choices=DEVICES)
     seed: int = setting(0, "random seed (data order, noise, timesteps)", group=TRAINING, kind=NON_NEGATIVE_INT)
     overwrite: bool = setting(False, "let a new run replace the model.pt already in --save_folder", group=TRAINING,
@@ -281,73 +284,6 @@ def recorded(saved: dict, *, training: bool) -> dict:
     return {k: comparable(saved[k]) for k in wanted if k in saved}
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line (what is wrong, and where to look) instead of the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (python main.py --help lists every flag)\n")
-
-
-def build_parser() -> Parser:
-    parser = Parser(prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                    description="Train a DDPM on AFHQ cats, visualize its diffusion processes, sample it and score "
-                                "it with FID.")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(Config):
-        meta = f.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        kind, options = meta["kind"], dict(help=meta["help"], default=f.default, type=meta["kind"])
-        if meta["choices"]:
-            options["choices"] = meta["choices"]
-        if meta["nargs"]:
-            options["nargs"] = meta["nargs"]
-        elif kind in (BOOL, AUTO_OR_BOOL):
-            options.update(nargs="?", const=True, metavar=kind.metavar)
-        group.add_argument(f"--{f.name}", **options)
-    return parser
-
-
-def parse(argv: list[str] | None = None, parser: Parser | None = None) -> tuple[Config, set[str]]:
-    """The ``Config`` of a command line, and the settings it names; a bad value exits 2 with one line."""
-    parser = parser or build_parser()
-    args = parser.parse_args(argv)
-    return checked(parser, **{f.name: getattr(args, f.name) for f in fields(Config)}), named_flags(parser, argv)
-
-
-def checked(parser: Parser, base: Config | None = None, **values) -> Config:
-    """``Config(**values)`` (or ``base`` with ``values`` replaced), a ValueError said as the parser's error."""
-    try:
-        return base.replace(**values) if base is not None else Config(**values)
-    except ValueError as e:
-        parser.error(str(e))
-
-
-def named_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The settings that ``argv`` itself names, whatever their values."""
-    defaults = {action: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        named, _ = parser.parse_known_args(argv)
-    finally:
-        for action, default in defaults.items():
-            action.default = default
-    return set(vars(named))
-
-
-def flags_markdown() -> str:
-    """The table of every flag (name, default, meaning) that README.md embeds; a test keeps them equal."""
-    lines, group = [], None
-    for f in fields(Config):
-        meta = f.metadata
-        if meta["group"] != group:
-            group = meta["group"]
-            lines += ["", f"**{group}**", "", "| flag | default | meaning |", "| --- | --- | --- |"]
-        choices = f" (one of: {', '.join(map(str, meta['choices']))})" if meta["choices"] else ""
-        lines.append(f"| `--{f.name}` | `{show(f.default)}` | {meta['help']}{choices} |")
-    return "\n".join(lines).strip() + "\n"
-
-
 def comparable(value):
     """A setting's value in a form that compares equal whether it came from JSON (lists) or from code (tuples)."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
@@ -358,7 +294,3 @@ def show(value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
     return str(value)
-
-
-if __name__ == "__main__":
-    print(flags_markdown(), end="")

@@ -1,43 +1,15 @@
-"""CUDA graphs: whether a run can use them, capturing a function once and replaying it, and the reverse step.
+"""CUDA graphs: capturing a function once and replaying it, and the reverse step captured that way.
 
 A training step or a reverse step of the recommended model is a few hundred small kernels, which a GPU runs
 faster than Python launches them. Captured in a CUDA graph, those kernels are launched at once by a replay.
 The training step (``train_step.TrainStep``) and the reverse chain's step (``ChainSteps``) both run through
-``Captured``.
+``Captured``. Whether a run uses graphs is ``graph_policy``'s question.
 """
 from __future__ import annotations
 
 import torch
 
 from diffusion import Diffusion
-from errors import UserError
-
-
-def graph_blocker(device: torch.device, *, world_size: int, compiled: bool) -> str | None:
-    """Why a CUDA graph cannot hold this run's step (a phrase to follow "CUDA graphs"), or None if it can."""
-    if device.type != "cuda":
-        return f"need a CUDA GPU, and this run is on the {device.type.upper()}"
-    if world_size > 1:
-        return f"run in a single process, and this run has {world_size} (torchrun)"
-    if compiled:
-        return "and --compile both take over the step, so only one of them can"
-    return None
-
-
-def use_graph(requested: str | bool, device: torch.device, *, world_size: int, compiled: bool,
-              announce: bool = True) -> bool:
-    """``--cuda_graph``: True insists (a blocker is a UserError), auto captures where it can and says on a GPU
-    (with ``announce``) why it cannot, False never captures."""
-    if requested is False:
-        return False
-    why = graph_blocker(device, world_size=world_size, compiled=compiled)
-    if why is None:
-        return True
-    if requested is True:
-        raise UserError(f"--cuda_graph True: CUDA graphs {why}; pass --cuda_graph auto or False")
-    if device.type == "cuda" and announce:
-        print(f"training steps run eagerly: CUDA graphs {why}")
-    return False
 
 
 class Captured:
@@ -126,6 +98,10 @@ class ChainSteps:
     def __init__(self, diffusion: Diffusion, *, capture: bool = True):
         self.diffusion, self.capture = diffusion, capture
         self.steps: dict[tuple[int, str, float], ChainStep] = {}
+
+    def made(self) -> list[tuple[int, str, float]]:
+        """The (batch size, sampler, guidance scale) of every step made so far."""
+        return list(self.steps)
 
     def get(self, batch_size: int, sampler: str, guidance: float = 0.0) -> ChainStep:
         key = (batch_size, sampler, guidance)

@@ -34,7 +34,7 @@ from errors import UserError
 from images import CLASSES, MAX_PIXELS, UnreadableImage, decode_image, find_images
 from memory import available_memory_bytes
 
-__all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches",
+__all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches", "TrainingData",
            "cache_dir_candidates", "cache_key", "class_labels", "find_images", "load_images", "make_batches",
            "pixels_key", "resolve_cache_dir"]
 
@@ -263,15 +263,27 @@ def _cache_root(meta_path: Path) -> str | None:
         return None
 
 
+@dataclass
+class TrainingData:
+    """What a run trains on: the endless ``batches``, the decoded images (``image_set``; None when they are
+    streamed from disk), and for class-conditional training the class names by label and each class's image
+    count (empty otherwise)."""
+
+    batches: DeviceBatches | StreamingBatches
+    image_set: ImageSet | None
+    classes: tuple[str, ...] = ()
+    class_sizes: tuple[int, ...] = ()
+
+
 def make_batches(data_path: str | Path, data_class: str, image_size: int, batch_size: int, *,
                  device: torch.device | str, flip: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  cache_dir: str | Path | None = None, memory_fraction: float = 0.25, progress: bool = True,
-                 labelled: bool = False):
-    """The training batches: ``(DeviceBatches, ImageSet)`` when the uint8 images take at most
-    ``memory_fraction`` of the available memory, else ``(StreamingBatches, None)``.
+                 labelled: bool = False) -> TrainingData:
+    """The training data: ``DeviceBatches`` over the decoded images when their uint8 pixels take at most
+    ``memory_fraction`` of the available memory, else ``StreamingBatches`` (and no ``image_set``).
 
     ``labelled``: class-conditional training on every class folder under ``data_path`` (``data_class`` must be
-    ``"all"``); the batches are ``(images, labels)`` and ``batches.classes`` names the labels."""
+    ``"all"``); each batch carries its labels, and the data names the classes."""
     root = Path(data_path).expanduser()
     files = find_images(root, data_class)
     classes, labels = class_labels(files, root) if labelled else ((), None)
@@ -291,13 +303,18 @@ def make_batches(data_path: str | Path, data_class: str, image_size: int, batch_
         batches = DeviceBatches(image_set.images, batch_size, device=device, flip=flip, seed=seed, rank=rank,
                                 world_size=world_size, memory_fraction=memory_fraction,
                                 labels=image_set.labels if labelled else None)
-        batches.classes = image_set.classes if labelled else ()
-        return batches, image_set
+        return TrainingData(batches, image_set, *_class_counts(image_set.classes, image_set.labels, labelled))
     workers = default_num_workers()
     warnings.warn(f"the {len(files)} images at {image_size}px need {needed / 2**30:.1f} GiB, more than "
                   f"{memory_fraction:.0%} of the {free / 2**30:.1f} GiB of free memory; decoding them from disk "
                   f"with {workers} DataLoader worker(s) instead (slower)", DataWarning, stacklevel=2)
     batches = StreamingBatches(files, image_size, batch_size, device=device, flip=flip, seed=seed, rank=rank,
                                world_size=world_size, num_workers=workers, labels=labels)
-    batches.classes = classes
-    return batches, None
+    return TrainingData(batches, None, *_class_counts(classes, labels, labelled))
+
+
+def _class_counts(classes: tuple[str, ...], labels: torch.Tensor | None, labelled: bool) -> tuple[tuple, tuple]:
+    """The class names and each class's image count of class-conditional data; nothing for unconditional data."""
+    if not labelled:
+        return (), ()
+    return classes, tuple(labels.bincount(minlength=len(classes)).tolist())

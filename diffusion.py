@@ -6,44 +6,27 @@ Conventions:
 - Timesteps are 0-indexed: code index ``t = 0 ... T-1`` stands for the paper's ``t = 1 ... T``. So
   ``alphas_cumprod[t]`` is the paper's alpha_bar_{t+1}, and ``alphas_cumprod_prev[0] = 1`` is alpha_bar_0.
 - Images inside the model are in [-1, 1]; images returned by the samplers are in [0, 1].
-- Every per-timestep coefficient is computed once in float64 and stored as a float32 buffer named after
-  the math, so ``.to(device)`` moves the whole schedule with the network.
+- Every per-timestep coefficient is computed once in float64 (``schedule.coefficients``) and stored here as a
+  float32 buffer named after the math, so ``.to(device)`` moves the whole schedule with the network.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("l1", "l2", "huber")
-SAMPLERS = ("ddpm", "ddim")
-
-
-def cosine_alphas(timesteps: int, *, s: float = 0.008) -> torch.Tensor:
-    """alpha_t of Eq. (16) for paper t = 1 ... T, in float64: clip(alpha_bar_t / alpha_bar_{t-1}, 0.001, 1)."""
-    t = torch.arange(timesteps + 1, dtype=torch.float64)
-    f = torch.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2
-    alphas_bar = f / f[0]  # paper alpha_bar_t = f(t) / f(0), t = 0 ... T
-    return (alphas_bar[1:] / alphas_bar[:-1]).clamp(0.001, 1.0)
-
-
-def extract(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
-    """Pick ``a[t]`` for each batch element and shape it [B, 1, 1, ...] to broadcast against ``x_shape``."""
-    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+from config import LOSSES
+from schedule import chain_plan, coefficients, extract
 
 
 class Diffusion(nn.Module):
     """Wraps a noise-prediction network ``model(x_t, t) -> eps`` with the forward and reverse processes.
 
-    Args:
-        model: the network eps_theta, kept as ``self.model``; called with x_t in [-1, 1] and 0-indexed t.
-        image_size: side of the square images.
-        channels: image channels.
-        timesteps: T, the number of diffusion steps.
-        loss_type: ``"l1"`` (the assignment's, default), ``"l2"`` or ``"huber"``.
+    ``model`` is the network eps_theta (``self.model``), called with x_t in [-1, 1] and 0-indexed t; images are
+    ``channels`` x ``image_size`` x ``image_size``; T = ``timesteps``; ``loss_type`` is ``"l1"`` (the
+    assignment's, default), ``"l2"`` or ``"huber"``.
 
     A ``model`` whose ``self_condition`` attribute is true is called as ``model(x_t, t, x_self_cond)`` with an
     estimate of x_0 beside x_t (self-conditioning, Chen et al. 2023): in training, half of every batch gets the
@@ -80,30 +63,7 @@ class Diffusion(nn.Module):
         self.class_dropout = class_dropout
         self.image_size, self.channels = image_size, channels
         self.num_timesteps, self.loss_type = timesteps, loss_type
-
-        alphas = cosine_alphas(timesteps)  # Eq. (16)
-        betas = 1.0 - alphas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)  # Eq. (17): alpha_bar_t = prod_{i <= t} alpha_i
-        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
-        # Eq. (18): posterior q(x_{t-1} | x_t, x_0); at paper t = 1 its variance is 0.
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas,
-            "alphas": alphas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas": alphas.sqrt(),
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
-            "posterior_variance": posterior_variance,
-            # log(0) at paper t = 1 is replaced by the next step's value, as in improved-diffusion.
-            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
-            "posterior_mean_coef1": alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod),  # multiplies x_0
-            "posterior_mean_coef2": alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),  # x_t
-        }
-        for name, value in buffers.items():
+        for name, value in coefficients(timesteps).items():  # Eqs. (16) to (18), as float32 buffers
             self.register_buffer(name, value.to(torch.float32))
 
     @property
@@ -292,22 +252,6 @@ class Diffusion(nn.Module):
             return self.reverse_step(x, t, z, x_self_cond, y, guidance)
         return self.ddim_step(x, t, t_next, z, x_self_cond, eta=eta, y=y, guidance=guidance)
 
-    def chain_plan(self, sampler: str, *, steps: int | None = None, start_t: int | None = None) -> list[tuple[int, int]]:
-        """The (from, to) 0-indexed timesteps of a chain, to = -1 being x_0: DDPM visits ``start_t`` (default
-        T-1) down to 0; DDIM ``steps`` evenly spaced timesteps from T-1 down to 0."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if sampler == "ddpm":
-            start_t = self.num_timesteps - 1 if start_t is None else start_t
-            if not 0 <= start_t < self.num_timesteps:
-                raise ValueError(f"start_t must be in [0, {self.num_timesteps - 1}], got {start_t}")
-            return [(i, i - 1) for i in range(start_t, -1, -1)]
-        steps = min(50, self.num_timesteps) if steps is None else steps
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"DDIM steps must be in [1, {self.num_timesteps}] (T), got {steps}")
-        times = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-        return list(zip(times, times[1:] + [-1]))
-
     @torch.no_grad()
     def run_chain(self, x: torch.Tensor, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                   start_t: int | None = None, return_steps: Iterable[int] = (),
@@ -326,7 +270,7 @@ class Diffusion(nn.Module):
         """
         if eta < 0:
             raise ValueError(f"DDIM eta must be non-negative, got {eta}")
-        plan = self.chain_plan(sampler, steps=steps, start_t=start_t)
+        plan = chain_plan(self.num_timesteps, sampler, steps=steps, start_t=start_t)
         y = self.check_classes(classes, x.shape[0])
         if step is None:
             def step(x, t, t_next, z, x_self_cond, y):
@@ -368,16 +312,10 @@ class Diffusion(nn.Module):
                       return_steps: Iterable[int] = (), generator: torch.Generator | None = None,
                       progress: bool = False, classes: torch.Tensor | None = None, guidance: float = 0.0,
                       step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run the reverse chain (Algorithm 2) and return images in [0, 1].
-
-        Args:
-            shape_or_noise: a shape [B, C, H, W] to start from x_T ~ N(0, I), or a tensor to start from.
-            start_t: 0-indexed timestep of the starting tensor (default T-1, i.e. x_T); the chain runs
-                ``start_t, ..., 0``. The visualization starts from a forward-process image this way.
-            return_steps: 0-indexed timesteps whose image x_t is also returned, as in ``run_chain``.
-            generator: random source for x_T and the per-step noise, for reproducible samples.
-            classes, guidance, step: the labels, guidance scale and step function, as in ``run_chain``.
-        """
+        """The reverse chain (Algorithm 2) from x_T ~ N(0, I) of shape ``shape_or_noise`` (drawn from ``generator``,
+        as the steps' noise is), or from that tensor at 0-indexed timestep ``start_t`` (default T-1: the figure of
+        the backward process starts from a forward-process image this way); images in [0, 1]. ``return_steps``,
+        ``classes``, ``guidance`` and ``step`` as in ``run_chain``."""
         return self.run_chain(self._start(shape_or_noise, generator), sampler="ddpm", start_t=start_t,
                               return_steps=return_steps, generator=generator, progress=progress, classes=classes,
                               guidance=guidance, step=step)
@@ -400,16 +338,11 @@ class Diffusion(nn.Module):
                guidance: float = 0.0, step=None) -> torch.Tensor:
         """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain, or DDIM over ``steps``
         (default min(50, T)); ``classes`` ([B] labels), ``guidance`` and ``step`` as in ``run_chain``."""
-        self.chain_plan(sampler, steps=steps)  # a bad sampler or step count fails before any noise is drawn
+        chain_plan(self.num_timesteps, sampler, steps=steps)  # a bad sampler or step count fails before any noise
         self.check_classes(classes, batch_size)
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         return self.run_chain(self._start(shape, generator), sampler=sampler, steps=steps, eta=eta,
                               generator=generator, progress=progress, classes=classes, guidance=guidance, step=step)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> [-1, 1]."""
-    return images * 2.0 - 1.0
 
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:

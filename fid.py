@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from atomic import atomic_write
+from config import FID_MODES as MODES
 from errors import UserError
 from feature_distances import frechet_distance, kernel_inception_distance, sqrt_psd
-
-MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 
 
 class InceptionUnavailable(UserError):
@@ -266,8 +265,9 @@ class FIDEvaluator(WarnsWithoutInception):
                 bar.update(len(batch))
         return np.concatenate(feats or [np.zeros((0, 0))])
 
-    def evaluate(self, sample_fn: Callable[[int], torch.Tensor]) -> dict:
-        """FID and KID of ``num_samples`` images from ``sample_fn(n)`` (n float images in [0, 1]).
+    def evaluate(self, sample_fn: Callable[[int, torch.Tensor | None], torch.Tensor]) -> dict:
+        """FID and KID of ``num_samples`` images from ``sample_fn(n, None)`` (n float images in [0, 1], of no
+        particular class).
 
         Returns ``{"fid", "kid", "fid_samples", "seconds"}``; ``seconds`` includes the reference statistics
         when this call had to compute them.
@@ -277,8 +277,10 @@ class FIDEvaluator(WarnsWithoutInception):
         fid, kid = self.score(self.sample_features(sample_fn))
         return {"fid": fid, "kid": kid, "fid_samples": self.num_samples, "seconds": time.perf_counter() - start}
 
-    def sample_features(self, sample_fn: Callable[[int], torch.Tensor], count: int | None = None) -> np.ndarray:
-        """Features [count, D] of ``count`` (default ``num_samples``) images from ``sample_fn(n)``.
+    def sample_features(self, sample_fn: Callable[[int, torch.Tensor | None], torch.Tensor], count: int | None = None,
+                        label: int | None = None) -> np.ndarray:
+        """Features [count, D] of ``count`` (default ``num_samples``) images from ``sample_fn(n, labels)``: of the
+        class ``label`` (labels all ``label``), or of none (labels None).
 
         Draws them in chunks of ``batch_size``, quantizes each chunk like a PNG and extracts its features
         in memory.
@@ -291,7 +293,7 @@ class FIDEvaluator(WarnsWithoutInception):
                                    dynamic_ncols=True, leave=False) as bar:
             for first in range(0, count, self.batch_size):
                 n = min(self.batch_size, count - first)
-                images = sample_fn(n)
+                images = sample_fn(n, None if label is None else torch.full((n,), label, dtype=torch.long))
                 self._check(images, n, "sample_fn")
                 feats.append(self.extractor(quantize_uint8(images)))
                 bar.update(n)
@@ -302,54 +304,3 @@ class FIDEvaluator(WarnsWithoutInception):
         ref = self.reference()
         fid = frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mu, ref.sigma, sqrt_sigma2=self._sqrt_sigma)
         return fid, kernel_inception_distance(gen, ref.features, device=self.device)
-
-
-
-def class_counts(total: int, sizes: list[int]) -> list[int]:
-    """``total`` split over classes in proportion to their ``sizes`` (largest remainders), each given at least 2
-    (the fewest FID can score)."""
-    shares = [total * size / sum(sizes) for size in sizes]
-    counts = [max(2, int(share)) for share in shares]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
-    for i in by_remainder[: max(0, total - sum(counts))]:
-        counts[i] += 1
-    return counts
-
-
-class ClassFIDEvaluator(WarnsWithoutInception):
-    """FID and KID of a class-conditional model: of each class's samples against that class's own reference
-    statistics (``per_class``, in label order), and of all samples together against the whole data's
-    (``overall``). The ``overall.num_samples`` samples are split over the classes in proportion to ``sizes``, the
-    classes' image counts, so that the pooled samples mix the classes as the data does; a class's score is
-    therefore over fewer samples, and comparable only with scores over as many (its ``fid_samples/<class>``).
-    """
-
-    def __init__(self, overall: FIDEvaluator, per_class: dict[str, FIDEvaluator], sizes: list[int]):
-        if len(per_class) != len(sizes):
-            raise ValueError(f"{len(per_class)} classes but {len(sizes)} sizes")
-        self.overall, self.per_class = overall, per_class
-        self.counts = class_counts(overall.num_samples, sizes)
-
-    def reference(self) -> ReferenceStats:
-        """Each class's statistics, then all classes' from the classes' features (the same images: Inception runs
-        once over each image)."""
-        pooled = [evaluator.reference().features for evaluator in self.per_class.values()]
-        return self.overall.reference(lambda: np.concatenate(pooled))
-
-    def evaluate(self, sample_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> dict:
-        """Scores of samples from ``sample_fn(n, labels)`` (n float images in [0, 1] of the classes ``labels``):
-        ``{"fid", "kid", "fid_samples", "seconds"}`` over all classes, and ``fid/<class>``, ``kid/<class>``,
-        ``fid_samples/<class>`` for each."""
-        start = time.perf_counter()
-        self.reference()
-        result, pooled = {}, []
-        for label, ((name, evaluator), count) in enumerate(zip(self.per_class.items(), self.counts)):
-            features = self.overall.sample_features(
-                lambda n, label=label: sample_fn(n, torch.full((n,), label, dtype=torch.long)), count)
-            pooled.append(features)
-            result[f"fid/{name}"], result[f"kid/{name}"] = evaluator.score(features)
-            result[f"fid_samples/{name}"] = count
-        fid, kid = self.overall.score(np.concatenate(pooled))
-        return {"fid": fid, "kid": kid, "fid_samples": sum(self.counts), **result,
-                "seconds": time.perf_counter() - start}
-

@@ -17,25 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-import distributed
 from atomic import atomic_write_text
-from config import CLASS_FLAGS, Config, build_parser, checked, comparable, parse, recorded, show
+from cli import build_parser, checked, parse
+from config import CLASS_FLAGS, Config, comparable, recorded, show
 from errors import UserError
-
-
-def build_diffusion(config: Config, num_classes: int = 0):
-    """The model ``config`` describes; ``num_classes`` > 0 for a class-conditional one."""
-    from diffusion import Diffusion
-    from unet import Unet
-
-    try:
-        net = Unet(config.unet_dim, config.dim_mults, channels=3, num_res_blocks=config.num_res_blocks,
-                   attention_levels=config.attention_levels or None, dropout=config.dropout,
-                   self_condition=config.self_condition, image_size=config.image_size, num_classes=num_classes)
-        return Diffusion(net, image_size=config.image_size, channels=3, timesteps=config.time_steps,
-                         loss_type=config.loss, class_dropout=config.class_dropout if num_classes else 0.0)
-    except ValueError as e:
-        raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 
 
 def check_torch_numpy() -> None:
@@ -49,43 +34,6 @@ def check_torch_numpy() -> None:
     except RuntimeError:
         raise UserError(f"torch {torch.__version__} was built for NumPy 1, and NumPy {numpy.__version__} is "
                         f"installed: pip install 'numpy<2' (or torch 2.3 or newer)") from None
-
-
-def run_info(config: Config, device, ctx, image_set, batches, classes: tuple[str, ...], recorded_run: dict) -> dict:
-    """What follows from the settings: the device, the process count, the effective batch size, the fingerprint
-    of the training images and the folder of their FID statistics (so that ``--evaluate`` can find those
-    statistics without the images), and a class-conditional model's class names (by label), image counts and
-    per-class fingerprints. Without the images, the checkpoint's record of its data (``recorded_run``) stands."""
-    info = {"device": str(device), "world_size": ctx.world_size,
-            "effective_batch_size": config.batch_size * config.grad_accum * ctx.world_size}
-    info.update({k: recorded_run[k] for k in ("data_key", "fid_cache_dir", "class_data_keys") if k in recorded_run})
-    labels = getattr(batches, "labels", None)
-    if classes:
-        info["classes"] = list(classes)
-        info["class_sizes"] = (recorded_run.get("class_sizes") if labels is None
-                               else labels.bincount(minlength=len(classes)).tolist())
-    if image_set is not None:
-        info["data_key"] = image_set.pixels_key
-        info["fid_cache_dir"] = str(fid_cache_dir(config, image_set).resolve())
-        if classes:
-            info["class_data_keys"] = image_set.class_keys()
-    return info
-
-
-def model_classes(config: Config, batches, recorded_run: dict, load_path: str | None) -> tuple[str, ...]:
-    """The class names of the model to build, by label: the checkpoint's, else the training data's. A resumed run
-    must see the classes its checkpoint was trained on."""
-    if not config.class_conditional:
-        return ()
-    saved = tuple(recorded_run.get("classes", ()))
-    found = tuple(getattr(batches, "classes", ()))
-    if load_path and not saved:
-        raise UserError(f"{load_path} records no class names, so it cannot be a class-conditional model; "
-                        f"load a checkpoint that --class_conditional training wrote")
-    if saved and found and saved != found:
-        raise UserError(f"{load_path} was trained on the classes {', '.join(saved)}, and --data_path "
-                        f"{config.data_path} holds {', '.join(found)}; pass the data it was trained on")
-    return saved or found
 
 
 def check_class_flags(config: Config, named: set[str]) -> None:
@@ -113,65 +61,6 @@ def class_label(config: Config, classes: tuple[str, ...]) -> int:
     return classes.index(config.sample_class)
 
 
-def fid_cache_dir(config: Config, image_set) -> Path:
-    """Where the FID statistics of ``image_set`` live: beside the decoded-image cache they are computed from."""
-    return image_set.cache_path.parent if image_set.cache_path is not None else Path(config.save_folder)
-
-
-def cached_fid_reference(config: Config, recorded_run: dict) -> Path | None:
-    """The folder holding the cached FID statistics of the images a checkpoint was trained on, if any does:
-    ``--cache_dir``, the folder the checkpoint records, the usual cache folders of ``--data_path``, or the
-    save folder."""
-    import fid
-    from dataset import cache_dir_candidates
-
-    keys = [recorded_run.get("data_key"), *recorded_run.get("class_data_keys", {}).values()]
-    folders = [config.cache_dir, recorded_run.get("fid_cache_dir"), *cache_dir_candidates(config.data_path),
-               config.save_folder]
-    found = [fid.find_statistics(folders, mode=config.fid_mode, image_size=config.image_size, real_key=key)
-             for key in keys if key]
-    return found[0] if found and len(found) == len(keys) and len(set(found)) == 1 else None
-
-
-def build_evaluator(config: Config, device, image_set, run: dict, *, required: bool):
-    """The FID evaluator (for a class-conditional model, ``run`` naming its classes, one that scores each class
-    and all together), or None with a warning when the Inception weights cannot be had and FID is optional.
-
-    Without ``image_set`` the statistics must be cached already (``cached_fid_reference``)."""
-    import fid as fid_module
-
-    cache_dir = fid_cache_dir(config, image_set) if image_set is not None else cached_fid_reference(config, run)
-    extractor = fid_module.FeatureExtractor(mode=config.fid_mode, device=device)
-
-    def scorer(key: str, images):
-        def real_batches():
-            if images is None:
-                raise UserError(f"the FID statistics cached in {cache_dir} cannot be used (the warning above says "
-                                f"why); pass --data_path with the training images to compute them again")
-            for start in range(0, len(images), 500):
-                yield images[start:start + 500]
-
-        return fid_module.FIDEvaluator(real_key=key, image_size=config.image_size, real_batches=real_batches,
-                                       mode=config.fid_mode, num_samples=config.fid_samples, device=device,
-                                       cache_dir=cache_dir, extractor=extractor)
-
-    evaluator = scorer(run["data_key"], None if image_set is None else image_set.images)
-    if run.get("classes"):
-        per_class = {name: scorer(run["class_data_keys"][name],
-                                     None if image_set is None else image_set.of_class(label))
-                     for label, name in enumerate(run["classes"])}
-        evaluator = fid_module.ClassFIDEvaluator(evaluator, per_class, run["class_sizes"])
-    try:
-        evaluator.reference()
-    except fid_module.InceptionUnavailable as e:
-        if required:
-            raise
-        import warnings
-        warnings.warn(f"FID is skipped and training goes on: {e}")
-        return None
-    return evaluator
-
-
 def check_save_folder(folder: str) -> None:
     path = Path(folder)
     try:
@@ -195,8 +84,10 @@ def check_not_overwriting(config: Config) -> None:
 
 
 def load_data(config: Config, device, ctx):
-    """The batches (sharded per rank) and the decoded images; rank 0 downloads and builds the cache first."""
+    """The training data (``dataset.TrainingData``, its batches sharded per rank); rank 0 downloads and builds the
+    cache first."""
     import dataset
+    import distributed
     import download
 
     if ctx.is_main:
@@ -204,12 +95,12 @@ def load_data(config: Config, device, ctx):
                                 source=config.dataset_source)
     for turn in ("main", "others"):  # the other ranks read the cache rank 0 has just written
         if (turn == "main") == ctx.is_main:
-            batches, image_set = dataset.make_batches(
+            data = dataset.make_batches(
                 config.data_path, config.data_selection, config.image_size, config.batch_size, device=device,
                 flip=config.flip, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
                 cache_dir=config.cache_dir, progress=ctx.is_main, labelled=config.class_conditional)
         distributed.barrier(ctx)
-    return batches, image_set
+    return data
 
 
 def print_config(record: dict, trainer, device, *, training: bool) -> None:
@@ -225,12 +116,14 @@ def print_config(record: dict, trainer, device, *, training: bool) -> None:
           f"effective batch size {record['effective_batch_size']}, learning rate {record['learning_rate']:g}")
 
 
-def needs_data(config: Config, recorded_run: dict) -> bool:
+def needs_data(config: Config, saved) -> bool:
     """Training and --visualize need the images; --evaluate only until their FID statistics are cached;
     --sample never."""
+    from scoring import cached_reference
+
     if config.visualize or config.trains:
         return True
-    return config.evaluate and cached_fid_reference(config, recorded_run) is None
+    return config.evaluate and cached_reference(config, saved) is None
 
 
 def load_data_for(config: Config, device, ctx):
@@ -246,12 +139,16 @@ def load_data_for(config: Config, device, ctx):
         raise
 
 
-def run(config: Config, ctx, recorded_run: dict) -> int:
-    """Build the pieces and run the command; ``recorded_run`` is what the loaded checkpoint records of its run
-    (empty without one)."""
+def run(config: Config, ctx, saved, *, extractor=None) -> int:
+    """Build the pieces and run the command; ``saved`` is the loaded checkpoint's ``RunRecord`` (an empty one
+    without a checkpoint), ``extractor`` the FID feature network (default: clean-fid's Inception)."""
     import torch
 
+    import distributed
+    from build import build_diffusion
     from metrics import MetricsLogger
+    from record import RunRecord
+    from scoring import build_evaluator, statistics_dir
     from trainer import Trainer
 
     training = config.trains
@@ -262,20 +159,21 @@ def run(config: Config, ctx, recorded_run: dict) -> int:
         if training:
             check_not_overwriting(config)
     device = distributed.setup(ctx, config.device)
-    batches, image_set = load_data_for(config, device, ctx) if needs_data(config, recorded_run) else (None, None)
-    classes = model_classes(config, batches, recorded_run, config.load_path)
+    data = load_data_for(config, device, ctx) if needs_data(config, saved) else None
+    image_set = data.image_set if data is not None else None
+    run_record = RunRecord.of_run(config, device=device, world_size=ctx.world_size, data=data, saved=saved,
+                                  fid_cache_dir=str(statistics_dir(config, image_set).resolve()) if image_set else None)
     if config.sample_class is not None:
-        class_label(config, classes)  # an unknown class fails before any work
+        class_label(config, run_record.classes)  # an unknown class fails before any work
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    diffusion = build_diffusion(config, len(classes))
-    trainer = Trainer(diffusion, batches, config=config, device=device, dist_ctx=ctx,
-                      run_info=run_info(config, device, ctx, image_set, batches, classes, recorded_run))
+    trainer = Trainer(build_diffusion(config, run_record.classes), data.batches if data is not None else None,
+                      config=config, device=device, dist_ctx=ctx, run=run_record)
     loaded = trainer.load(config.load_path, resume=training) if config.load_path else {}
     if not loaded:
         torch.manual_seed(config.seed + ctx.rank)  # each rank draws its own timesteps and noise
     elif ctx.rank > 0:  # a checkpoint holds rank 0's RNG state; the others continue on streams of their own
         torch.manual_seed(config.seed + ctx.rank + 1_000_003 * trainer.step)
-    record = {**config.to_dict(), **trainer.run_info}
+    record = {**config.to_dict(), **run_record.to_dict()}
     if ctx.is_main:
         print_config(record, trainer, device, training=training)
         if training:  # --visualize, --sample and --evaluate leave the training run's record alone
@@ -287,19 +185,20 @@ def run(config: Config, ctx, recorded_run: dict) -> int:
     try:
         if not training:  # each mode asked for, in this order
             if config.visualize:
-                first = image_set.images[: config.num_vis] if image_set is not None else next(iter(batches))[: config.num_vis]
-                first = first.float().div(127.5).sub(1) if first.dtype == torch.uint8 else first
+                first = (image_set.images[: config.num_vis].float().div(127.5).sub(1) if image_set is not None
+                         else next(iter(data.batches)).images[: config.num_vis])
                 for path in trainer.visualize(first):
                     print(f"wrote {path}")
             if config.sample:
                 print(f"wrote {write_samples(config, trainer)}")
             if config.evaluate:
-                evaluate_checkpoint(config, device, trainer, image_set)
+                evaluate_checkpoint(config, device, trainer, image_set, extractor)
             return 0
         if config.fid and ctx.is_main:
             if image_set is None:
                 raise UserError("--fid needs the dataset in memory, but it is too large here; lower --image_size")
-            trainer.evaluator = build_evaluator(config, device, image_set, trainer.run_info, required=False)
+            trainer.evaluator = build_evaluator(config, device, image_set, run_record, required=False,
+                                                extractor=extractor)
         trainer.train()
         if ctx.is_main:
             print(f"done: {Path(config.save_folder) / 'model.pt'} at step {trainer.step}")
@@ -321,19 +220,21 @@ def write_samples(config: Config, trainer) -> Path:
         if config.sample_class is not None:
             labels = torch.full((config.sample,), class_label(config, trainer.classes))
         else:
-            labels, per_row = trainer.class_rows(config.sample), config.sample
+            labels, per_row = trainer.sampler.class_rows(config.sample), config.sample
         name += f"-{config.sample_class or 'all'}-w{config.guidance:g}"
-    images = trainer.sample(config.sample if labels is None else len(labels), classes=labels)
+    images = trainer.sampler.sample(config.sample if labels is None else len(labels), classes=labels)
     return save_grid(images, Path(config.save_folder) / f"{name}.png", nrow=per_row)
 
 
-def evaluate_checkpoint(config: Config, device, trainer, image_set) -> None:
+def evaluate_checkpoint(config: Config, device, trainer, image_set, extractor=None) -> None:
     """Score the loaded EMA model once with FID and KID (a class-conditional model's per class too) and print
     the result; no training."""
-    if image_set is None and cached_fid_reference(config, trainer.run_info) is None:
+    from scoring import build_evaluator, cached_reference
+
+    if image_set is None and cached_reference(config, trainer.run) is None:
         raise UserError("--evaluate needs the dataset in memory, but it is too large here; lower --image_size")
-    evaluator = build_evaluator(config, device, image_set, trainer.run_info, required=True)
-    result = evaluator.evaluate(trainer.fid_sample_fn())
+    evaluator = build_evaluator(config, device, image_set, trainer.run, required=True, extractor=extractor)
+    result = evaluator.evaluate(trainer.sampler.fid_sample_fn())
     sampler = config.sampler + (f" ({config.sample_steps} steps)" if config.sampler == "ddim" else "")
     guided = f", guidance {config.guidance:g}" if trainer.classes else ""
     print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, {sampler} "
@@ -343,25 +244,27 @@ def evaluate_checkpoint(config: Config, device, trainer, image_set) -> None:
               f"({result[f'fid_samples/{name}']} samples)")
 
 
-def adopt_checkpoint_settings(config: Config, named: set[str], parser) -> tuple[Config, dict, dict]:
+def adopt_checkpoint_settings(config: Config, named: set[str], parser):
     """Give ``config`` the checkpoint's value of every network setting (and, when training resumes, of every
     training setting) that the command line does not name. Returns the new config, the settings that changed,
-    and what the checkpoint records of its run. A named flag that contradicts the network fails in
-    ``Trainer.load``."""
+    and the checkpoint's ``RunRecord``. A named flag that contradicts the network fails in ``Trainer.load``."""
     import checkpoint as ckpt_io
+    from record import RunRecord
 
     # mapped, not read: only the recorded settings are needed here, the tensors are loaded by Trainer.load
     ckpt = ckpt_io.load_checkpoint(config.load_path, mmap=True)
     saved = recorded(ckpt["config"], training=config.trains)
     adopted = {k: v for k, v in saved.items() if k not in named and comparable(getattr(config, k)) != v}
-    return checked(parser, config, **adopted), adopted, dict(ckpt.get("run", {}))
+    return checked(parser, config, **adopted), adopted, RunRecord.from_dict(ckpt.get("run"))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, extractor=None) -> int:
+    """Run ``argv``'s command; returns the exit code. ``extractor`` (a ``fid.FeatureExtractor``) replaces clean-fid's
+    Inception for FID, as a small stand-in network does in the tests."""
     import warnings
 
     warnings.formatwarning = _one_line_warning
@@ -369,19 +272,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     config, named = parse(argv, parser)
+    import distributed
+    from record import RunRecord
     from trainer import TrainingInterrupted
 
     ctx = distributed.from_environment()
-    recorded_run: dict = {}
+    saved = RunRecord()
     try:
         check_torch_numpy()
         if config.load_path:
-            config, adopted, recorded_run = adopt_checkpoint_settings(config, named, parser)
+            config, adopted, saved = adopt_checkpoint_settings(config, named, parser)
             if adopted and ctx.is_main:
                 print(f"from {config.load_path}: " + " ".join(f"--{k} {show(v)}" for k, v in adopted.items())
                       + " (name a flag to change it)")
         check_class_flags(config, named)
-        code = run(config, ctx, recorded_run)
+        code = run(config, ctx, saved, extractor=extractor)
         # every rank reaches the teardown together: gloo aborts a rank whose peer has already closed its connections
         distributed.barrier(ctx)
         return code

@@ -99,21 +99,25 @@ class MetricsLogger:
         points = [(r["step"], r[key]) for r in self.history if key in r and r[key] is not None]
         return [s for s, _ in points], [v for _, v in points]
 
-    def plot(self) -> list[Path]:
-        """Draw loss.png (and fid.png once there are FID points, with a line per class for a class-conditional
-        run) in the save folder; returns the paths."""
-        written = []
+    def curves(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """What ``plot`` draws: for loss.png, and for fid.png once there are FID points, each line's name and its
+        finite (step, value) points; a class-conditional run's FID has a line per class beside all classes."""
         per_class = sorted({k for r in self.history for k in r if k.startswith("fid/")})
-        for keys, name, ylabel in ((["loss"], "loss.png", "training loss (L1 on the noise)"),
-                                   (["fid", *per_class], "fid.png", "FID")):
+        curves = {}
+        for keys, name in ((["loss"], "loss.png"), (["fid", *per_class], "fid.png")):
             lines = {}
             for key in keys:
                 points = [(s, v) for s, v in zip(*self.series(key)) if math.isfinite(v)]
                 if points:
                     lines["all classes" if key == "fid" and per_class else key.removeprefix("fid/")] = points
             if lines:
-                written.append(self._plot(lines, self.folder / name, ylabel))
-        return written
+                curves[name] = lines
+        return curves
+
+    def plot(self) -> list[Path]:
+        """Draw ``curves`` (loss.png, fid.png) in the save folder; returns the paths."""
+        labels = {"loss.png": "training loss (L1 on the noise)", "fid.png": "FID"}
+        return [self._plot(lines, self.folder / name, labels[name]) for name, lines in self.curves().items()]
 
     def _plot(self, lines: dict[str, list[tuple[int, float]]], path: Path, ylabel: str) -> Path:
         import matplotlib

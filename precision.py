@@ -11,9 +11,9 @@ import contextlib
 
 import torch
 
+from config import PRECISIONS
 from errors import UserError
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # fp32 runs without autocast
 
 

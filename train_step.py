@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 
-from cuda_graph import Captured, use_graph
+import build
+from batches import Batch
+from cuda_graph import Captured
 from diffusion import Diffusion
 from ema import update_ema
+from graph_policy import train_with_graphs
 from memory import activation_bytes_per_image, free_bytes
 from precision import autocast
 
@@ -38,6 +42,17 @@ def use_one_pass(requested: str | bool, device: torch.device, *, step_bytes: int
     return device.type in ("cpu", "cuda") and (free is None or step_bytes <= memory_fraction * free)
 
 
+def learning_rate(config, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-indexed): linear warm-up over ``--lr_warmup`` steps, then
+    ``--learning_rate``, constant or decaying along a cosine to 0 at ``--train_steps``."""
+    if config.lr_warmup > 0 and step < config.lr_warmup:
+        return config.learning_rate * (step + 1) / config.lr_warmup
+    if config.lr_decay == "none":
+        return config.learning_rate
+    progress = min(1.0, max(0.0, (step - config.lr_warmup) / max(1, config.train_steps - config.lr_warmup)))
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def use_fused_adam(device: torch.device) -> bool:
     """Fused Adam (one kernel for all parameters, overflow checks on the device) where it is fastest: CUDA."""
     return device.type == "cuda"
@@ -51,70 +66,49 @@ def grad_scaler(device: torch.device, *, enabled: bool):
     return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
 
 
-def draw_inputs(diffusion: Diffusion, batches: list) -> tuple:
-    """x_0, t, noise and the count of self-conditioned images for one pass over ``batches``: timesteps and noise
-    drawn batch by batch (as separate passes draw them), the half of every batch that self-conditioning takes
-    (its first B // 2 images) placed first. Batches of ``(images, labels)`` (class-conditional training) add the
-    labels after label dropout, drawn batch by batch after the noise."""
-    labelled = isinstance(batches[0], (tuple, list))
-    images = [batch[0] for batch in batches] if labelled else batches
-    ts, noises, labels = [], [], []
-    for i, batch in enumerate(images):
-        ts.append(diffusion.sample_timesteps(batch.shape[0], batch.device))
-        noises.append(torch.randn_like(batch))
+def draw_inputs(diffusion: Diffusion, batches: list[Batch]) -> tuple:
+    """``Diffusion.forward``'s arguments for one pass over ``batches``: x_0, t, noise, the count of
+    self-conditioned images, and the labels (None without). Timesteps and noise are drawn batch by batch (as
+    separate passes draw them), then the labels' dropout; the half of every batch that self-conditioning takes
+    (its first B // 2 images) is placed first."""
+    labelled = batches[0].labels is not None
+    images, ts, noises, labels = [batch.images for batch in batches], [], [], []
+    for batch in batches:
+        ts.append(diffusion.sample_timesteps(batch.images.shape[0], batch.images.device))
+        noises.append(torch.randn_like(batch.images))
         if labelled:
-            labels.append(diffusion.drop_labels(batches[i][1]))
-    halves = [batch.shape[0] // 2 for batch in images]
-    parts = [images, ts, noises] + ([labels] if labelled else [])
+            labels.append(diffusion.drop_labels(batch.labels))
+    halves = [len(x) // 2 for x in images]
     if len(batches) == 1:
-        return (*(p[0] for p in parts[:3]), halves[0], *(p[0] for p in parts[3:]))
+        return images[0], ts[0], noises[0], halves[0], labels[0] if labelled else None
 
     def halves_first(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([p[:h] for p, h in zip(parts, halves)] + [p[h:] for p, h in zip(parts, halves)])
 
-    joined = [halves_first(p) for p in parts]
-    return (*joined[:3], sum(halves), *joined[3:])
-
-
-def _tensors(batch) -> tuple[torch.Tensor, ...]:
-    """A batch's tensors: the images, or the images and the labels."""
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-
-
-def _map(fn, batch):
-    return tuple(map(fn, batch)) if isinstance(batch, (tuple, list)) else fn(batch)
+    return (*map(halves_first, (images, ts, noises)), sum(halves), halves_first(labels) if labelled else None)
 
 
 class TrainStep:
     """The optimizer, the loss scaler and the step itself; ``step(batches, lr=..., ema_weight=...)`` runs one.
 
     ``diffusion`` is trained, ``ema`` (a copy of it) follows it. ``config`` is the run's ``config.Config``;
-    ``world_size`` above 1 wraps the diffusion model in DistributedDataParallel (one process per device).
+    ``world_size`` above 1 wraps the diffusion model in DistributedDataParallel (one process per device). The
+    optimizer and the wrap come from ``build``.
     """
 
     def __init__(self, diffusion: Diffusion, ema: Diffusion, *, config, device: torch.device, precision: str,
                  world_size: int = 1, batch_size: int = 0, announce: bool = True):
         self.diffusion, self.ema, self.config = diffusion, ema, config
         self.device, self.precision = device, precision
-        self.graphed = use_graph(config.cuda_graph, device, world_size=world_size, compiled=config.compile,
-                                 announce=announce)
+        self.graphed = train_with_graphs(config.cuda_graph, device, world_size=world_size, compiled=config.compile,
+                                         announce=announce)
         self._step_images = config.grad_accum * batch_size
         self.fused = use_fused_adam(device)
-        # AdamW's decoupled weight decay (Loshchilov & Hutter 2019) on the kernels of the convolutions and linear
-        # layers, not on the biases and GroupNorm gains
-        params = list(diffusion.model.parameters())
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=self.fused, capturable=self.graphed)
+        self.optimizer = build.build_optimizer(diffusion, config, fused=self.fused, capturable=self.graphed)
         self.scaler = grad_scaler(device, enabled=precision == "fp16")
-        self.module = diffusion
-        if world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            self.module = DistributedDataParallel(diffusion, device_ids=ids, broadcast_buffers=False)
+        self.module = build.wrap_ddp(diffusion, device, world_size)
         self.ema_weight: float | torch.Tensor = 0.0  # 1 - the EMA's decay, as ``body`` reads it
-        self._static_batches: list[torch.Tensor] = []
+        self._static_batches: list[Batch] = []
         # warm-up steps and the capture start with the gradients unset, so the capture allocates them in its pool
         self.captured = Captured(lambda: self.body(self._static_batches), device, warmup=GRAPH_WARMUP_STEPS,
                                  before=lambda: self.optimizer.zero_grad(set_to_none=True))
@@ -147,7 +141,7 @@ class TrainStep:
             self.ema_weight = torch.zeros((), device=self.device)
         self._written = None
 
-    def body(self, batches: list[torch.Tensor]) -> torch.Tensor:
+    def body(self, batches: list[Batch]) -> torch.Tensor:
         """The step's work: forward and backward, clipping, AdamW, EMA; returns the loss (no sync).
 
         Reads nothing from the host but the tensors it is handed, so that a CUDA graph can hold it. The gradients
@@ -157,7 +151,7 @@ class TrainStep:
         self.update()
         return loss
 
-    def forward_backward(self, batches: list[torch.Tensor]) -> torch.Tensor:
+    def forward_backward(self, batches: list[Batch]) -> torch.Tensor:
         """Algorithm 1's loss over ``batches`` (their mean), its gradients added to the parameters' (scaled in fp16)."""
         self.diffusion.train()
         passes = [batches] if self.one_pass else [[batch] for batch in batches]
@@ -181,7 +175,7 @@ class TrainStep:
         self.scaler.update()
         update_ema(self.ema.model, self.diffusion.model, self.ema_weight)
 
-    def step(self, batches: list[torch.Tensor], *, lr: float, ema_weight: float) -> torch.Tensor:
+    def step(self, batches: list[Batch], *, lr: float, ema_weight: float) -> torch.Tensor:
         """One optimizer step on ``batches`` (the step's ``grad_accum`` batches) at learning rate ``lr``, the EMA
         moving ``ema_weight`` of the way to the new weights; returns the loss as a device tensor."""
         if not self.graphed:
@@ -197,10 +191,12 @@ class TrainStep:
             self.ema_weight.fill_(ema_weight)
             self._written = (lr, ema_weight)
         if not self._static_batches:
-            self._static_batches = [_map(torch.empty_like, batch) for batch in batches]
+            self._static_batches = [Batch(*(None if x is None else torch.empty_like(x) for x in batch))
+                                    for batch in batches]
         for static, batch in zip(self._static_batches, batches):
-            for s, b in zip(_tensors(static), _tensors(batch)):
-                s.copy_(b)
+            for s, b in zip(static, batch):
+                if s is not None:
+                    s.copy_(b)
         return self.captured().clone()  # a replay's loss tensor is refilled by the next one
 
     def state_dict(self) -> dict:
@@ -209,8 +205,7 @@ class TrainStep:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("optimizer"):
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.optimizer.param_groups[0]["weight_decay"] = self.config.weight_decay  # the run's, if it names one
+            build.load_optimizer_state(self.optimizer, state["optimizer"], self.config)
             self.configure_optimizer()
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

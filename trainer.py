@@ -1,37 +1,36 @@
 """The training loop: steps, checkpoints, sample grids, FID, curves and figures.
 
-``Trainer`` receives built objects (the diffusion model, an endless iterator of batches in [-1, 1] on the
-device, a config) and keeps each job in a small method: ``train_step``, ``train``, ``sample``, ``evaluate``,
-``visualize``, ``save``, ``load``. The step itself lives in ``train_step.TrainStep``; samples, figures and FID
-always use the EMA weights.
+``Trainer`` receives built objects (the diffusion model, an endless iterator of ``batches.Batch`` on the
+device, a config, the run record) and keeps each job in a small method: ``train_step``, ``train``,
+``evaluate``, ``visualize``, ``save``, ``load``. The step itself lives in ``train_step.TrainStep``; samples,
+figures and FID come from the EMA weights through ``sampling.EMASampler`` (``trainer.sampler``).
 
-A class-conditional model (``Diffusion.num_classes`` > 0, its class names in ``run_info["classes"]``) samples at
-the guidance scale ``--guidance``; its grids hold a row per class, FID is scored per class and over all classes,
-and ``visualize`` adds the figure of classes by guidance scales.
+A class-conditional model (its class names in the run record, ``record.RunRecord.classes``) samples at the
+guidance scale ``--guidance``; its grids hold a row per class, FID is scored per class and over all classes, and
+``visualize`` adds the figure of classes by guidance scales.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
 
 import torch
 
+import build
 import checkpoint as ckpt_io
 import distributed
 from config import Config
-from cuda_graph import ChainSteps
 from diffusion import Diffusion
 from ema import ema_decay
 from errors import UserError
 from interrupt import StopSignals
 from metrics import MetricsLogger
-from precision import autocast, choose_precision
-from train_step import TrainStep
-from visualize import save_grid, save_guidance_figure, write_process_figures
-
-GUIDANCE_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)  # the columns of the guidance figure
+from precision import choose_precision
+from record import RunRecord
+from sampling import EMASampler
+from train_step import TrainStep, learning_rate
+from visualize import save_grid, write_process_figures
 
 
 class TrainingInterrupted(Exception):
@@ -45,45 +44,45 @@ class TrainingDiverged(UserError):
 
 
 class Trainer:
+    """Trains ``diffusion`` on ``batches`` (an endless iterator of ``batches.Batch``; None for a model that is only
+    sampled, scored or drawn) as ``config`` says; ``run`` is what the run records of itself (its classes among
+    it)."""
+
     def __init__(self, diffusion: Diffusion, batches, *, config: Config, device: torch.device | str,
-                 run_info: dict | None = None, logger: MetricsLogger | None = None, evaluator=None,
+                 run: RunRecord | None = None, logger: MetricsLogger | None = None, evaluator=None,
                  dist_ctx: distributed.Context = distributed.Context()):
         self.config, self.dist, self.device = config, dist_ctx, torch.device(device)
         self.diffusion = diffusion.to(self.device)
         self.batches = batches
-        self.data_iter = iter(batches) if batches is not None else None  # None: a model to sample, not to train
+        self.data_iter = iter(batches) if batches is not None else None
         self.save_folder = Path(config.save_folder)
-        self.run_info = dict(run_info or {})  # what follows from the settings: device, data, effective batch size
-        self.classes = tuple(self.run_info.get("classes", ()))  # a class-conditional model's class names, by label
-        if len(self.classes) != diffusion.num_classes:
-            raise ValueError(f"the model has {diffusion.num_classes} classes, run_info names {len(self.classes)}")
+        self.run = run or RunRecord()
+        if self.run.num_classes != diffusion.num_classes:
+            raise ValueError(f"the model has {diffusion.num_classes} classes, the run record {self.run.num_classes}")
         self.logger, self.evaluator = logger, evaluator
         self.step, self.best_fid, self.history = 0, math.inf, []
         self.precision = choose_precision(config.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.ema = copy.deepcopy(self.diffusion).eval().requires_grad_(False)
+        self.ema = build.ema_copy(self.diffusion)
         self.stepper = TrainStep(self.diffusion, self.ema, config=config, device=self.device,
                                  precision=self.precision, world_size=self.dist.world_size,
                                  batch_size=getattr(batches, "batch_size", 0), announce=self.dist.is_main)
         self.optimizer = self.stepper.optimizer
         if config.compile:
             self.diffusion.model.compile()
-        self._sample_seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
-        self.chain_steps = ChainSteps(self.ema)  # the reverse step as a CUDA graph, used with --cuda_graph
+        self.sampler = EMASampler(self.ema, config, device=self.device, precision=self.precision,
+                                  classes=self.run.classes)
         self._loss_sum, self._loss_count = torch.zeros((), device=self.device), 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """A class-conditional model's class names, by label (none for an unconditional one)."""
+        return self.run.classes
+
     def lr_at(self, step: int) -> float:
-        """The learning rate of optimizer step ``step`` (0-indexed): linear warm-up, then the peak, constant or
-        decaying along a cosine to 0 at ``train_steps``."""
-        cfg = self.config
-        if cfg.lr_warmup > 0 and step < cfg.lr_warmup:
-            return cfg.learning_rate * (step + 1) / cfg.lr_warmup
-        if cfg.lr_decay == "none":
-            return cfg.learning_rate
-        progress = min(1.0, max(0.0, (step - cfg.lr_warmup) / max(1, cfg.train_steps - cfg.lr_warmup)))
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return learning_rate(self.config, step)
 
     def ema_decay_at(self, step: int) -> float:
         return ema_decay(step, self.config.ema_decay, self.config.ema_sigma_rel)
@@ -185,7 +184,7 @@ class Trainer:
         fid_seconds = 0.0
         if self.dist.is_main:
             self.save()
-            images, per_row = self.preview()
+            images, per_row = self.sampler.preview(self.config.num_samples)
             grid = save_grid(images, self.save_folder / f"sample-{self.step}.png", nrow=per_row)
             if self.logger is not None:
                 self.logger.log_image("samples", grid, self.step, caption=f"step {self.step}")
@@ -204,7 +203,7 @@ class Trainer:
 
         The evaluator warns once and returns None when it cannot score (no Inception weights): training goes on.
         """
-        result = self.evaluator.evaluate_or_warn(self.fid_sample_fn())
+        result = self.evaluator.evaluate_or_warn(self.sampler.fid_sample_fn())
         if result is None:
             return None
         self._log({"step": self.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
@@ -213,67 +212,15 @@ class Trainer:
             self.save(self.save_folder / "model_best.pt")
         return result
 
-    def fid_sample_fn(self):
-        """``n -> n images in [0, 1]`` from the EMA model (``(n, labels) -> ...`` for a class-conditional model);
-        each call continues one noise stream."""
-        generator = torch.Generator(self.device).manual_seed(self._sample_seed + 1)
-        if self.classes:
-            return lambda n, labels: self.sample(n, generator=generator, classes=labels)
-        return lambda n: self.sample(n, generator=generator)
-
-    def preview(self) -> tuple[torch.Tensor, int | None]:
-        """The periodic grid's images, and its images per row (None: a square-ish grid). A class-conditional
-        model's grid has a row per class, of ``ceil(num_samples / classes)`` images."""
-        if not self.classes:
-            return self.sample(self.config.num_samples), None
-        per_row = math.ceil(self.config.num_samples / len(self.classes))
-        labels = self.class_rows(per_row)
-        return self.sample(len(labels), classes=labels), per_row
-
-    def class_rows(self, per_class: int) -> torch.Tensor:
-        """Labels for a row of ``per_class`` images of each class, in label order: [0, 0, ..., 1, 1, ...]."""
-        return torch.arange(len(self.classes)).repeat_interleave(per_class)
-
-    @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, classes: torch.Tensor | None = None,
-               guidance: float | None = None) -> torch.Tensor:
-        """``n`` images in [0, 1] from the EMA model with the config's sampler; a class-conditional model draws
-        the labels ``classes`` ([n]; None: "no class", unguided) at ``guidance`` (default ``--guidance``).
-
-        Defaults to fixed noise (a generator seeded apart from the training RNG), so that grids are comparable
-        across steps and sampling never shifts the training RNG.
-        """
-        if generator is None:
-            generator = torch.Generator(self.device).manual_seed(self._sample_seed)
-        cfg = self.config
-        w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
-        step = self.chain_steps.get(n, cfg.sampler, w) if self.stepper.graphed else None
-        with autocast(self.device, self.precision):
-            images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator,
-                                     classes=classes, guidance=w, step=step)
-        return images.float()
-
-    def guidance_figure(self) -> Path:
-        """``guidance.png``: each class (``num_vis // classes`` rows of it, at least one) drawn at each of
-        ``GUIDANCE_SCALES``, every row from the same noise at every scale."""
-        rows = max(1, self.config.num_vis // len(self.classes))
-        labels = self.class_rows(rows)
-        images = {w: self.sample(len(labels), classes=labels, guidance=w) for w in GUIDANCE_SCALES}
-        names = [self.classes[label] for label in labels.tolist()]
-        sampler = self.config.sampler + (f", {self.config.sample_steps} steps" if self.config.sampler == "ddim" else "")
-        return save_guidance_figure(images, names, self.save_folder / "guidance.png",
-                                    title=f"classifier-free guidance scale w ({sampler}), after {self.step} training steps")
-
     @torch.no_grad()
     def visualize(self, x_start: torch.Tensor) -> list[Path]:
         """Figures of the forward and backward processes on ``x_start`` ([B, C, H, W] in [-1, 1]) and a GIF; for a
         class-conditional model also the guidance figure."""
-        generator = torch.Generator(self.device).manual_seed(self._sample_seed)
-        step = self.chain_steps.get(len(x_start), "ddpm") if self.stepper.graphed else None
-        paths = write_process_figures(self.ema, x_start, self.save_folder, step=self.step, generator=generator,
-                                      chain_step=step)
+        paths = write_process_figures(self.ema, x_start, self.save_folder, step=self.step,
+                                      generator=self.sampler.generator(),
+                                      chain_step=self.sampler.chain_step(len(x_start), "ddpm"))
         if self.classes:
-            paths.append(self.guidance_figure())
+            paths.append(self.sampler.guidance_figure(self.save_folder / "guidance.png", step=self.step))
         if self.logger is not None:
             for path in paths:
                 self.logger.log_image(path.stem, path, self.step)
@@ -284,7 +231,7 @@ class Trainer:
             "format": ckpt_io.FORMAT,
             "step": self.step,
             "config": self.config.to_dict(),
-            "run": self.run_info,
+            "run": self.run.to_dict(),
             "model": self.diffusion.model.state_dict(),
             "ema": self.ema.model.state_dict(),
             **self.stepper.state_dict(),

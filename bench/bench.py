@@ -109,7 +109,7 @@ def _peak_memory_mib(device) -> dict:
 
 def main_flags(spec: dict):
     """``main.py``'s settings for a row: its defaults at the recommended size, with the row's own ``flags`` on top."""
-    from config import parse
+    from cli import parse
 
     recommended = [f"--{k}={v}" for k, v in RECOMMENDED.items()]
     return parse([*recommended, "--device", spec["device"], *spec.get("flags", [])])[0]
@@ -118,10 +118,25 @@ def main_flags(spec: dict):
 def _diffusion(spec: dict):
     import torch
 
-    import main
+    from build import build_diffusion
 
     torch.manual_seed(0)
-    return main.build_diffusion(main_flags(spec))
+    return build_diffusion(main_flags(spec))
+
+
+class _Counted:
+    """The batches a row draws, counting their images (a batch is a ``batches.Batch`` or an images tensor)."""
+
+    def __init__(self, batches):
+        self.batches, self.images = iter(batches), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.images += len(batch[0] if isinstance(batch, tuple) else batch)
+        return batch
 
 
 def measure_training(spec: dict) -> dict:
@@ -137,34 +152,35 @@ def measure_training(spec: dict) -> dict:
     if spec["pipeline"] == "reference":
         from reference_way import ReferenceStep, reference_loader
 
-        batches = reference_loader(Path(spec["data"]), size, batch_size, spec["workers"], device)
+        batches = _Counted(reference_loader(Path(spec["data"]), size, batch_size, spec["workers"], device))
         step = ReferenceStep(diffusion, batches, learning_rate=args.learning_rate, device=device,
                              grad_accum=args.grad_accum)
         precision = "fp32"
     else:
+        from batches import Batch, DeviceBatches
+
         if spec["pipeline"] == "package":
             import dataset
-            from batches import DeviceBatches
 
             images = dataset.load_images(spec["data"], "cat", size, cache_dir=spec["cache_dir"], progress=False).images
-            batches = DeviceBatches(images, batch_size, device=device)
+            batches = _Counted(DeviceBatches(images, batch_size, device=device))
         else:  # synthetic: one batch already on the device, served again and again
-            batches = itertools.repeat(torch.rand(batch_size, 3, size, size, device=device) * 2 - 1)
+            batches = _Counted(itertools.repeat(Batch(torch.rand(batch_size, 3, size, size, device=device) * 2 - 1)))
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(diffusion, batches, config=args.replace(save_folder=tmp), device=device)
         step, precision = trainer.train_step, trainer.precision
     for _ in range(spec["warmup"]):
         step()
     _sync(device)
-    start = time.perf_counter()
+    drawn, start = batches.images, time.perf_counter()
     for _ in range(spec["steps"]):
         step()
     _sync(device)
     seconds = time.perf_counter() - start
+    images = batches.images - drawn  # what the timed steps trained on
     parameters = sum(p.numel() for p in diffusion.model.parameters())
     del step, batches  # stops DataLoader workers, so that their peak memory is counted
-    images = spec["steps"] * batch_size * args.grad_accum
-    return {"precision": precision, "seconds": seconds, "steps_per_s": spec["steps"] / seconds,
+    return {"precision": precision, "seconds": seconds, "steps_per_s": spec["steps"] / seconds, "images": images,
             "images_per_s": images / seconds, "parameters": parameters, **_peak_memory_mib(device)}
 
 
@@ -188,15 +204,16 @@ def measure_sampling(spec: dict) -> dict:
         diffusion.sample(warmup_batch, sampler=spec["sampler"], steps=spec["steps"], generator=generator, step=step)
 
     def timed():
-        diffusion.sample(spec["batch"], sampler=spec["sampler"], steps=spec["steps"], generator=generator, step=step)
+        return diffusion.sample(spec["batch"], sampler=spec["sampler"], steps=spec["steps"], generator=generator,
+                                step=step)
     with torch.inference_mode(), autocast(device, precision):
         warmup()
         _sync(device)
         start = time.perf_counter()
-        timed()
+        images = len(timed())
         _sync(device)
         seconds = time.perf_counter() - start
-    return {"precision": precision, "seconds": seconds, "images_per_s": spec["batch"] / seconds,
+    return {"precision": precision, "seconds": seconds, "images": images, "images_per_s": images / seconds,
             **_peak_memory_mib(device)}
 
 

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluator.reference()  # warm: loaded from the cache, kept in memory as during training
             batches = iter(stand_ins[:n].split(evaluator.batch_size))
             sync()
-            ours = evaluator.evaluate(lambda k: next(batches))
+            ours = evaluator.evaluate(lambda k, labels: next(batches))
             sync()
             gen_dir = tmp / f"gen{n}"
             gen_dir.mkdir()

@@ -30,7 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import main  # noqa: E402
-from config import build_parser, parse  # noqa: E402
+from batches import Batch  # noqa: E402
+from build import build_diffusion  # noqa: E402
+from cli import build_parser, parse  # noqa: E402
+from distributed import pick_device  # noqa: E402
+from record import RunRecord  # noqa: E402
+from scoring import build_evaluator, statistics_dir  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 
@@ -82,17 +87,17 @@ def load_model(load_path: str, data_path: str, extra: list[str]):
     parser = build_parser()
     argv = ["--load_path", load_path, "--data_path", data_path, "--sample", "1", "--wandb", "disabled", *extra]
     config, named = parse(argv, parser)
-    config, _, recorded_run = main.adopt_checkpoint_settings(config, named, parser)
+    config, _, saved = main.adopt_checkpoint_settings(config, named, parser)
     image_set = dataset.load_images(data_path, "all", config.image_size, cache_dir=config.cache_dir)
-    classes = tuple(recorded_run["classes"])
-    if image_set.classes != classes:
-        raise SystemExit(f"{data_path} holds {image_set.classes}, the checkpoint {classes}")
-    device = main.distributed.pick_device(config.device)
+    if image_set.classes != saved.classes:
+        raise SystemExit(f"{data_path} holds {image_set.classes}, the checkpoint {saved.classes}")
+    device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    ctx = main.distributed.from_environment()
-    info = main.run_info(config, device, ctx, image_set, None, classes, recorded_run)
-    info["class_sizes"] = image_set.labels.bincount(minlength=len(classes)).tolist()
-    trainer = Trainer(main.build_diffusion(config, len(classes)), None, config=config, device=device, run_info=info)
+    data = dataset.TrainingData(None, image_set, image_set.classes,
+                                tuple(image_set.labels.bincount(minlength=len(saved.classes)).tolist()))
+    run = RunRecord.of_run(config, device=device, world_size=1, data=data, saved=saved,
+                           fid_cache_dir=str(statistics_dir(config, image_set).resolve()))
+    trainer = Trainer(build_diffusion(config, run.classes), None, config=config, device=device, run=run)
     trainer.load(load_path, resume=False)
     return trainer, config, image_set, device
 
@@ -103,13 +108,13 @@ def quality(args) -> dict:
     started = time.perf_counter()
     classifier, accuracy = train_classifier(image_set.images, image_set.labels, len(trainer.classes))
     print(f"classifier: {accuracy:.1%} of held-out real images right ({time.perf_counter() - started:.0f} s)")
-    evaluator = main.build_evaluator(config, device, image_set, trainer.run_info, required=True)
+    evaluator = build_evaluator(config, device, image_set, trainer.run, required=True)
     rows = []
     for w in args.guidance:
         drawn = []
 
         def sample_fn(n, labels, generator=torch.Generator(device).manual_seed(0)):
-            images = trainer.sample(n, classes=labels, guidance=w, generator=generator)
+            images = trainer.sampler.sample(n, classes=labels, guidance=w, generator=generator)
             drawn.append((images.cpu(), labels))
             return images
 
@@ -128,7 +133,7 @@ def costs(args) -> dict:
     import itertools
     import tempfile
 
-    device = main.distributed.pick_device(args.device)
+    device = pick_device(args.device)
     config = parse(["--device", args.device, "--wandb", "disabled"])[0]
     classes = 10
     trainers = {}
@@ -137,11 +142,11 @@ def costs(args) -> dict:
         torch.manual_seed(0)
         x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
         y = torch.arange(cfg.batch_size, device=device) % classes
-        batches = itertools.repeat((x, y) if conditional else x)
+        batches = itertools.repeat(Batch(x, y if conditional else None))
+        names = tuple(str(c) for c in range(classes)) if conditional else ()
         with tempfile.TemporaryDirectory() as tmp:
-            run_info = {"classes": [str(c) for c in range(classes)]} if conditional else {}
-            trainers[name] = Trainer(main.build_diffusion(cfg, classes if conditional else 0), batches,
-                                     config=cfg.replace(save_folder=tmp), device=device, run_info=run_info)
+            trainers[name] = Trainer(build_diffusion(cfg, names), batches, config=cfg.replace(save_folder=tmp),
+                                     device=device, run=RunRecord(classes=names))
     train = {name: 0.0 for name in trainers}
     for name, trainer in trainers.items():
         for _ in range(3):
@@ -165,7 +170,7 @@ def costs(args) -> dict:
             for case, (trainer, labelled, w) in cases.items():
                 labels = torch.arange(batch) % classes if labelled else None
                 start = time.perf_counter()
-                trainer.sample(batch, classes=labels, guidance=w).sum().item()
+                trainer.sampler.sample(batch, classes=labels, guidance=w).sum().item()
                 seconds[case] += time.perf_counter() - start
         sample[batch] = {case: args.rounds * batch / s for case, s in seconds.items()}
     result["sample_images_per_s"] = sample

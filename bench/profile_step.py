@@ -27,8 +27,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import main as package_main  # noqa: E402
-from config import Config, build_parser  # noqa: E402
+from batches import Batch  # noqa: E402
+from build import build_diffusion  # noqa: E402
+from cli import build_parser, checked  # noqa: E402
+from config import Config  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
@@ -46,19 +48,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = Config(**{name: getattr(args, name) for name in Config.__dataclass_fields__})
-    device = pick_device(args.device)
+    parser = build_parser()
+    config = checked(parser, **{k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__})
+    device = pick_device(config.device)
     torch.manual_seed(0)
-    diffusion = package_main.build_diffusion(config)
+    diffusion = build_diffusion(config)
     if args.data:
         import dataset
         from batches import DeviceBatches
 
-        images = dataset.load_images(args.data_path, args.data_class, args.image_size, progress=False).images
-        batches = DeviceBatches(images, args.batch_size, device=device)
+        images = dataset.load_images(config.data_path, config.data_class, config.image_size, progress=False).images
+        batches = DeviceBatches(images, config.batch_size, device=device)
     else:
-        size = args.image_size
-        batches = itertools.repeat(torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1)
+        size = config.image_size
+        batches = itertools.repeat(Batch(torch.rand(config.batch_size, 3, size, size, device=device) * 2 - 1))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(diffusion, batches, device=device, config=config.replace(save_folder=tmp))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -77,10 +80,11 @@ def main(argv=None) -> int:
             trainer.train_step()
         sync()
     events = prof.key_averages()
-    images = args.batch_size * args.grad_accum * args.steps
-    print(f"{device}, precision {trainer.precision}, compile {args.compile}, CUDA graph {trainer.stepper.graphed}, "
-          f"one pass {trainer.stepper.one_pass}, {args.grad_accum} x {args.batch_size} images of {args.image_size} px "
-          f"per step, self-conditioning {args.self_condition}, unet_dim {args.unet_dim}, torch {torch.__version__}")
+    images = config.batch_size * config.grad_accum * args.steps
+    print(f"{device}, precision {trainer.precision}, compile {config.compile}, CUDA graph {trainer.stepper.graphed}, "
+          f"one pass {trainer.stepper.one_pass}, {config.grad_accum} x {config.batch_size} images of "
+          f"{config.image_size} px per step, self-conditioning {config.self_condition}, unet_dim {config.unet_dim}, "
+          f"torch {torch.__version__}")
     print(f"step: {1e3 * wall / args.steps:.2f} ms wall clock ({images / wall:.0f} images/s); "
           f"the host returns after {1e3 * issued / args.steps:.2f} ms")
     if device.type == "cuda":

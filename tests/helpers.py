@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from batches import Batch
 from diffusion import Diffusion
 from unet import Unet
 
@@ -35,7 +36,7 @@ def tiny_diffusion(*, size: int = 16, T: int = 10, dim: int = 8, dropout: float 
 
 
 class FakeBatches:
-    """An infinite, resumable stream of random batches in [-1, 1], like dataset.DeviceBatches."""
+    """An infinite, resumable stream of random unlabelled batches in [-1, 1], like batches.DeviceBatches."""
 
     def __init__(self, batch_size: int = 4, size: int = 16, *, seed: int = 0):
         self.batch_size, self.size, self.seed, self.world_size = batch_size, size, seed, 1
@@ -45,7 +46,7 @@ class FakeBatches:
         while True:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.position)
             self.position += 1
-            yield torch.rand(self.batch_size, 3, self.size, self.size, generator=g) * 2 - 1
+            yield Batch(torch.rand(self.batch_size, 3, self.size, self.size, generator=g) * 2 - 1)
 
     def state_dict(self) -> dict:
         return {"position": self.position}

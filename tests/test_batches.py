@@ -33,12 +33,16 @@ def flipped(x: torch.Tensor) -> list[bool]:
 
 
 def take(batches, n: int) -> list[torch.Tensor]:
-    return [next(batches) for _ in range(n)]
+    """The images of the next ``n`` batches (unlabelled: their labels are None)."""
+    served = [next(batches) for _ in range(n)]
+    assert all(batch.labels is None for batch in served)
+    return [batch.images for batch in served]
 
 
 def test_batches_are_float_in_model_range_on_the_device():
     batches = DeviceBatches(id_images(10), 4, device="cpu")
-    x = next(batches)
+    x, labels = next(batches)
+    assert labels is None
     assert x.shape == (4, 3, S, S) and x.dtype == torch.float32 and x.device.type == "cpu"
     assert x.min() == -1 and x.max() == 1
     assert len(batches) == 2 and batches.epoch == 0
@@ -55,7 +59,7 @@ def test_each_epoch_serves_every_image_once_and_drops_the_last_partial_batch():
 
 def test_every_epoch_is_reshuffled():
     batches = DeviceBatches(id_images(20), 20, device="cpu", flip=False)
-    orders = [ids(next(batches)) for _ in range(3)]
+    orders = [ids(next(batches).images) for _ in range(3)]
     assert orders[0] != orders[1] != orders[2] and sorted(orders[0]) == sorted(orders[1])
 
 

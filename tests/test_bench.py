@@ -7,11 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from helpers import make_image_folder, tiny_diffusion
-from precision import choose_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench.py"
@@ -54,8 +52,9 @@ TINY = {"device": "cpu", "workers": 0}
 
 def test_a_training_row_reports_throughput_and_peak_memory(tmp_path):
     row = _row({"kind": "train", "pipeline": "synthetic", "steps": 2, "warmup": 1, "flags": TINY_FLAGS, **TINY})
-    assert row["precision"] == choose_precision("auto", torch.device("cpu"))  # the package's own choice
-    assert row["seconds"] > 0 and row["images_per_s"] == pytest.approx(row["steps_per_s"] * 4 * 2)  # 2 batches of 4
+    assert row["precision"] in ("bf16", "fp32")  # what the trainer chose on this CPU; fp16 is CUDA's
+    assert row["images"] == 2 * 2 * 4  # the timed steps' two batches of 4 each, counted as drawn
+    assert row["seconds"] > 0
     assert row["peak_rss_mib"] > 50  # torch alone takes more than this
 
 
@@ -65,7 +64,7 @@ def test_training_rows_take_main_pys_flags():
     baseline = _row({**spec, "flags": [*TINY_FLAGS, "--self_condition", "False", "--grad_accum", "1"]})
     # the same network but for the input convolution, which also reads the 3 channels of the x_0 estimate
     assert shipped["parameters"] - baseline["parameters"] == 3 * 8 * 3 * 3
-    assert baseline["images_per_s"] == pytest.approx(baseline["steps_per_s"] * 4)  # one batch per step
+    assert (shipped["images"], baseline["images"]) == (2 * 4, 4)  # --grad_accum 2, then one batch per step
 
 
 def test_a_training_row_through_the_package_pipeline_uses_the_image_cache(tmp_path):
@@ -79,8 +78,8 @@ def test_a_training_row_through_the_package_pipeline_uses_the_image_cache(tmp_pa
 
 def test_a_sampling_row_times_the_asked_sampler():
     row = _row({"kind": "sample", "sampler": "ddim", "steps": 3, "batch": 2, "flags": TINY_FLAGS, **TINY})
-    assert row["seconds"] > 0 and abs(row["images_per_s"] - 2 / row["seconds"]) < 1e-9
-    assert row["precision"] == choose_precision("auto", torch.device("cpu"))  # the trainer samples this way
+    assert row["images"] == 2 and row["seconds"] > 0  # the images the timed chain returned
+    assert row["precision"] in ("bf16", "fp32")
 
 
 def test_missing_data_is_one_line_and_exit_2(tmp_path):
@@ -103,7 +102,7 @@ def test_the_gpu_check_reads_the_trainers_time_summary_and_pytests_counts():
 
 def test_the_gpu_check_scales_the_report_commands_and_runs_graphs_only_on_cuda():
     import gpu_check
-    from config import parse
+    from cli import parse
 
     full = gpu_check.report_commands(gpu_check.parse_args([]), cuda=True)
     assert [name for name, _ in full] == ["10000 steps", "10000 steps, CUDA graph", "1000 steps, FID every 100",

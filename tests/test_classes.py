@@ -13,14 +13,18 @@ from PIL import Image
 
 import dataset
 import main
-from batches import DeviceBatches, StreamingBatches
+from batches import Batch, DeviceBatches, StreamingBatches
+from build import build_diffusion
 from config import Config
 from cuda_graph import ChainStep
 from diffusion import Diffusion
 from errors import UserError
 from helpers import TINY_FLAGS, TinyFeatures
+from record import RunRecord
+from scoring import ClassFIDEvaluator
+from sampling import GUIDANCE_SCALES
 from train_step import draw_inputs
-from trainer import GUIDANCE_SCALES, Trainer
+from trainer import Trainer
 from unet import Unet
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}  # sorted: labels 0, 1, 2
@@ -206,9 +210,9 @@ def test_labels_go_through_the_pass_as_the_images_do(grad_accum):
     images = [torch.rand(4, 3, 16, 16) for _ in range(grad_accum)]
     labels = [torch.tensor([0, 1, 2, 0]) + i for i in range(grad_accum)]
     torch.manual_seed(3)
-    x, t, noise, conditioned, y = draw_inputs(d, list(zip(images, labels)))
+    x, t, noise, conditioned, y = draw_inputs(d, [Batch(*pair) for pair in zip(images, labels)])
     torch.manual_seed(3)
-    separate = [draw_inputs(d, [(images[i], labels[i])]) for i in range(grad_accum)]
+    separate = [draw_inputs(d, [Batch(images[i], labels[i])]) for i in range(grad_accum)]
     order = [(i, j) for j in (slice(0, 2), slice(2, 4)) for i in range(grad_accum)]
     assert conditioned == 2 * grad_accum
     assert torch.equal(x, torch.cat([images[i][j] for i, j in order]))
@@ -234,12 +238,12 @@ def test_guided_samples_show_the_requested_class_far_more_often_than_unguided_or
     def trained(conditional: bool) -> Trainer:
         config = Config(**settings, class_conditional=conditional)
         torch.manual_seed(0)
-        diffusion = main.build_diffusion(config, 3 if conditional else 0)
+        classes = ("red", "green", "blue") if conditional else ()
         batches = DeviceBatches(images, 16, device="cpu", labels=labels if conditional else None)
-        trainer = Trainer(diffusion, batches, config=config, device="cpu",
-                          run_info={"classes": ["red", "green", "blue"]} if conditional else {})
+        trainer = Trainer(build_diffusion(config, classes), batches, config=config, device="cpu",
+                          run=RunRecord(classes=classes))
         trainer.train()
-        return trainer
+        return trainer.sampler
 
     conditional = trained(True)
     share = {w: (lit_channel(conditional.sample(90, classes=asked, guidance=w)) == asked).float().mean().item()
@@ -305,34 +309,34 @@ def test_visualize_adds_the_figure_of_classes_by_guidance_scales(conditional_run
 
 def test_guidance_figure_rows_share_their_noise_across_scales(conditional_run, tmp_path, monkeypatch):
     """A row per class and --num_vis // classes rows of each; every column is the preview noise, guided by its w."""
-    import trainer as trainer_module
+    import sampling
 
     _, save, _ = conditional_run
     drawn = {}
-    monkeypatch.setattr(trainer_module, "save_guidance_figure",
+    monkeypatch.setattr(sampling, "save_guidance_figure",
                         lambda images, names, path, title: drawn.update(images=images, names=names) or path)
     config = Config(image_size=16, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1, time_steps=10, num_vis=6,
                     class_conditional=True, save_folder=str(tmp_path))
-    t = Trainer(main.build_diffusion(config, 3), None, config=config, device="cpu",
-                run_info={"classes": ["blue", "green", "red"]})
+    t = Trainer(build_diffusion(config, ("blue", "green", "red")), None, config=config, device="cpu",
+                run=RunRecord(classes=("blue", "green", "red")))
     t.load(save / "model.pt", resume=False)
-    t.guidance_figure()
+    t.sampler.guidance_figure(tmp_path / "guidance.png", step=t.step)
     assert drawn["names"] == ["blue", "blue", "green", "green", "red", "red"]
     assert list(drawn["images"]) == list(GUIDANCE_SCALES)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     for w, images in drawn["images"].items():
-        assert torch.equal(images, t.sample(6, classes=labels, guidance=w))  # the same noise at every w
+        assert torch.equal(images, t.sampler.sample(6, classes=labels, guidance=w))  # the same noise at every w
     assert not torch.equal(drawn["images"][0.0], drawn["images"][GUIDANCE_SCALES[-1]])
 
 
-def test_fid_is_scored_per_class_and_over_all_classes(tmp_path, monkeypatch, capsys):
+def test_fid_is_scored_per_class_and_over_all_classes(tmp_path, capsys):
     import fid
 
-    monkeypatch.setattr(fid, "_build_inception", lambda mode, device: TinyFeatures().eval())
     data = colour_folders(tmp_path / "data", {"red": 6, "green": 9, "blue": 5})
     save, cache = tmp_path / "run", tmp_path / "cache"
+    stand_in = fid.FeatureExtractor(model=TinyFeatures().eval())
     assert main.main(tiny_args(data, save, "--class_conditional", "--train_steps", 2, "--save_and_sample_every", 2,
-                               "--fid", "--fid_samples", 12, "--cache_dir", cache)) == 0
+                               "--fid", "--fid_samples", 12, "--cache_dir", cache), extractor=stand_in) == 0
     [record] = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines() if "fid" in line]
     assert record["fid_samples"] == 12
     assert [record[f"fid_samples/{c}"] for c in ("blue", "green", "red")] == [3, 5, 4]  # as the classes' sizes
@@ -342,7 +346,7 @@ def test_fid_is_scored_per_class_and_over_all_classes(tmp_path, monkeypatch, cap
     shutil.rmtree(data)  # the statistics are cached: scoring needs no images
     capsys.readouterr()
     assert main.main(tiny_args(data, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 12,
-                               "--cache_dir", cache, "--guidance", 2)) == 0
+                               "--cache_dir", cache, "--guidance", 2), extractor=stand_in) == 0
     out = capsys.readouterr().out
     assert "guidance 2" in out and all(f"  {c}: FID " in out for c in ("blue", "green", "red"))
 
@@ -400,6 +404,8 @@ def test_resuming_a_conditional_run_goes_on_with_its_classes(conditional_run, tm
 
 
 def test_two_processes_with_torchrun_train_a_conditional_model_with_identical_weights(tmp_path):
+    """torchrun with two processes on the CPU (gloo): the ranks' weights agree, rank 0 alone reports, the labels
+    travel with each rank's shard, and the checkpoint loads in a single process."""
     import os
     import subprocess
     import sys
@@ -414,22 +420,25 @@ def test_two_processes_with_torchrun_train_a_conditional_model_with_identical_we
                             capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical on all 2 ranks" in result.stdout
+    assert result.stdout.count("done:") == 1  # rank 0 alone reports, saves and samples
+    config = json.loads((save / "config.json").read_text())
+    assert config["world_size"] == 2 and config["effective_batch_size"] == 16  # 4 x 2 batches x 2 processes
     ckpt = torch.load(save / "model.pt", weights_only=True)
-    assert ckpt["run"]["classes"] == ["blue", "green", "red"] and ckpt["run"]["world_size"] == 2
+    assert ckpt["step"] == 2 and ckpt["run"]["classes"] == ["blue", "green", "red"]
+    assert main.main(tiny_args(data, save, "--load_path", save / "model.pt", "--sample", 3)) == 0
 
 
-def test_the_fid_curve_draws_a_line_per_class_beside_all_classes(tmp_path, monkeypatch):
+def test_the_fid_curve_draws_a_line_per_class_beside_all_classes(tmp_path):
     from metrics import MetricsLogger
 
     logger = MetricsLogger(tmp_path, config={})
     for step in (2, 4):
         logger.log({"step": step, "loss": 0.5})
         logger.log({"step": step, "fid": 30.0 / step, "fid/cat": 40.0 / step, "fid/dog": float("nan")})
-    drawn = {}
-    monkeypatch.setattr(logger, "_plot", lambda lines, path, ylabel: drawn.setdefault(path.name, lines) and path)
-    logger.plot()
+    drawn = logger.curves()
     assert drawn["loss.png"] == {"loss": [(2, 0.5), (4, 0.5)]}
     assert drawn["fid.png"] == {"all classes": [(2, 15.0), (4, 7.5)], "cat": [(2, 20.0), (4, 10.0)]}
+    assert sorted(p.name for p in logger.plot()) == ["fid.png", "loss.png"]
 
 
 def test_all_classes_statistics_come_from_the_classes_features_without_a_second_inception_pass(tmp_path):
@@ -449,7 +458,7 @@ def test_all_classes_statistics_come_from_the_classes_features_without_a_second_
     overall = fid.FIDEvaluator(real_key="all", image_size=16, real_batches=never, num_samples=6,
                                cache_dir=tmp_path / "pooled", extractor=extractor)
     per_class = {str(c): evaluator(f"c{c}", images[labels == c], tmp_path / "pooled") for c in range(3)}
-    pooled = fid.ClassFIDEvaluator(overall, per_class, [4, 4, 4]).reference()
+    pooled = ClassFIDEvaluator(overall, per_class, [4, 4, 4]).reference()
     direct = evaluator("all", images, tmp_path / "direct").reference()
     np.testing.assert_allclose(pooled.mu, direct.mu, rtol=1e-6)
     np.testing.assert_allclose(pooled.sigma, direct.sigma, rtol=1e-5, atol=1e-9)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from config import Config
-from cuda_graph import ChainStep, ChainSteps, graph_blocker, use_graph
+from cuda_graph import ChainStep, ChainSteps
+from graph_policy import graph_blocker, sample_with_graphs, train_with_graphs
 from errors import UserError
 from helpers import FakeBatches, tiny_diffusion
 
@@ -29,21 +30,29 @@ def test_cuda_graph_settings():
     assert "single process" in graph_blocker(cuda, world_size=2, compiled=False)
     assert "--compile" in graph_blocker(cuda, world_size=1, compiled=True)
     assert "CUDA GPU" in graph_blocker(CPU, world_size=1, compiled=False)
-    assert use_graph(False, cuda, world_size=1, compiled=False) is False
-    assert use_graph("auto", CPU, world_size=1, compiled=False) is False
+    assert train_with_graphs(False, cuda, world_size=1, compiled=False) is False
+    assert train_with_graphs("auto", CPU, world_size=1, compiled=False) is False
     with pytest.raises(UserError, match="--cuda_graph True: CUDA graphs need a CUDA GPU, and this run is on the CPU"):
-        use_graph(True, CPU, world_size=1, compiled=False)
+        train_with_graphs(True, CPU, world_size=1, compiled=False)
 
 
 def test_auto_says_in_one_line_why_a_gpu_run_steps_eagerly(capsys):
     cuda = torch.device("cuda")
-    assert use_graph("auto", cuda, world_size=2, compiled=False) is False
+    assert train_with_graphs("auto", cuda, world_size=2, compiled=False) is False
     assert capsys.readouterr().out == ("training steps run eagerly: CUDA graphs run in a single process, and this "
                                        "run has 2 (torchrun)\n")
-    assert use_graph("auto", CPU, world_size=1, compiled=False) is False
+    assert train_with_graphs("auto", CPU, world_size=1, compiled=False) is False
     assert capsys.readouterr().out == ""  # nobody expects graphs on a CPU
     with pytest.raises(UserError, match="--compile"):
-        use_graph(True, cuda, world_size=1, compiled=True)
+        train_with_graphs(True, cuda, world_size=1, compiled=True)
+
+
+def test_sampling_asks_its_own_question():
+    """Sampling runs in one process on the uncompiled EMA copy: a CUDA GPU is all it needs."""
+    cuda = torch.device("cuda")
+    assert sample_with_graphs("auto", cuda) and sample_with_graphs(True, cuda)
+    assert not train_with_graphs("auto", cuda, world_size=2, compiled=True, announce=False)
+    assert not sample_with_graphs(False, cuda) and not sample_with_graphs("auto", CPU)
 
 
 @pytest.mark.parametrize("self_condition", [False, True])
@@ -85,18 +94,19 @@ def test_with_cuda_graphs_the_trainer_samples_grids_fid_images_and_figures_throu
                         sampler=sampler, sample_steps=4, precision="fp32", save_folder=str(tmp_path / folder))
         t = Trainer(trained_looking(True), FakeBatches(), config=config, device="cpu")
         if graphed:  # what --cuda_graph sets up on a GPU, with capture off
-            t.stepper.graphed = True
-            t.chain_steps = ChainSteps(t.ema, capture=False)
+            t.sampler.chain_steps = ChainSteps(t.ema, capture=False)
         return t
 
     eager, graphed = trainer("eager", False), trainer("graphed", True)
-    assert torch.equal(graphed.sample(3), eager.sample(3))
-    fid_images = [t.fid_sample_fn() for t in (graphed, eager)]
+    assert eager.sampler.chain_steps is None  # on the CPU the chain runs eagerly
+    assert torch.equal(graphed.sampler.sample(3), eager.sampler.sample(3))
+    fid_images = [t.sampler.fid_sample_fn() for t in (graphed, eager)]
     assert all(torch.equal(a, b) for a, b in zip([fid_images[0](2), fid_images[0](2)], [fid_images[1](2), fid_images[1](2)]))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     for a, b in zip(graphed.visualize(x), eager.visualize(x)):
         assert a.read_bytes() == b.read_bytes()
-    assert set(graphed.chain_steps.steps) == {(3, sampler, 0.0), (2, sampler, 0.0), (2, "ddpm", 0.0)}  # the figure: the full chain
+    # the grid and FID's batches, and the figure's full DDPM chain
+    assert set(graphed.sampler.chain_steps.made()) == {(3, sampler, 0.0), (2, sampler, 0.0), (2, "ddpm", 0.0)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -202,17 +202,18 @@ def test_bomb_in_the_folder_is_skipped_and_counted(folder):
 def test_make_batches_in_memory(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        batches, image_set = dataset.make_batches(folder, "cat", 16, 4, device="cpu", progress=False)
-    assert isinstance(batches, DeviceBatches) and image_set.images.shape[0] == GOOD
-    x = next(batches)
+        data = dataset.make_batches(folder, "cat", 16, 4, device="cpu", progress=False)
+    batches, image_set = data.batches, data.image_set
+    assert isinstance(batches, DeviceBatches) and image_set.images.shape[0] == GOOD and data.classes == ()
+    x = next(batches).images
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
 
 
 def test_make_batches_streams_when_memory_is_short(folder, monkeypatch):
     monkeypatch.setattr(dataset, "available_memory_bytes", lambda: 1000)
     with pytest.warns(DataWarning, match=r"need .* GiB, more than 25% of .* decoding them from disk with \d+ "):
-        batches, image_set = dataset.make_batches(folder, "cat", 16, 4, device="cpu", progress=False)
-    assert isinstance(batches, StreamingBatches) and image_set is None
+        data = dataset.make_batches(folder, "cat", 16, 4, device="cpu", progress=False)
+    assert isinstance(data.batches, StreamingBatches) and data.image_set is None
     assert not (folder / ".cache").exists()
 
 

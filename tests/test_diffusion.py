@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion import Diffusion, cosine_alphas, extract
+from diffusion import Diffusion
+from schedule import cosine_alphas, extract
 
 
 class Oracle(nn.Module):

@@ -1,4 +1,5 @@
-"""Every way of calling main.py wrongly: one line on stderr, exit code 2, never a traceback (the real command)."""
+"""Every way of calling main.py wrongly: one line on stderr, exit code 2, nothing written, never a traceback;
+in-process, and a few through the real command."""
 import os
 import subprocess
 import sys
@@ -64,18 +65,40 @@ CASES = [
 ]
 
 
+def argv_for(world, tmp_path, extra) -> list[str]:
+    return [*TINY, "--data_path", world["data"], "--save_folder", str(tmp_path / "out"),
+            *(e.format(**world) for e in extra)]
+
+
 @pytest.mark.parametrize("extra,expected", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_call_gets_one_line_and_exit_2(world, tmp_path, extra, expected):
-    extra = [e.format(**world) for e in extra]
-    argv = [*TINY, "--data_path", world["data"], "--save_folder", str(tmp_path / "out"), *extra]
+def test_bad_call_gets_one_line_and_exit_2(world, tmp_path, capsys, extra, expected):
+    """In-process: a refusal is exit code 2 (returned, or argparse's SystemExit) and one line on stderr."""
+    try:
+        code = main.main(argv_for(world, tmp_path, extra))
+    except SystemExit as e:
+        code = e.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith(("error:", "main.py: error:"))]
+    assert code == 2, lines
+    assert len(errors) == 1 and lines[-1] == errors[0], lines  # progress bars and warnings may come before it
+    assert expected in errors[0], errors[0]
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+# the real command, where the process boundary matters: argparse's exit, a checkpoint refused before any work,
+# and a refusal after the data is read; each without a traceback
+END_TO_END = [CASES[0], CASES[22], CASES[27]]
+
+
+@pytest.mark.parametrize("extra,expected", END_TO_END, ids=[" ".join(c[0]) for c in END_TO_END])
+def test_the_real_command_says_it_in_one_line_and_exits_2(world, tmp_path, extra, expected):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv_for(world, tmp_path, extra)],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith(("error:", "main.py: error:"))]
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert len(errors) == 1, result.stderr  # progress bars and warnings may come before it
-    assert expected in errors[0], errors[0]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
     assert result.stderr.rstrip().endswith(errors[0].rstrip())
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
 TINY = [*TINY_FLAGS, "--log_every", "1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-KILL_TRIALS = 8
+KILL_TRIALS = 4
 SAVE_EVERY = 3
 
 

@@ -308,7 +308,7 @@ def test_evaluator_input_checks(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         make_evaluator(tmp_path, real=real.float()).reference()
     with pytest.raises(ValueError, match="sample_fn"):
-        make_evaluator(tmp_path, real=real).evaluate(lambda n: torch.rand(n, 3, 8, 8))
+        make_evaluator(tmp_path, real=real).evaluate(lambda n, labels: torch.rand(n, 3, 8, 8))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,7 +324,8 @@ def test_evaluate_chunks_quantizes_and_matches_independent_fid(tmp_path, monkeyp
     monkeypatch.setattr(Image.Image, "save", lambda *a, **k: pytest.fail("evaluate wrote an image file"))
     samples, sizes = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(14)), []
 
-    def sample_fn(n):
+    def sample_fn(n, labels):
+        assert labels is None  # an unconditional score asks for no class
         sizes.append(n)
         start = sum(sizes[:-1])
         return samples[start:start + n]
@@ -344,11 +345,11 @@ def test_evaluate_identical_sets_gives_zero_fid(tmp_path):
     real = random_images(24, 16, seed=15)
     evaluator = make_evaluator(tmp_path, real=real, num_samples=24, batch_size=8)
     batches = iter(real.float().div(255).split(8))
-    result = evaluator.evaluate(lambda n: next(batches))
+    result = evaluator.evaluate(lambda n, labels: next(batches))
     trace = np.trace(evaluator.reference().sigma)
     assert abs(result["fid"]) < 1e-6 * trace
     shifted = make_evaluator(tmp_path, real=real, num_samples=24, batch_size=24)
-    assert shifted.evaluate(lambda n: (real.float() / 255 * 0.5)[:n])["fid"] > 1e-3 * trace
+    assert shifted.evaluate(lambda n, labels: (real.float() / 255 * 0.5)[:n])["fid"] > 1e-3 * trace
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,6 +437,6 @@ def test_offline_training_warns_once_and_goes_on(tmp_path, monkeypatch, weights_
         for step in range(1, 7):  # a stand-in training loop scoring every 2 steps
             steps += 1
             if step % 2 == 0:
-                results.append(evaluator.evaluate_or_warn(lambda n: pytest.fail("sampled without a network")))
+                results.append(evaluator.evaluate_or_warn(lambda n, labels: pytest.fail("sampled without a network")))
     assert steps == 6 and results == [None, None, None]
     assert len([w for w in record if "FID" in str(w.message)]) == 1 and len(builds) == 1

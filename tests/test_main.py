@@ -1,4 +1,5 @@
 """End-to-end runs of the real command on a tiny model and images the tests make (wandb off, CPU)."""
+import functools
 import json
 import os
 import subprocess
@@ -89,9 +90,11 @@ def test_checkpoint_of_another_architecture_is_refused(data_path, tmp_path, caps
 
 def test_model_and_training_flags_reach_the_network_the_trainer_and_the_checkpoint(data_path, tmp_path, capsys,
                                                                                   monkeypatch):
+    import build
+
     built = []
-    real = main.build_diffusion
-    monkeypatch.setattr(main, "build_diffusion", lambda *a: built.append(real(*a)) or built[-1])
+    real = build.build_diffusion
+    monkeypatch.setattr(build, "build_diffusion", lambda *a: built.append(real(*a)) or built[-1])
     save = tmp_path / "run"
     extra = ["--loss", "huber", "--dropout", 0.1, "--weight_decay", 0.05, "--ema_sigma_rel", 0.03, "--lr_warmup", 3,
              "--lr_decay", "cosine", "--grad_clip", 0.5, "--one_pass", "False", "--sampler", "ddim", "--sample_steps", 5]
@@ -129,15 +132,15 @@ def test_wandb_offline_keeps_a_local_run(data_path, tmp_path):
 @pytest.mark.parametrize("value,expected", [([], False), (["--fid"], True), (["--fid", "True"], True),
                                             (["--fid", "False"], False), (["--fid", "no"], False)])
 def test_boolean_flags_take_both_forms(value, expected):
-    from config import build_parser
+    from cli import parse
 
-    assert build_parser().parse_args(value).fid is expected
+    assert parse(value)[0].fid is expected
 
 
 def test_defaults_are_the_assignments_recommended_command():
-    from config import build_parser
+    from cli import parse
 
-    a = build_parser().parse_args([])
+    a = parse([])[0]
     assert (a.image_size, a.batch_size, a.time_steps, a.unet_dim, a.learning_rate) == (32, 32, 50, 16, 1e-3)
     assert (a.train_steps, a.save_and_sample_every, a.data_class) == (10000, 1000, "cat")
     assert Path(a.data_path) == Path("./data/train") and Path(a.save_folder) == Path("./results")
@@ -148,13 +151,21 @@ def test_defaults_are_the_assignments_recommended_command():
 
 
 def test_named_flags_are_those_the_command_line_names_whatever_their_values():
-    from config import build_parser, named_flags
+    from cli import parse
 
-    parser = build_parser()
     argv = ["--grad_accum=2", "--self_condition", "--weight_decay", "0.1", "--fid", "False", "--dim_mults", "1", "2"]
-    assert named_flags(parser, argv) == {"grad_accum", "self_condition", "weight_decay", "fid", "dim_mults"}
-    assert named_flags(parser, []) == set()
-    assert parser.parse_args([]).grad_accum == 2  # the defaults are back afterwards
+    config, named = parse(argv)
+    assert named == {"grad_accum", "self_condition", "weight_decay", "fid", "dim_mults"}
+    assert (config.grad_accum, config.self_condition, config.fid, config.dim_mults) == (2, True, False, (1, 2))
+    assert parse([])[1] == set()
+
+
+def test_help_answers_without_importing_torch():
+    code = "import sys, main\ntry:\n    main.main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--train_steps" in result.stdout and "(default: 10000)" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_resuming_keeps_how_the_checkpoint_was_trained_unless_a_flag_says_otherwise(data_path, tmp_path, capsys):
@@ -169,47 +180,51 @@ def test_resuming_keeps_how_the_checkpoint_was_trained_unless_a_flag_says_otherw
     config = json.loads((save / "config.json").read_text())
     assert (config["grad_accum"], config["self_condition"], config["learning_rate"]) == (1, False, 5e-4)
     assert config["weight_decay"] == 0.2 and config["effective_batch_size"] == 4  # named: the command line's
-    assert load_checkpoint(save / "model.pt")["step"] == 4
+    ckpt = load_checkpoint(save / "model.pt")
+    assert ckpt["step"] == 4
+    groups = {g["name"]: (g["weight_decay"], g["lr"]) for g in ckpt["optimizer"]["param_groups"]}
+    assert groups == {"decay": (0.2, 5e-4), "no_decay": (0.0, 5e-4)}  # what AdamW trained with after the resume
 
 
 def test_a_checkpoint_is_enough_to_sample_and_to_score_once_the_statistics_are_cached(tmp_path, stand_in_inception,
                                                                                         capsys):
     data = make_image_folder(tmp_path / "afhq", count=12)
+    run = functools.partial(main.main, extractor=stand_in_inception)
     save, cache = tmp_path / "run", tmp_path / "cache"
-    assert main.main(args(data, save, "--train_steps", 2, "--save_and_sample_every", 2, "--fid", "--fid_samples", 4,
+    assert run(args(data, save, "--train_steps", 2, "--save_and_sample_every", 2, "--fid", "--fid_samples", 4,
                           "--cache_dir", cache)) == 0
     moved = tmp_path / "elsewhere"
     (data / "cat").rename(moved)  # the training images are gone
     for name in list(cache.glob("cat_*")):
         name.unlink()  # and their decoded cache: only the FID statistics are left
     gone = tmp_path / "nowhere" / "train"
-    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--sample", 4)) == 0
+    assert run(args(gone, save, "--load_path", save / "model.pt", "--sample", 4)) == 0
     assert (save / "samples-2-ddpm.png").exists()
     capsys.readouterr()
-    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 0
+    assert run(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 0
     assert "FID " in capsys.readouterr().out  # found through the folder the checkpoint records
     [stats] = cache.glob("fid_ref_*.npz")
     stats.write_bytes(stats.read_bytes()[:100])  # damaged: it would have to be computed again, from the images
     with pytest.warns(RuntimeWarning, match="unusable"):
-        assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 2
+        assert run(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 2
     assert "cannot be used (the warning above says why); pass --data_path with the training images" in \
         capsys.readouterr().err
     stats.unlink()
-    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 2
+    assert run(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --evaluate needs the training images for FID's reference "
                                                "statistics") and f"--data_path {gone} does not exist" in err[0]
-    assert main.main(args(gone, save, "--load_path", save / "model.pt", "--visualize")) == 2
+    assert run(args(gone, save, "--load_path", save / "model.pt", "--visualize")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --visualize shows real training images") and \
         f"--data_path {gone} does not exist" in err[0]
 
 
 @pytest.fixture
-def stand_in_inception(monkeypatch):
+def stand_in_inception():
     import fid
 
-    monkeypatch.setattr(fid, "_build_inception", lambda mode, device: TinyFeatures().eval())
+    return fid.FeatureExtractor(model=TinyFeatures().eval())
 
 
 def test_fid_curve_and_standalone_score(data_path, tmp_path, stand_in_inception, capsys):
@@ -217,7 +232,7 @@ def test_fid_curve_and_standalone_score(data_path, tmp_path, stand_in_inception,
     cache = tmp_path / "cache"
     argv = args(data_path, save, "--train_steps", 4, "--save_and_sample_every", 2, "--fid", "--fid_samples", 6,
                 "--cache_dir", cache)
-    assert main.main(argv) == 0
+    assert main.main(argv, extractor=stand_in_inception) == 0
     fids = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in fids if "fid" in r]
     assert [r["step"] for r in fids] == [2, 4] and all(r["fid_samples"] == 6 and r["fid"] >= 0 for r in fids)
@@ -225,7 +240,7 @@ def test_fid_curve_and_standalone_score(data_path, tmp_path, stand_in_inception,
     assert len(list(cache.glob("fid_ref_clean_16px_*.npz"))) == 1  # reference statistics cached once
     capsys.readouterr()
     assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 6,
-                          "--cache_dir", cache)) == 0
+                          "--cache_dir", cache), extractor=stand_in_inception) == 0
     out = capsys.readouterr().out
     assert "FID " in out and "KID " in out and "(6 samples, ddpm sampler" in out
 
@@ -234,7 +249,7 @@ def test_fid_statistics_survive_a_re_extracted_data_folder(tmp_path, stand_in_in
     data = make_image_folder(tmp_path / "afhq", count=12)
     cache = tmp_path / "cache"
     run = lambda name: main.main(args(data, tmp_path / name, "--train_steps", 2, "--save_and_sample_every", 2,  # noqa: E731
-                                      "--fid", "--fid_samples", 4, "--cache_dir", cache))
+                                      "--fid", "--fid_samples", 4, "--cache_dir", cache), extractor=stand_in_inception)
     assert run("a") == 0
     [stats] = cache.glob("fid_ref_clean_16px_*.npz")
     written = stats.stat().st_mtime_ns
@@ -246,19 +261,20 @@ def test_fid_statistics_survive_a_re_extracted_data_folder(tmp_path, stand_in_in
     assert list(cache.glob("fid_ref_*.npz")) == [stats] and stats.stat().st_mtime_ns == written  # the pixels did not
 
 
-def test_fid_offline_warns_and_trains_on_but_standalone_score_fails(data_path, tmp_path, monkeypatch, capsys):
+def test_fid_offline_warns_and_trains_on_but_standalone_score_fails(data_path, tmp_path, capsys):
     import fid
 
-    def offline(mode, device):
-        raise fid.InceptionUnavailable("FID's Inception network weights could not be downloaded (URLError); "
-                                       "fetch it by hand, or leave off --fid")
+    class Offline(fid.FeatureExtractor):
+        def load(self):
+            raise fid.InceptionUnavailable("FID's Inception network weights could not be downloaded (URLError); "
+                                           "fetch it by hand, or leave off --fid")
 
-    monkeypatch.setattr(fid, "_build_inception", offline)
     save = tmp_path / "run"
     with pytest.warns(UserWarning, match="FID is skipped and training goes on"):
-        code = main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, "--fid"))
+        code = main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, "--fid"),
+                         extractor=Offline())
     assert code == 0 and (save / "model.pt").exists()
-    code = main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate"))
+    code = main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate"), extractor=Offline())
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "could not be downloaded" in err[-1]
 
@@ -275,20 +291,3 @@ def test_a_new_run_does_not_replace_another_runs_model(data_path, tmp_path, caps
     assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 2)) == 0
     assert (save / "metrics.jsonl").read_text() == metrics
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2, "--overwrite")) == 0
-
-
-def test_two_processes_with_torchrun_keep_identical_weights(data_path, tmp_path):
-    save = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "main.py"), *args(data_path, save, "--train_steps", 4,
-                                                          "--save_and_sample_every", 2)],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "weights identical on all 2 ranks" in result.stdout
-    config = json.loads((save / "config.json").read_text())
-    assert config["world_size"] == 2 and config["effective_batch_size"] == 16  # 4 x 2 batches x 2 processes
-    assert load_checkpoint(save / "model.pt")["step"] == 4
-    assert result.stdout.count("done:") == 1  # rank 0 alone reports, saves and samples
-    # the checkpoint of a 2-process run loads in a single-process run
-    assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 2)) == 0

@@ -31,7 +31,7 @@ from PIL import Image
 
 from helpers import TINY_FLAGS, make_image_folder
 
-from config import parse as parse_flags
+from cli import parse as parse_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "run_in_colab.ipynb"

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import train_step
+from batches import Batch
+from build import ema_copy
 from config import Config
 from helpers import FakeBatches, tiny_diffusion
 from memory import activation_bytes_per_image
@@ -33,12 +35,12 @@ def make_step(*, precision="fp32", self_condition=True, trained_output=False, **
     diffusion = tiny_diffusion(self_condition=self_condition)
     if trained_output:
         torch.nn.init.normal_(diffusion.model.output[-1].weight, std=0.1)
-    ema = copy.deepcopy(diffusion).eval().requires_grad_(False)
+    ema = ema_copy(diffusion)
     config = Config(**{"grad_accum": 1, "weight_decay": 0.0, **config})  # plain Algorithm 1 unless asked
     return TrainStep(diffusion, ema, config=config, device=CPU, precision=precision, batch_size=4)
 
 
-def batches(count: int, batch_size: int = 4) -> list[torch.Tensor]:
+def batches(count: int, batch_size: int = 4) -> list[Batch]:
     return list(itertools.islice(iter(FakeBatches(batch_size)), count))
 
 
@@ -60,6 +62,26 @@ def test_one_pass_gives_the_loss_and_gradients_of_separate_passes(grad_accum, ba
     for a, b in zip(grads_one, grads_split):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in grads_one)
+
+
+def test_a_loaded_optimizer_takes_this_runs_settings_by_group_name():
+    """A checkpoint's AdamW state brings its moments; the weight decay and learning rate are this run's, put into
+    each group by its name, also for a checkpoint whose groups have no names."""
+    old = make_step(weight_decay=0.3, learning_rate=5e-4)
+    old.step(batches(1), lr=5e-4, ema_weight=0.1)
+    named = old.optimizer.state_dict()
+    unnamed = copy.deepcopy(named)
+    for group in unnamed["param_groups"]:
+        del group["name"]
+    for saved in (named, unnamed):
+        new = make_step(weight_decay=0.05, learning_rate=2e-3)
+        new.load_state_dict({"optimizer": saved})
+        groups = {group["name"]: group for group in new.optimizer.param_groups}
+        assert (groups["decay"]["weight_decay"], groups["no_decay"]["weight_decay"]) == (0.05, 0.0)
+        assert groups["decay"]["lr"] == groups["no_decay"]["lr"] == 2e-3
+        assert all(p.dim() >= 2 for p in groups["decay"]["params"]) and all(p.dim() < 2 for p in groups["no_decay"]["params"])
+        moments = [new.optimizer.state[p]["exp_avg"] for p in new.diffusion.model.parameters()]
+        assert all(torch.equal(a, old.optimizer.state[p]["exp_avg"]) for a, p in zip(moments, old.diffusion.model.parameters()))
 
 
 def test_one_pass_by_default_where_the_steps_activations_fit_a_quarter_of_the_free_memory():

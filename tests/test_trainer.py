@@ -53,16 +53,16 @@ def test_dropout_acts_in_training_only_never_when_sampling_the_ema(tmp_path):
         trainer.train_step()
     assert trainer.diffusion.training and not trainer.ema.training
     # with dropout on, two draws of the same noise would differ: dropout takes its masks from the global RNG
-    first, second = trainer.sample(2), trainer.sample(2)
+    first, second = trainer.sampler.sample(2), trainer.sampler.sample(2)
     assert torch.equal(first, second)
     trainer.save()
     resumed = make_trainer(tmp_path / "b", dropout=0.5)
     resumed.load(tmp_path / "a" / "model.pt")
-    assert not resumed.ema.training and torch.equal(resumed.sample(2), first)
+    assert not resumed.ema.training and torch.equal(resumed.sampler.sample(2), first)
     plain = tiny_diffusion()  # the same network without dropout, holding the EMA weights
     plain.model.load_state_dict(trainer.ema.model.state_dict())
     trainer.ema = plain.eval()
-    assert torch.equal(trainer.sample(2), first)
+    assert torch.equal(trainer.sampler.sample(2), first)
 
 
 def test_ema_follows_the_weights_at_the_warm_up_decay(tmp_path):
@@ -222,7 +222,7 @@ def test_weight_decay_is_adamw_on_the_kernels_only(tmp_path):
     batch = next(iter(FakeBatches()))  # the trainers' first batch
     torch.manual_seed(1)
     reference.train()
-    reference(batch).backward()
+    reference(batch.images).backward()
     torch.nn.utils.clip_grad_norm_(reference.model.parameters(), 1.0)
     adamw.step()
     after_plain = dict(plain.diffusion.model.named_parameters())

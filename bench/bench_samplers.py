@@ -1,0 +1,96 @@
+"""FID and cost of one checkpoint under each sampler: the full DDPM chain against DDIM at fewer steps.
+
+    python bench/bench_samplers.py --load_path results/model.pt --data_path ./data/train
+    python bench/bench_samplers.py --load_path results/model.pt --data_path ./data/train \
+        --samplers ddpm ddim:10 ddim:25 ddim:50 --fid_samples 1000 --json samplers.json
+
+Each row draws ``--fid_samples`` images from the checkpoint's EMA weights in FID's batches, from the same noise
+seed, as ``main.py --evaluate`` does; it times the sampling alone (seconds per 1,000 images) and scores the
+images with clean-fid's Inception against the training images' statistics (computed once, then cached).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import main  # noqa: E402
+from build import build_diffusion  # noqa: E402
+from cli import build_parser, checked, parse  # noqa: E402
+from dataset import TrainingData, load_images  # noqa: E402
+from distributed import pick_device  # noqa: E402
+from record import RunRecord  # noqa: E402
+from scoring import build_evaluator, statistics_dir  # noqa: E402
+from trainer import Trainer  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load_path", required=True, help="the checkpoint to score")
+    p.add_argument("--data_path", default="./data/train/", help="the training images (for FID's statistics)")
+    p.add_argument("--cache_dir", default=None, help="where the decoded images and FID statistics are cached")
+    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim:10", "ddim:25", "ddim:50"],
+                   help="ddpm (the full chain), or ddim:STEPS")
+    p.add_argument("--fid_samples", type=int, default=1000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    return p.parse_args(argv)
+
+
+def sampler_settings(spec: str) -> dict:
+    """``ddpm`` or ``ddim:STEPS`` as settings."""
+    sampler, _, steps = spec.partition(":")
+    return {"sampler": sampler, **({"sample_steps": int(steps)} if steps else {})}
+
+
+def run(args) -> list[dict]:
+    parser = build_parser()
+    argv = ["--load_path", args.load_path, "--data_path", args.data_path, "--evaluate", "--wandb", "disabled",
+            "--fid_samples", str(args.fid_samples), "--device", args.device,
+            *(["--cache_dir", args.cache_dir] if args.cache_dir else [])]
+    base, named = parse(argv, parser)
+    base, _, saved = main.adopt_checkpoint_settings(base, named, parser)
+    device = pick_device(base.device)
+    images = load_images(base.data_path, base.data_class, base.image_size, cache_dir=base.cache_dir)
+    record = RunRecord.of_run(base, device=device, world_size=1, data=TrainingData(None, images), saved=saved,
+                              fid_cache_dir=str(statistics_dir(base, images).resolve()))
+    rows = []
+    for spec in args.samplers:
+        config = checked(parser, base, **sampler_settings(spec))
+        trainer = Trainer(build_diffusion(config, record.classes), None, config=config, device=device, run=record)
+        trainer.load(args.load_path, resume=False)
+        evaluator = build_evaluator(config, device, images, record, required=True)
+        evaluator.reference()  # cached after the first row; never timed
+        draw, spent = trainer.sampler.fid_sample_fn(), [0.0]
+
+        def timed(n, labels=None):
+            start = time.perf_counter()
+            out = draw(n, labels)
+            spent[0] += time.perf_counter() - start
+            return out
+
+        result = evaluator.evaluate(timed)
+        row = {"sampler": spec, "step": trainer.step, "fid": result["fid"], "kid": result["kid"],
+               "fid_samples": result["fid_samples"], "sampling_s_per_1000": spent[0] * 1000 / result["fid_samples"],
+               "precision": trainer.precision, "device": str(device)}
+        rows.append(row)
+        print(f"{spec:>8}: FID {row['fid']:.2f}  KID {row['kid']:.4f}  sampling {row['sampling_s_per_1000']:.1f} s "
+              f"per 1,000 images ({trainer.precision}, {device}, checkpoint step {trainer.step})", flush=True)
+    return rows
+
+
+def main_(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_())

@@ -1,0 +1,84 @@
+"""Drawing images from a run's EMA model, as its settings say: the sampler and its steps, the precision, the
+guidance scale, fixed noise for previews and a noise stream of its own for FID, a row per class, and the reverse
+step captured as a CUDA graph where ``graph_policy`` allows it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from cuda_graph import ChainStep, ChainSteps
+from diffusion import Diffusion
+from graph_policy import sample_with_graphs
+from precision import autocast
+from visualize import save_guidance_figure
+
+GUIDANCE_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)  # the columns of the guidance figure
+
+
+class EMASampler:
+    """Samples ``ema`` (the run's EMA ``Diffusion``) with ``config``'s sampler in ``precision``; ``classes`` are a
+    class-conditional model's class names by label (none for an unconditional one)."""
+
+    def __init__(self, ema: Diffusion, config, *, device: torch.device, precision: str,
+                 classes: tuple[str, ...] = ()):
+        self.ema, self.config, self.device, self.precision, self.classes = ema, config, device, precision, classes
+        self.seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
+        # the reverse step as a CUDA graph, or None to sample eagerly
+        self.chain_steps = ChainSteps(ema) if sample_with_graphs(config.cuda_graph, device) else None
+
+    def chain_step(self, batch_size: int, sampler: str, guidance: float = 0.0) -> ChainStep | None:
+        """The captured reverse step for these batches, or None to run the chain eagerly."""
+        return self.chain_steps.get(batch_size, sampler, guidance) if self.chain_steps is not None else None
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A fresh noise stream: offset 0 is the previews' fixed noise, 1 the FID samples'."""
+        return torch.Generator(self.device).manual_seed(self.seed + offset)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, classes: torch.Tensor | None = None,
+               guidance: float | None = None) -> torch.Tensor:
+        """``n`` images in [0, 1]; a class-conditional model draws the labels ``classes`` ([n]; None: "no class",
+        unguided) at ``guidance`` (default ``--guidance``).
+
+        Defaults to the fixed noise of the previews, so that grids are comparable across steps and sampling never
+        shifts the training RNG.
+        """
+        cfg = self.config
+        w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
+        with autocast(self.device, self.precision):
+            images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps,
+                                     generator=generator or self.generator(), classes=classes, guidance=w,
+                                     step=self.chain_step(n, cfg.sampler, w))
+        return images.float()
+
+    def fid_sample_fn(self):
+        """``(n, labels) -> n images in [0, 1]``, of the classes ``labels`` ([n], or None for an unconditional
+        model); each call continues one noise stream."""
+        generator = self.generator(1)
+        return lambda n, labels=None: self.sample(n, generator=generator, classes=labels)
+
+    def class_rows(self, per_class: int) -> torch.Tensor:
+        """Labels for a row of ``per_class`` images of each class, in label order: [0, 0, ..., 1, 1, ...]."""
+        return torch.arange(len(self.classes)).repeat_interleave(per_class)
+
+    def preview(self, count: int) -> tuple[torch.Tensor, int | None]:
+        """A grid's ``count`` images, and its images per row (None: a square-ish grid). A class-conditional model's
+        grid has a row per class, of ``ceil(count / classes)`` images."""
+        if not self.classes:
+            return self.sample(count), None
+        labels = self.class_rows(math.ceil(count / len(self.classes)))
+        return self.sample(len(labels), classes=labels), len(labels) // len(self.classes)
+
+    def guidance_figure(self, path: Path, *, step: int) -> Path:
+        """Each class (``--num_vis // classes`` rows of it, at least one) drawn at each of ``GUIDANCE_SCALES``,
+        every row from the same noise at every scale."""
+        labels = self.class_rows(max(1, self.config.num_vis // len(self.classes)))
+        images = {w: self.sample(len(labels), classes=labels, guidance=w) for w in GUIDANCE_SCALES}
+        names = [self.classes[label] for label in labels.tolist()]
+        cfg = self.config
+        sampler = cfg.sampler + (f", {cfg.sample_steps} steps" if cfg.sampler == "ddim" else "")
+        return save_guidance_figure(images, names, path,
+                                    title=f"classifier-free guidance scale w ({sampler}), after {step} training steps")
