@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
+import bench  # noqa: E402
 from reference_way import ReferenceFolder, ReferenceStep, reference_loader  # noqa: E402
 
 
@@ -60,8 +61,8 @@ def test_a_training_row_reports_throughput_and_peak_memory(tmp_path):
 
 def test_training_rows_take_main_pys_flags():
     spec = {"kind": "train", "pipeline": "synthetic", "steps": 1, "warmup": 1, **TINY}
-    shipped = _row({**spec, "flags": TINY_FLAGS})
-    baseline = _row({**spec, "flags": [*TINY_FLAGS, "--self_condition", "False", "--grad_accum", "1"]})
+    shipped = bench.run_row({**spec, "flags": TINY_FLAGS})  # in this process: the row's code, without its isolation
+    baseline = bench.run_row({**spec, "flags": [*TINY_FLAGS, "--self_condition", "False", "--grad_accum", "1"]})
     # the same network but for the input convolution, which also reads the 3 channels of the x_0 estimate
     assert shipped["parameters"] - baseline["parameters"] == 3 * 8 * 3 * 3
     assert (shipped["images"], baseline["images"]) == (2 * 4, 4)  # --grad_accum 2, then one batch per step
@@ -70,14 +71,14 @@ def test_training_rows_take_main_pys_flags():
 def test_a_training_row_through_the_package_pipeline_uses_the_image_cache(tmp_path):
     data = make_image_folder(tmp_path, count=8, size=24) / "cat"
     cache = tmp_path / "cache"
-    row = _row({"kind": "train", "pipeline": "package", "data": str(data.parent), "cache_dir": str(cache),
-                "steps": 2, "warmup": 1, "flags": [*TINY_FLAGS, "--one_pass", "False"], **TINY})
+    row = bench.run_row({"kind": "train", "pipeline": "package", "data": str(data.parent), "cache_dir": str(cache),
+                         "steps": 2, "warmup": 1, "flags": [*TINY_FLAGS, "--one_pass", "False"], **TINY})
     assert row["steps_per_s"] > 0
     assert list(cache.glob("cat_16px_*.npy")), "the package pipeline decodes once into its cache"
 
 
 def test_a_sampling_row_times_the_asked_sampler():
-    row = _row({"kind": "sample", "sampler": "ddim", "steps": 3, "batch": 2, "flags": TINY_FLAGS, **TINY})
+    row = bench.run_row({"kind": "sample", "sampler": "ddim", "steps": 3, "batch": 2, "flags": TINY_FLAGS, **TINY})
     assert row["images"] == 2 and row["seconds"] > 0  # the images the timed chain returned
     assert row["precision"] in ("bf16", "fp32")
 

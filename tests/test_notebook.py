@@ -416,6 +416,7 @@ def first_run(tmp_path_factory):
     return types.SimpleNamespace(repo=repo, data=data, work=tmp_path / "colab", out=out)
 
 
+@pytest.mark.xdist_group("notebook_first_run")  # one worker runs both, and the fixture once
 def test_the_notebook_runs_top_to_bottom_in_a_kernel(first_run):
     out, work = first_run.out, first_run.work
     code = [c for c in out.cells if c.cell_type == "code"]
@@ -450,6 +451,7 @@ def mount(mountpoint, **options):
 '''
 
 
+@pytest.mark.xdist_group("notebook_first_run")  # one worker runs both, and the fixture once
 def test_a_recycled_colab_runtime_goes_on_from_the_runs_on_google_drive(first_run, tmp_path):
     """As on Colab (a stand-in google.colab), on a fresh runtime with the first run's results on Drive: the
     notebook run again from the top, with a longer last run, mounts Drive, stops the finished runs at once,
