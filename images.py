@@ -1,8 +1,8 @@
 """Finding the AFHQ images on disk and decoding one file into a square uint8 array.
 
 Layout: ``<data_path>/<class>/...`` with classes ``cat``, ``dog`` and ``wild``, as in the AFHQ archive
-(``./data/train/cat/flickr_cat_000002.jpg``). Files ending in .jpg, .jpeg, .png or .webp (any case) are
-images; every other file, and every name starting with a dot (such as the ``.cache`` folder), is ignored.
+(``./data/train/cat/flickr_cat_000002.jpg``). Files ending in .jpg, .jpeg, .png, .webp, .bmp, .gif (its first
+frame), .tif or .tiff (any case) are images; every other file, and every name starting with a dot (such as the ``.cache`` folder), is ignored.
 
 Decoding conventions (``decode_image``):
 - The result is uint8 RGB, shape [S, S, 3] (height, width, channel), values 0 ... 255.
@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from errors import UserError
 
 CLASSES = ("cat", "dog", "wild")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192; AFHQ images are 512 x 512
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")

@@ -30,12 +30,14 @@ def png_bytes(width: int, height: int, *, bit_depth: int = 8, rows: bytes = b"")
 
 def test_find_images_sorted_and_ignores_other_files(tmp_path):
     cat = tmp_path / "cat"
-    for name in ("b.png", "a.jpg", "c.JPEG", "d.webp", "sub/e.png", ".hidden.jpg", ".cache/x.png"):
+    for name in ("b.png", "a.jpg", "c.JPEG", "d.webp", "sub/e.png", "f.bmp", "g.GIF", "h.tif", "i.tiff", ".hidden.jpg",
+                 ".cache/x.png"):
         save(cat / name, Image.new("RGB", (8, 8)))
     (cat / "notes.txt").write_text("not an image")
-    (cat / "f.gif").write_bytes(b"GIF89a")
+    (cat / "j.psd").write_bytes(b"8BPS")
     found = find_images(tmp_path, "cat")
-    assert [p.relative_to(cat).as_posix() for p in found] == ["a.jpg", "b.png", "c.JPEG", "d.webp", "sub/e.png"]
+    assert [p.relative_to(cat).as_posix() for p in found] == ["a.jpg", "b.png", "c.JPEG", "d.webp", "f.bmp", "g.GIF",
+                                                               "h.tif", "i.tiff", "sub/e.png"]
 
 
 def test_find_images_all_means_every_class_folder(tmp_path):
@@ -97,6 +99,11 @@ ODD_IMAGES = {  # name: (make file in folder, expected RGB, tolerance)
     "sixteen_bit_white.png": (lambda p: save(p, Image.fromarray(np.full((14, 20), 65535, np.uint16))), (255,) * 3, 1),
     "sixteen_bit_rgb.png": (_sixteen_bit_rgb, (195, 195, 195), 1),
     "lossless.webp": (lambda p: save(p, Image.new("RGB", (20, 14), (1, 2, 250)), lossless=True), (1, 2, 250), 1),
+    "rgb.bmp": (lambda p: save(p, Image.new("RGB", (20, 14), (7, 140, 210))), (7, 140, 210), 0),
+    "rgb.tif": (lambda p: save(p, Image.new("RGB", (20, 14), (90, 3, 60))), (90, 3, 60), 0),
+    "sixteen_bit_gray.tiff": (lambda p: save(p, Image.fromarray(np.full((14, 20), 32896, np.uint16))), (128,) * 3, 1),
+    "first_frame.gif": (lambda p: save(p, Image.new("RGB", (20, 14), (255, 0, 0)), save_all=True,
+                                       append_images=[Image.new("RGB", (20, 14), (0, 0, 255))]), (255, 0, 0), 0),
 }
 
 
