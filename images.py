@@ -16,6 +16,7 @@ Decoding conventions (``decode_image``):
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,12 +83,20 @@ def _class_folders(root: Path, data_class: str) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), skipping hidden files and folders."""
-    found = []
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            found.append(path)
+    """Image files under ``folder`` (recursive), skipping hidden files and folders. A symlinked folder is
+    followed; each real folder is read once, so a link back up the tree ends there."""
+    found, seen = [], set()
+    for current, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in names:
+            path = Path(current) / name
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                found.append(path)
     return found
 
 

@@ -40,6 +40,32 @@ def test_find_images_sorted_and_ignores_other_files(tmp_path):
                                                                "h.tif", "i.tiff", "sub/e.png"]
 
 
+def test_symlinked_folders_are_followed_once(tmp_path):
+    """A linked folder's images count; a link to a folder already read, or back up the tree, adds nothing."""
+    cat, elsewhere = tmp_path / "data" / "cat", tmp_path / "elsewhere"
+    save(cat / "own" / "a.png", Image.new("RGB", (8, 8)))
+    save(elsewhere / "b.png", Image.new("RGB", (8, 8)))
+    (cat / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (cat / "again").symlink_to(elsewhere, target_is_directory=True)
+    (cat / "own" / "up").symlink_to(cat, target_is_directory=True)
+    found = [p.relative_to(cat).as_posix() for p in find_images(tmp_path / "data", "cat")]
+    assert found in (["again/b.png", "own/a.png"], ["linked/b.png", "own/a.png"])
+
+
+def test_names_with_spaces_and_other_scripts_are_found_and_decoded(tmp_path):
+    names = ["ein Kätzchen.png", "猫 2.jpg", "gato ñ.webp"]
+    for i, name in enumerate(names):
+        save(tmp_path / "cat" / name, Image.new("RGB", (8, 8), (40 * i, 0, 0)))
+    found = find_images(tmp_path, "cat")
+    assert sorted(p.name for p in found) == sorted(names)
+    assert all(decode_image(path, 8)[0].shape == (8, 8, 3) for path in found)
+    import dataset
+
+    first = dataset.load_images(tmp_path, "cat", 8, cache_dir=tmp_path / ".cache", progress=False)
+    again = dataset.load_images(tmp_path, "cat", 8, cache_dir=tmp_path / ".cache", progress=False)
+    assert again.from_cache and again.files == first.files == found and len(again.images) == 3
+
+
 def test_find_images_all_means_every_class_folder(tmp_path):
     for cls in ("cat", "dog", "wild", ".cache"):
         save(tmp_path / cls / f"{cls}1.png", Image.new("RGB", (8, 8)))
