@@ -2,8 +2,9 @@
 AdamW, and the DistributedDataParallel wrap. ``main.py``, the trainer, ``bench/`` and the tests all build here.
 
 AdamW's two parameter groups are named: ``"decay"`` (the kernels of the convolutions and linear layers, which
-take ``--weight_decay``; Loshchilov & Hutter 2019) and ``"no_decay"`` (biases and GroupNorm gains). A checkpoint's optimizer state brings its own hyperparameters; ``load_optimizer_state`` puts this
-run's settings back into each group by its name, so that a resumed run trains as its command line says.
+take ``--weight_decay``; Loshchilov & Hutter 2019) and ``"no_decay"`` (biases and GroupNorm gains). A
+checkpoint's optimizer state brings its own hyperparameters; ``load_optimizer_state`` puts this run's settings
+back into each group by its name, so that a resumed run trains as its command line says.
 """
 from __future__ import annotations
 

@@ -183,7 +183,8 @@ class Config:
     compile: bool = setting(False, "compile the U-Net with torch.compile", group=TRAINING, kind=BOOL)
     cuda_graph: str | bool = setting(False, "capture the training step and the sampling step each in a CUDA "
                                      "graph, removing the launch overhead that bounds small models (training: one "
-                                     "GPU, one process, no --compile); auto = wherever it can", group=TRAINING, kind=AUTO_OR_BOOL)
+                                     "GPU, one process, no --compile); auto = wherever it can", group=TRAINING,
+                                     kind=AUTO_OR_BOOL)
     device: str = setting("auto", "where to run: auto = CUDA, else MPS, else CPU", group=TRAINING, choices=DEVICES)
     seed: int = setting(0, "random seed (data order, noise, timesteps)", group=TRAINING, kind=NON_NEGATIVE_INT)
     overwrite: bool = setting(False, "let a new run replace the model.pt already in --save_folder", group=TRAINING,

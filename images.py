@@ -2,7 +2,8 @@
 
 Layout: ``<data_path>/<class>/...`` with classes ``cat``, ``dog`` and ``wild``, as in the AFHQ archive
 (``./data/train/cat/flickr_cat_000002.jpg``). Files ending in .jpg, .jpeg, .png, .webp, .bmp, .gif (its first
-frame), .tif or .tiff (any case) are images; every other file, and every name starting with a dot (such as the ``.cache`` folder), is ignored.
+frame), .tif or .tiff (any case) are images; every other file, and every name starting with a dot (such as the
+``.cache`` folder), is ignored. Symlinked folders are followed, each real folder read once.
 
 Decoding conventions (``decode_image``):
 - The result is uint8 RGB, shape [S, S, 3] (height, width, channel), values 0 ... 255.

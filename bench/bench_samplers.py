@@ -19,12 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import main  # noqa: E402
 from build import build_diffusion  # noqa: E402
 from cli import build_parser, checked, parse  # noqa: E402
 from dataset import TrainingData, load_images  # noqa: E402
 from distributed import pick_device  # noqa: E402
+from main import adopt_checkpoint_settings  # noqa: E402
 from record import RunRecord  # noqa: E402
+from sampling import EMASampler  # noqa: E402
 from scoring import build_evaluator, statistics_dir  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
@@ -48,25 +49,27 @@ def sampler_settings(spec: str) -> dict:
     return {"sampler": sampler, **({"sample_steps": int(steps)} if steps else {})}
 
 
-def run(args) -> list[dict]:
+def run(args, *, extractor=None) -> list[dict]:
+    """The rows; ``extractor`` replaces clean-fid's Inception (a stand-in network in the tests)."""
     parser = build_parser()
     argv = ["--load_path", args.load_path, "--data_path", args.data_path, "--evaluate", "--wandb", "disabled",
             "--fid_samples", str(args.fid_samples), "--device", args.device,
             *(["--cache_dir", args.cache_dir] if args.cache_dir else [])]
     base, named = parse(argv, parser)
-    base, _, saved = main.adopt_checkpoint_settings(base, named, parser)
+    base, _, saved = adopt_checkpoint_settings(base, named, parser)
     device = pick_device(base.device)
     images = load_images(base.data_path, base.data_class, base.image_size, cache_dir=base.cache_dir)
     record = RunRecord.of_run(base, device=device, world_size=1, data=TrainingData(None, images), saved=saved,
                               fid_cache_dir=str(statistics_dir(base, images).resolve()))
+    trainer = Trainer(build_diffusion(base, record.classes), None, config=base, device=device, run=record)
+    trainer.load(args.load_path, resume=False)
+    evaluator = build_evaluator(base, device, images, record, required=True, extractor=extractor)
+    evaluator.reference()  # computed once (then cached), never timed
     rows = []
     for spec in args.samplers:
-        config = checked(parser, base, **sampler_settings(spec))
-        trainer = Trainer(build_diffusion(config, record.classes), None, config=config, device=device, run=record)
-        trainer.load(args.load_path, resume=False)
-        evaluator = build_evaluator(config, device, images, record, required=True)
-        evaluator.reference()  # cached after the first row; never timed
-        draw, spent = trainer.sampler.fid_sample_fn(), [0.0]
+        sampler = EMASampler(trainer.ema, checked(parser, base, **sampler_settings(spec)), device=trainer.device,
+                             precision=trainer.precision, classes=record.classes)
+        draw, spent = sampler.fid_sample_fn(), [0.0]
 
         def timed(n, labels=None):
             start = time.perf_counter()
@@ -84,7 +87,7 @@ def run(args) -> list[dict]:
     return rows
 
 
-def main_(argv=None) -> int:
+def main(argv=None) -> int:
     args = parse_args(argv)
     rows = run(args)
     if args.json:
@@ -93,4 +96,4 @@ def main_(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_())
+    sys.exit(main())

@@ -136,3 +136,19 @@ def test_the_guidance_benchmarks_classifier_learns_the_real_classes_and_scores_s
     x = images.float() / 255
     assert share_classified(net, x, labels) == 1.0
     assert share_classified(net, x, (labels + 1) % 3) == 0.0  # samples of another class than asked: none counted
+
+
+def test_the_sampler_benchmark_scores_each_sampler_from_the_checkpoint_alone(tmp_path):
+    import fid
+    from bench_samplers import parse_args, run
+    from helpers import TinyFeatures, tiny_run
+
+    data, cache, save = tiny_run(tmp_path, 2)
+    args = parse_args(["--load_path", str(save / "model.pt"), "--data_path", str(data), "--cache_dir", str(cache),
+                       "--samplers", "ddpm", "ddim:3", "--fid_samples", "4", "--device", "cpu"])
+    rows = run(args, extractor=fid.FeatureExtractor(model=TinyFeatures().eval()))
+    assert [row["sampler"] for row in rows] == ["ddpm", "ddim:3"]
+    assert all(row["step"] == 2 and row["fid_samples"] == 4 and row["fid"] >= 0 for row in rows)
+    assert all(row["sampling_s_per_1000"] > 0 for row in rows)
+    assert rows[0]["fid"] != rows[1]["fid"]  # each row samples with its own sampler
+

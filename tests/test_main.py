@@ -161,7 +161,8 @@ def test_named_flags_are_those_the_command_line_names_whatever_their_values():
 
 
 def test_help_answers_without_importing_torch():
-    code = "import sys, main\ntry:\n    main.main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    code = ("import sys, main\ntry:\n    main.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--train_steps" in result.stdout and "(default: 10000)" in result.stdout

@@ -79,9 +79,10 @@ def test_a_loaded_optimizer_takes_this_runs_settings_by_group_name():
         groups = {group["name"]: group for group in new.optimizer.param_groups}
         assert (groups["decay"]["weight_decay"], groups["no_decay"]["weight_decay"]) == (0.05, 0.0)
         assert groups["decay"]["lr"] == groups["no_decay"]["lr"] == 2e-3
-        assert all(p.dim() >= 2 for p in groups["decay"]["params"]) and all(p.dim() < 2 for p in groups["no_decay"]["params"])
-        moments = [new.optimizer.state[p]["exp_avg"] for p in new.diffusion.model.parameters()]
-        assert all(torch.equal(a, old.optimizer.state[p]["exp_avg"]) for a, p in zip(moments, old.diffusion.model.parameters()))
+        assert all(p.dim() >= 2 for p in groups["decay"]["params"])
+        assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
+        pairs = zip(new.diffusion.model.parameters(), old.diffusion.model.parameters())
+        assert all(torch.equal(new.optimizer.state[a]["exp_avg"], old.optimizer.state[b]["exp_avg"]) for a, b in pairs)
 
 
 def test_one_pass_by_default_where_the_steps_activations_fit_a_quarter_of_the_free_memory():
