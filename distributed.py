@@ -7,6 +7,7 @@ NCCL carries the gradients between GPUs, gloo between CPU processes.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -103,5 +104,9 @@ def parameters_agree(module: torch.nn.Module, ctx: Context) -> bool:
 
 
 def cleanup(ctx: Context) -> None:
+    """Leave the process group. The trainer's DistributedDataParallel sits in reference cycles (the training step's
+    closures), so it is collected here first: its gloo work then ends while the group and the interpreter are
+    alive, not during interpreter shutdown, where a gloo thread that outlives them aborts the process."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
