@@ -1,10 +1,12 @@
-"""Endless, resumable streams of training batches (``Batch``: float32 images [B, 3, S, S] in [-1, 1] on the
-training device, and their class labels or None).
+"""Endless, resumable streams of training batches (``Batch``: float32 images [B, C, S, S] in [-1, 1] on the
+training device, and their class labels or None; C is 3, or 1 for grayscale data).
 
 Both sources share one sampling rule. Epoch ``e`` shuffles the N images with a CPU ``torch.Generator``
 seeded from ``(seed, e)`` and draws one flip coin per image from the same generator; rank ``r`` of
 ``world_size`` takes ``perm[r::world_size]`` (shards are disjoint and together cover the data) and cuts it
-into batches, dropping the last incomplete one. So ``(epoch, position)`` pins down every later batch, which
+into batches, dropping the last incomplete one. A rank with fewer images than a batch sees each of its images
+``repeats`` times per epoch (an epoch then orders N * repeats draws, image ``i % N`` for draw ``i``), so that a
+handful of images still trains. So ``(epoch, position)`` pins down every later batch, which
 is what ``state_dict`` saves: ``position`` counts the batches already served in ``epoch``.
 
 ``DeviceBatches`` serves from a uint8 tensor kept on the device (or on the CPU, copied per batch through
@@ -70,7 +72,7 @@ def epoch_order(num_images: int, *, seed: int, epoch: int, rank: int = 0,
 
 
 def to_model_range(x: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> float32 in [-1, 1], mirrored left-right where ``flips`` (bool [B]) is set."""
+    """uint8 [B, C, S, S] -> float32 in [-1, 1], mirrored left-right where ``flips`` (bool [B]) is set."""
     x = x.to(torch.float32).div_(127.5).sub_(1.0)
     if flips is not None:
         mask = flips.to(x.device, non_blocking=True).view(-1, 1, 1, 1)
@@ -85,10 +87,11 @@ class _BatchStream:
                  world_size: int, labels: torch.Tensor | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0 ... world_size - 1 = {world_size - 1}")
-        per_rank = len(range(rank, num_images, world_size))
-        if batch_size < 1 or batch_size > per_rank:
-            raise UserError(f"--batch_size {batch_size} does not fit the {per_rank} images of this process "
-                            f"(rank {rank} of {world_size}); pass a batch size from 1 to {per_rank}")
+        if batch_size < 1 or num_images < 1:
+            raise UserError(f"--batch_size {batch_size} must be at least 1, and there must be images to batch")
+        self.repeats = 1  # the same on every rank, so that the ranks' shards still split one order
+        while len(range(world_size - 1, num_images * self.repeats, world_size)) < batch_size:
+            self.repeats += 1
         self.num_images, self.batch_size, self.device = num_images, batch_size, torch.device(device)
         self.flip, self.seed, self.rank, self.world_size = flip, seed, rank, world_size
         if labels is not None and (labels.dim() != 1 or len(labels) != num_images):
@@ -99,7 +102,7 @@ class _BatchStream:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank (the incomplete last batch is dropped)."""
-        return len(range(self.rank, self.num_images, self.world_size)) // self.batch_size
+        return len(range(self.rank, self.num_images * self.repeats, self.world_size)) // self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -109,13 +112,14 @@ class _BatchStream:
         if self.position >= len(self):
             self.epoch, self.position = self.epoch + 1, 0
         if self._order is None or self._order[0] != self.epoch:
-            order = epoch_order(self.num_images, seed=self.seed, epoch=self.epoch, rank=self.rank,
+            order = epoch_order(self.num_images * self.repeats, seed=self.seed, epoch=self.epoch, rank=self.rank,
                                 world_size=self.world_size)
             self._order = (self.epoch, self._place_order(*order))
         indices, flips = self._order[1]
         start = self.position * self.batch_size
         self.position += 1
-        return indices[start:start + self.batch_size], flips[start:start + self.batch_size]
+        indices = indices[start:start + self.batch_size]
+        return indices % self.num_images if self.repeats > 1 else indices, flips[start:start + self.batch_size]
 
     def _place_order(self, indices: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where an epoch's order is kept (the CPU here); called once per epoch."""
@@ -145,13 +149,15 @@ class _BatchStream:
 
 
 class DeviceBatches(_BatchStream):
-    """Batches from a uint8 [N, 3, S, S] tensor; see the module docstring for the order and the state."""
+    """Batches from a uint8 [N, C, S, S] tensor (C = 3, or 1 for grayscale); see the module docstring for the order
+    and the state."""
 
     def __init__(self, images_uint8: torch.Tensor, batch_size: int, *, device, flip: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, memory_fraction: float = 0.25,
                  labels: torch.Tensor | None = None):
-        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
-            raise ValueError(f"images must be uint8 [N, 3, S, S], got {images_uint8.dtype} {list(images_uint8.shape)}")
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] not in (1, 3):
+            raise ValueError(f"images must be uint8 [N, C, S, S] with C 1 or 3, got {images_uint8.dtype} "
+                             f"{list(images_uint8.shape)}")
         super().__init__(images_uint8.shape[0], batch_size, device=device, flip=flip, seed=seed, rank=rank,
                          world_size=world_size, labels=labels)
         nbytes = images_uint8.numel()
@@ -177,14 +183,15 @@ class DeviceBatches(_BatchStream):
 
 
 class FileImages(Dataset):
-    """Decodes file i on demand into (uint8 [3, S, S], files skipped, upsampled flag).
+    """Decodes file i on demand into (uint8 [C, S, S], files skipped, upsampled flag).
 
     An unreadable file is replaced by the next readable one (wrapping around) and counted, so that every
     batch stays full; all N unreadable gives a zero image with ``skipped == N``.
     """
 
-    def __init__(self, files: Sequence[Path], image_size: int, *, max_pixels: int = MAX_PIXELS):
+    def __init__(self, files: Sequence[Path], image_size: int, *, max_pixels: int = MAX_PIXELS, channels: int = 3):
         self.files, self.image_size, self.max_pixels = list(files), image_size, max_pixels
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -195,11 +202,12 @@ class FileImages(Dataset):
             for skipped in range(len(self.files)):
                 path = self.files[(index + skipped) % len(self.files)]
                 try:
-                    pixels, upsampled = decode_image(path, self.image_size, max_pixels=self.max_pixels)
+                    pixels, upsampled = decode_image(path, self.image_size, channels=self.channels,
+                                                     max_pixels=self.max_pixels)
                 except UnreadableImage:
                     continue
                 return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), skipped, upsampled
-        return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), len(self.files), False
+        return torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8), len(self.files), False
 
 
 class _EpochBatchSampler:
@@ -209,19 +217,19 @@ class _EpochBatchSampler:
     DataLoader would leave its workers to the garbage collector, which shuts them down slowly.
     """
 
-    def __init__(self, num_images: int, batch_size: int, *, seed: int, rank: int, world_size: int):
-        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+    def __init__(self, num_images: int, batch_size: int, *, seed: int, rank: int, world_size: int, repeats: int = 1):
+        self.num_images, self.batch_size, self.seed, self.repeats = num_images, batch_size, seed, repeats
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        indices, _ = epoch_order(self.num_images, seed=self.seed, epoch=self.epoch, rank=self.rank,
+        indices, _ = epoch_order(self.num_images * self.repeats, seed=self.seed, epoch=self.epoch, rank=self.rank,
                                  world_size=self.world_size)
         for b in range(self.start, len(indices) // self.batch_size):
-            yield indices[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield (indices[b * self.batch_size:(b + 1) * self.batch_size] % self.num_images).tolist()
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_images, self.world_size)) // self.batch_size - self.start
+        return len(range(self.rank, self.num_images * self.repeats, self.world_size)) // self.batch_size - self.start
 
 
 class StreamingBatches(_BatchStream):
@@ -233,13 +241,15 @@ class StreamingBatches(_BatchStream):
 
     def __init__(self, files: Sequence[Path], image_size: int, batch_size: int, *, device, flip: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int | None = None,
-                 max_pixels: int = MAX_PIXELS, labels: torch.Tensor | None = None):
+                 max_pixels: int = MAX_PIXELS, labels: torch.Tensor | None = None, channels: int = 3):
         super().__init__(len(files), batch_size, device=device, flip=flip, seed=seed, rank=rank,
                          world_size=world_size, labels=labels)
         self.image_size, self.skipped, self.upsampled = image_size, 0, 0
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self._sampler = _EpochBatchSampler(len(files), batch_size, seed=seed, rank=rank, world_size=world_size)
-        self._loader = DataLoader(FileImages(files, image_size, max_pixels=max_pixels), batch_sampler=self._sampler,
+        self._sampler = _EpochBatchSampler(len(files), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                           repeats=self.repeats)
+        self._loader = DataLoader(FileImages(files, image_size, max_pixels=max_pixels, channels=channels),
+                                  batch_sampler=self._sampler,
                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                   pin_memory=self.device.type == "cuda")
         self._iterator: Iterator | None = None

@@ -20,10 +20,10 @@ from unet import Unet
 def build_diffusion(config, classes: tuple[str, ...] = ()) -> Diffusion:
     """The model ``config`` describes, class-conditional over ``classes`` when there are any."""
     try:
-        net = Unet(config.unet_dim, config.dim_mults, channels=3, num_res_blocks=config.num_res_blocks,
-                   attention_levels=config.attention_levels or None, dropout=config.dropout,
+        net = Unet(config.unet_dim, config.dim_mults, channels=config.channels, num_res_blocks=config.num_res_blocks,
+                   attention_levels=config.attention_levels, dropout=config.dropout,
                    self_condition=config.self_condition, image_size=config.image_size, num_classes=len(classes))
-        return Diffusion(net, image_size=config.image_size, channels=3, timesteps=config.time_steps,
+        return Diffusion(net, image_size=config.image_size, channels=config.channels, timesteps=config.time_steps,
                          loss_type=config.loss, class_dropout=config.class_dropout if classes else 0.0)
     except ValueError as e:
         raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None

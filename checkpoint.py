@@ -6,7 +6,7 @@ came from somewhere else cannot run code. It holds everything a resumed run need
     {"format": 2, "step": int, "config": {setting: value}, "run": {...},
      "model": state_dict, "ema": state_dict, "optimizer": state_dict, "scaler": state_dict | None,
      "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}, "data": {...}, "history": [{...}, ...],
-     "wandb_run_id": str | None}
+     "wandb_run_id": str | None, "examples": uint8 [K, C, S, S] (a few training images, for --visualize)}
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from atomic import atomic_write, stale_temporaries
-from config import Config, comparable, names, show
+from config import Config, comparable, names, recorded, show
 from errors import UserError
 
 FORMAT = 2
@@ -112,7 +112,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 def check_architecture(saved: dict, config: Config, path: str | os.PathLike) -> None:
     """Raise UserError naming every network setting in which the checkpoint's recorded config differs from
     ``config`` (the tensors themselves are compared by ``load_state_strict``)."""
-    differ = [k for k in names("network") if k in saved and comparable(saved[k]) != comparable(getattr(config, k))]
+    saved = recorded(saved, training=False)
+    differ = [k for k in names("network") if k in saved and saved[k] != comparable(getattr(config, k))]
     if differ:
         diffs = "; ".join(f"{k}={show(saved[k])} in the checkpoint but {show(getattr(config, k))} here" for k in differ)
         flags = " ".join(f"--{k} {show(saved[k])}" for k in differ)

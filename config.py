@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from download import DOWNLOAD_MODES, DOWNLOAD_SOURCES
-from images import CLASSES
 from metrics import WANDB_MODES
 
 ROLES = ("network", "training", "run")
@@ -35,6 +34,27 @@ FID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_DECAYS = ("none", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# The network each image size gets unless --dim_mults names one: (channel multipliers, attention levels). Each
+# doubling of the size adds a level, so the lowest resolution stays 4 x 4 with the same widths; the new
+# high-resolution level is kept narrow, since a level's compute grows with its pixels; from 64 px on, attention
+# runs at 8 x 8 and 4 x 4. 32 px is the assignment's network. A size between two of these takes the larger's.
+SIZE_NETWORKS = {32: ((1, 2, 4, 8), (3,)), 64: ((1, 1, 2, 4, 8), (3, 4)), 128: ((1, 1, 2, 2, 4, 8), (4, 5))}
+
+
+def size_network(image_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (dim_mults, attention_levels) of ``SIZE_NETWORKS`` that ``image_size`` takes."""
+    return SIZE_NETWORKS[next((s for s in sorted(SIZE_NETWORKS) if image_size <= s), max(SIZE_NETWORKS))]
+
+
+def network_shape(image_size: int, dim_mults, attention_levels) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The dim_mults and attention levels a network gets: by size where ``dim_mults`` is None; the lowest level's
+    attention only where ``dim_mults`` is given without ``attention_levels`` (and in checkpoints of earlier
+    versions, which record None)."""
+    if dim_mults is None:
+        mults, levels = size_network(image_size)
+        return mults, tuple(levels if attention_levels is None else attention_levels)
+    mults = tuple(dim_mults)
+    return mults, (len(mults) - 1,) if attention_levels is None else tuple(attention_levels)
 
 
 class Kind:
@@ -123,12 +143,14 @@ class Config:
                               role="network", kind=POSITIVE_INT)
     batch_size: int = setting(32, "images per batch (per process); each step takes --grad_accum batches",
                               group=ASSIGNMENT, role="training", kind=POSITIVE_INT)
-    data_class: str = setting("cat", "AFHQ domain to train on ('all' = every class folder)", group=ASSIGNMENT,
-                              choices=CLASSES + ("all",))
+    data_class: str = setting("cat", "the sub-folder of --data_path to train on (AFHQ's cat, dog, wild, or any "
+                              "folder's name); all = every image under --data_path. Not given, and no cat/ there: "
+                              "every image under --data_path", group=ASSIGNMENT)
     save_folder: str = setting("./results/", "where checkpoints, samples, metrics and figures go", group=ASSIGNMENT)
     load_path: str | None = setting(None, "checkpoint to resume training from, or to visualize / sample / score",
                                     group=ASSIGNMENT, optional=True)
-    data_path: str = setting("./data/train/", "folder holding one sub-folder of images per class", group=ASSIGNMENT)
+    data_path: str = setting("./data/train/", "folder of the training images: any layout (flat or in sub-folders), "
+                             "or one sub-folder per class", group=ASSIGNMENT)
     train_steps: int = setting(10000, "total optimizer steps (a resumed run counts its earlier steps)",
                                group=ASSIGNMENT, kind=POSITIVE_INT)
     time_steps: int = setting(50, "number of diffusion steps T", group=ASSIGNMENT, role="network",
@@ -144,11 +166,14 @@ class Config:
                               group=ASSIGNMENT, kind=BOOL)
 
     # the network
-    dim_mults: tuple[int, ...] = setting((1, 2, 4, 8), "channel multiplier of each U-Net level, highest resolution "
-                                         "first", group=MODEL, role="network", kind=POSITIVE_INT, nargs="+")
+    dim_mults: tuple[int, ...] | None = setting(
+        None, "channel multiplier of each U-Net level, highest resolution first; default: by --image_size (32 px: "
+        "1 2 4 8, 64 px: 1 1 2 4 8, 128 px: 1 1 2 2 4 8)", group=MODEL, role="network", kind=POSITIVE_INT, nargs="+",
+        optional=True)
     num_res_blocks: int = setting(2, "residual blocks per U-Net level", group=MODEL, role="network", kind=POSITIVE_INT)
     attention_levels: tuple[int, ...] | None = setting(
-        None, "U-Net levels (0 = highest resolution) with self-attention; default: the lowest only", group=MODEL,
+        None, "U-Net levels (0 = highest resolution) with self-attention; default: the 8 x 8 and 4 x 4 levels from "
+        "64 px on, the lowest only at 32 px or with --dim_mults given", group=MODEL,
         role="network", kind=NON_NEGATIVE_INT, nargs="*", optional=True)
     dropout: float = setting(0.0, "dropout inside the residual blocks", group=MODEL, role="training",
                              kind=_number(float, "a dropout rate in [0, 0.99]", 0.0, 0.99))
@@ -193,6 +218,8 @@ class Config:
                              kind=POSITIVE_INT)
 
     # the data
+    channels: int = setting(3, "image channels: 3 (colour) or 1 (grayscale: a 1-channel network, grey samples)",
+                            group=DATA, role="network", kind=POSITIVE_INT, choices=(1, 3))
     flip: bool = setting(True, "random horizontal flips", group=DATA, role="training", kind=BOOL)
     cache_dir: str | None = setting(None, "where the decoded-image cache and FID statistics go (default: beside the "
                                     "data)", group=DATA, optional=True)
@@ -249,7 +276,17 @@ class Config:
             if getattr(self, mode) and not self.load_path:
                 raise ValueError(f"--{mode} needs a trained model: add --load_path results/model.pt "
                                  f"(the model.pt that training wrote)")
-        levels = self.attention_levels or ()
+        if not self.data_class.strip():
+            raise ValueError("--data_class is empty; pass a sub-folder's name, or all")
+        mults, levels = network_shape(self.image_size, self.dim_mults, self.attention_levels)
+        object.__setattr__(self, "dim_mults", mults)
+        object.__setattr__(self, "attention_levels", levels)
+        factor = 2 ** (len(self.dim_mults) - 1)
+        if self.image_size % factor:
+            nearest = [s for s in (self.image_size // factor * factor, (self.image_size // factor + 1) * factor) if s]
+            raise ValueError(f"--image_size {self.image_size} does not fit a U-Net of {len(self.dim_mults)} levels "
+                             f"(--dim_mults {show(self.dim_mults)}), which takes multiples of {factor}; the nearest "
+                             f"are {' and '.join(map(str, nearest))}")
         if any(level >= len(self.dim_mults) for level in levels):
             raise ValueError(f"--attention_levels {show(levels)} must be below the number of --dim_mults "
                              f"({len(self.dim_mults)})")
@@ -282,7 +319,11 @@ def recorded(saved: dict, *, training: bool) -> dict:
     """The settings a checkpoint's recorded config hands on: its network's, and with ``training`` also how it
     was trained."""
     wanted = names("network", "training") if training else names("network")
-    return {k: comparable(saved[k]) for k in wanted if k in saved}
+    out = {k: comparable(saved[k]) for k in wanted if k in saved}
+    if "dim_mults" in out:  # as the network was built (earlier versions record None for the default attention)
+        out["dim_mults"], out["attention_levels"] = network_shape(saved.get("image_size", 32), out["dim_mults"],
+                                                                  out.get("attention_levels"))
+    return out
 
 
 def comparable(value):

@@ -29,7 +29,7 @@ from urllib.request import Request, urlopen
 from tqdm import tqdm
 
 from errors import UserError
-from images import CLASSES, find_images
+from images import CLASSES, find_images, has_images
 
 AFHQ_URLS = {
     "v2": "https://www.dropbox.com/s/vkzjokiwof5h8w6/afhq_v2.zip?dl=1",  # StarGAN v2 download.sh, afhq-v2-dataset
@@ -62,10 +62,13 @@ def ensure_dataset(data_path: str | Path, data_class: str, *, download: str = "a
         raise ValueError(f"download must be one of {DOWNLOAD_MODES}, got {download!r}")
     root = Path(data_path).expanduser()
     wanted = CLASSES if data_class == "all" else (data_class,)
-    present = any((root / c).is_dir() for c in CLASSES) if data_class == "all" else (root / data_class).is_dir()
+    present = has_images(root) if data_class == "all" else (root / data_class).is_dir()
     if download == "never" or (download == "auto" and present):
         return root
-    if download == "auto" and not _is_default_location(root):
+    if download == "always" and data_class not in (*CLASSES, "all"):
+        raise UserError(f"--download always fetches AFHQ, which has no {data_class}/ class (only "
+                        f"{', '.join(CLASSES)}); drop --download always to train on your own {data_class}/ folder")
+    if download == "auto" and (not _is_default_location(root) or data_class not in (*CLASSES, "all")):
         find_images(root, data_class)  # raises the one-line error that says what is missing
         return root
     if root.name != "train":

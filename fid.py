@@ -37,13 +37,13 @@ class InceptionUnavailable(UserError):
 
 
 def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1], [N, 3, H, W] -> uint8 on the CPU, the values a PNG from ``save_image`` holds.
+    """Float images in [0, 1], [N, C, H, W] (C = 3, or 1 grey) -> uint8 on the CPU, the values a PNG holds.
 
     Same arithmetic as ``save_image``: multiply by 255, add 0.5, clamp to [0, 255], truncate. Computed in
     float32 whatever the input precision; NaNs become 0.
     """
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"expected float images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
+        raise ValueError(f"expected float images [N, 3 or 1, H, W], got {images.dtype} {tuple(images.shape)}")
     x = torch.nan_to_num(images.detach().to("cpu", torch.float32), nan=0.0)
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
@@ -119,9 +119,11 @@ class FeatureExtractor:
         return torch.stack([t.float().div(255) * 255 if t.dtype == torch.uint8 else t for t in tensors])
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """Features of uint8 images [N, 3, H, W] (CPU): float64 [N, D], computed in batches on ``device``."""
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        """Features of uint8 images [N, 3, H, W] (CPU): float64 [N, D], computed in batches on ``device``. Grey
+        images [N, 1, H, W] go in as their channel three times, the RGB image of the same grey."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 images [N, 3 or 1, H, W], got {images.dtype} {tuple(images.shape)}")
+        images = images.expand(-1, 3, -1, -1)
         self.load()
         feats = []
         with torch.no_grad():
@@ -199,9 +201,9 @@ class FIDEvaluator(WarnsWithoutInception):
                            "real_key": self.real_key, "extractor": self.extractor.name}, sort_keys=True)
 
     def _check(self, images: torch.Tensor, count: int | None, what: str) -> None:
-        """Real batches (``count`` None) must be uint8 [B, 3, S, S]; samples float [count, 3, S, S]."""
+        """Real batches (``count`` None) must be uint8 [B, C, S, S]; samples float [count, C, S, S] (C 3, or 1)."""
         dtype_ok = images.dtype == torch.uint8 if count is None else images.is_floating_point()
-        if not dtype_ok or images.shape[1:] != (3, self.image_size, self.image_size) or \
+        if not dtype_ok or images.shape[1] not in (1, 3) or images.shape[2:] != (self.image_size, self.image_size) or \
                 (count is not None and len(images) != count):
             kind = "uint8" if count is None else "float"
             raise ValueError(f"{what} gave {images.dtype} {tuple(images.shape)}; expected {kind} "

@@ -7,7 +7,8 @@
 Every flag of the assignment's Table 1 keeps its name, meaning and recommended value as its default. With
 ``--load_path``, the flags the command line does not name that shape the network (and, when training resumes,
 that say how it was trained) take the checkpoint's values. A checkpoint is all that ``--sample`` needs;
-``--evaluate`` needs the training images only until their FID statistics are cached, ``--visualize`` always.
+``--evaluate`` needs the training images only until their FID statistics are cached, ``--visualize`` only for more
+figure rows than the checkpoint keeps (``run_data.py``).
 Mistakes in the input end with one line on stderr and exit code 2 (see ``errors.UserError``).
 """
 from __future__ import annotations
@@ -83,26 +84,6 @@ def check_not_overwriting(config: Config) -> None:
                     f"pass another --save_folder, or add --overwrite to replace it")
 
 
-def load_data(config: Config, device, ctx):
-    """The training data (``dataset.TrainingData``, its batches sharded per rank); rank 0 downloads and builds the
-    cache first."""
-    import dataset
-    import distributed
-    import download
-
-    if ctx.is_main:
-        download.ensure_dataset(config.data_path, config.data_selection, download=config.download,
-                                source=config.dataset_source)
-    for turn in ("main", "others"):  # the other ranks read the cache rank 0 has just written
-        if (turn == "main") == ctx.is_main:
-            data = dataset.make_batches(
-                config.data_path, config.data_selection, config.image_size, config.batch_size, device=device,
-                flip=config.flip, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
-                cache_dir=config.cache_dir, progress=ctx.is_main, labelled=config.class_conditional)
-        distributed.barrier(ctx)
-    return data
-
-
 def print_config(record: dict, trainer, device, *, training: bool) -> None:
     """A training run prints its whole configuration; the other modes only what they load and where they run
     (their training flags would describe this command, not how the checkpoint was trained)."""
@@ -116,29 +97,6 @@ def print_config(record: dict, trainer, device, *, training: bool) -> None:
           f"effective batch size {record['effective_batch_size']}, learning rate {record['learning_rate']:g}")
 
 
-def needs_data(config: Config, saved) -> bool:
-    """Training and --visualize need the images; --evaluate only until their FID statistics are cached;
-    --sample never."""
-    from scoring import cached_reference
-
-    if config.visualize or config.trains:
-        return True
-    return config.evaluate and cached_reference(config, saved) is None
-
-
-def load_data_for(config: Config, device, ctx):
-    """``load_data``, with missing data under --visualize and --evaluate said as what those commands need."""
-    try:
-        return load_data(config, device, ctx)
-    except UserError as e:
-        if config.visualize:
-            raise UserError(f"--visualize shows real training images going through both processes, but {e}") from None
-        if config.evaluate:
-            raise UserError(f"--evaluate needs the training images for FID's reference statistics (none are cached "
-                            f"for this model's data; --cache_dir names where they are), but {e}") from None
-        raise
-
-
 def run(config: Config, ctx, saved, *, extractor=None) -> int:
     """Build the pieces and run the command; ``saved`` is the loaded checkpoint's ``RunRecord`` (an empty one
     without a checkpoint), ``extractor`` the FID feature network (default: clean-fid's Inception)."""
@@ -146,8 +104,10 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
 
     import distributed
     from build import build_diffusion
+    from memory import batch_memory
     from metrics import MetricsLogger
     from record import RunRecord
+    from run_data import load_data_for, needs_data
     from scoring import build_evaluator, statistics_dir
     from trainer import Trainer
 
@@ -169,6 +129,8 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
     trainer = Trainer(build_diffusion(config, run_record.classes), data.batches if data is not None else None,
                       config=config, device=device, dist_ctx=ctx, run=run_record)
     loaded = trainer.load(config.load_path, resume=training) if config.load_path else {}
+    if training and data is not None and data.examples(config) is not None:
+        trainer.examples = data.examples(config)
     if not loaded:
         torch.manual_seed(config.seed + ctx.rank)  # each rank draws its own timesteps and noise
     elif ctx.rank > 0:  # a checkpoint holds rank 0's RNG state; the others continue on streams of their own
@@ -176,6 +138,8 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
     record = {**config.to_dict(), **run_record.to_dict()}
     if ctx.is_main:
         print_config(record, trainer, device, training=training)
+        if training:
+            print(batch_memory(trainer.diffusion, config, device))
         if training:  # --visualize, --sample and --evaluate leave the training run's record alone
             atomic_write_text(Path(config.save_folder) / "config.json", json.dumps(record, indent=1, default=str) + "\n")
         trainer.logger = MetricsLogger(config.save_folder, config=record, wandb_mode=config.wandb,
@@ -185,7 +149,8 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
     try:
         if not training:  # each mode asked for, in this order
             if config.visualize:
-                first = (image_set.images[: config.num_vis].float().div(127.5).sub(1) if image_set is not None
+                first = (trainer.examples[: config.num_vis].float().div(127.5).sub(1) if data is None
+                         else image_set.images[: config.num_vis].float().div(127.5).sub(1) if image_set is not None
                          else next(iter(data.batches)).images[: config.num_vis])
                 for path in trainer.visualize(first):
                     print(f"wrote {path}")
@@ -255,7 +220,9 @@ def adopt_checkpoint_settings(config: Config, named: set[str], parser):
     ckpt = ckpt_io.load_checkpoint(config.load_path, mmap=True)
     saved = recorded(ckpt["config"], training=config.trains)
     adopted = {k: v for k, v in saved.items() if k not in named and comparable(getattr(config, k)) != v}
-    return checked(parser, config, **adopted), adopted, RunRecord.from_dict(ckpt.get("run"))
+    config = checked(parser, config, **adopted)
+    ckpt_io.check_architecture(ckpt["config"], config, config.load_path)  # before any data is read
+    return config, adopted, RunRecord.from_dict(ckpt.get("run"))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -274,6 +241,7 @@ def main(argv: list[str] | None = None, *, extractor=None) -> int:
     config, named = parse(argv, parser)
     import distributed
     from record import RunRecord
+    from run_data import resolve_data_class
     from trainer import TrainingInterrupted
 
     ctx = distributed.from_environment()
@@ -286,6 +254,7 @@ def main(argv: list[str] | None = None, *, extractor=None) -> int:
                 print(f"from {config.load_path}: " + " ".join(f"--{k} {show(v)}" for k, v in adopted.items())
                       + " (name a flag to change it)")
         check_class_flags(config, named)
+        config = resolve_data_class(config, named)
         code = run(config, ctx, saved, extractor=extractor)
         # every rank reaches the teardown together: gloo aborts a rank whose peer has already closed its connections
         distributed.barrier(ctx)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
+
 
 def available_memory_bytes(*, meminfo: Path = Path("/proc/meminfo"),
                            cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -73,3 +75,25 @@ def activation_bytes_per_image(diffusion) -> int:
         for handle in handles:
             handle.remove()
     return 4 * total
+
+
+def batch_memory(diffusion, config, device: torch.device, *, free: int | None = None) -> str:
+    """Whether a training batch's activations fit ``device``'s free memory: the line saying so, or a UserError
+    saying what to lower. Half of the free memory is the limit, the rest being the weights, the optimizer, the
+    decoded images and what the backward pass allocates besides."""
+    per_image = activation_bytes_per_image(diffusion)
+    need = config.batch_size * per_image
+    free = free_bytes(device) if free is None else free
+    if free is None:
+        return f"memory: a batch's activations take about {need / 2**30:.2f} GiB ({device}'s free memory is unknown)"
+    if need <= free / 2:
+        return f"memory: a batch's activations take about {need / 2**30:.2f} GiB of the {free / 2**30:.1f} GiB free"
+    fit = int(free / 2 // per_image)
+    effective = config.batch_size * config.grad_accum
+    if fit >= 1:
+        lower = (f"lower --batch_size to {fit} and raise --grad_accum to {-(-effective // fit)} to keep the effective "
+                 f"batch of {effective}, or lower --image_size")
+    else:
+        lower = "lower --image_size or --unet_dim"
+    raise UserError(f"a batch of {config.batch_size} images at {config.image_size}px needs about {need / 2**30:.1f} "
+                    f"GiB for its activations, more than half of the {free / 2**30:.1f} GiB free on {device}; {lower}")

@@ -27,6 +27,7 @@ class RunRecord:
     classes: tuple[str, ...] = ()  # a class-conditional model's class names, by label
     class_sizes: tuple[int, ...] = ()  # images of each class
     class_data_keys: dict[str, str] = field(default_factory=dict)  # each class's own fingerprint, by name
+    data: dict = field(default_factory=dict)  # what the data was (``dataset.TrainingData.description``)
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -46,6 +47,8 @@ class RunRecord:
         if self.classes:
             out.update(classes=list(self.classes), class_sizes=list(self.class_sizes),
                        class_data_keys=dict(self.class_data_keys))
+        if self.data:
+            out["data"] = dict(self.data)
         return out
 
     @classmethod
@@ -62,7 +65,7 @@ class RunRecord:
         resumed run must see the same ones."""
         saved = saved or cls()
         data_fields = dict(data_key=saved.data_key, fid_cache_dir=saved.fid_cache_dir,
-                           class_sizes=saved.class_sizes, class_data_keys=saved.class_data_keys)
+                           class_sizes=saved.class_sizes, class_data_keys=saved.class_data_keys, data=saved.data)
         classes: tuple[str, ...] = ()
         if config.class_conditional:
             found = data.classes if data is not None else ()
@@ -76,6 +79,10 @@ class RunRecord:
             classes = saved.classes or found
             if data is not None:
                 data_fields["class_sizes"] = data.class_sizes
+        if data is not None:
+            if config.load_path and config.trains:
+                check_same_data(config, saved, data)
+            data_fields["data"] = data.description(config)
         if data is not None and data.image_set is not None:
             data_fields.update(data_key=data.image_set.pixels_key, fid_cache_dir=fid_cache_dir)
             data_fields["class_data_keys"] = data.image_set.class_keys() if classes else {}
@@ -83,3 +90,21 @@ class RunRecord:
             data_fields.update(class_sizes=(), class_data_keys={})
         return cls(device=str(device), world_size=world_size, classes=classes,
                    effective_batch_size=config.batch_size * config.grad_accum * world_size, **data_fields)
+
+
+def check_same_data(config, saved: RunRecord, data) -> None:
+    """A resumed run must read the images its checkpoint was trained on: refuse, saying how they differ, when the
+    number of images or the fingerprint of their pixels is another."""
+    was, now = dict(saved.data), data.description(config)
+    if saved.data_key and "key" not in was:  # checkpoints of earlier versions record the fingerprint only
+        was["key"] = saved.data_key
+    differ = [k for k in ("images", "key") if k in was and k in now and was[k] != now[k]]
+    if not differ:
+        return
+    if "images" in differ:
+        how = f"{was['images']:,} images, and --data_path {config.data_path} now gives {now['images']:,}"
+    else:
+        how = (f"{now['images']:,} images whose pixels differ from those it was trained on (fingerprint {was['key']}, "
+               f"now {now['key']})")
+    raise UserError(f"{config.load_path} was trained on {how}; resume it with the data it was trained on, or start "
+                    f"a new run in another --save_folder")

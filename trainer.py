@@ -61,6 +61,7 @@ class Trainer:
             raise ValueError(f"the model has {diffusion.num_classes} classes, the run record {self.run.num_classes}")
         self.logger, self.evaluator = logger, evaluator
         self.step, self.best_fid, self.history = 0, math.inf, []
+        self.examples: torch.Tensor | None = None  # a few training images (uint8) the checkpoint keeps for figures
         self.precision = choose_precision(config.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -240,6 +241,7 @@ class Trainer:
             "history": [dict(r) for r in self.history],
             "best_fid": self.best_fid,
             "wandb_run_id": self.logger.wandb_run_id if self.logger is not None else None,
+            **({"examples": self.examples.cpu()} if self.examples is not None else {}),
         }
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -258,6 +260,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
         self.best_fid = float(ckpt.get("best_fid", math.inf))
+        self.examples = ckpt.get("examples")
         if resume:
             self.stepper.load_state_dict(ckpt)
             if ckpt.get("rng"):

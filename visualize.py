@@ -91,7 +91,9 @@ def save_table(images: dict[str, torch.Tensor], path: str | os.PathLike, *, titl
     for col, heading in enumerate(columns):
         for row in range(rows):
             ax = axes[row][col]
-            ax.imshow(images[heading][row].permute(1, 2, 0).cpu().float().numpy(), interpolation="nearest")
+            pixels = images[heading][row].permute(1, 2, 0).cpu().float().numpy()
+            ax.imshow(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, cmap="gray", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -106,23 +108,28 @@ def save_table(images: dict[str, torch.Tensor], path: str | os.PathLike, *, titl
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None) -> Path:
-    """A grid of images in [0, 1], ``nrow`` to a row (None: square-ish), as one PNG, written whole or not at all."""
-    from torchvision.utils import save_image
+    """A grid of images in [0, 1], ``nrow`` to a row (None: square-ish), as one PNG (grey for 1-channel images),
+    written whole or not at all."""
+    picture = grid_picture(images, nrow=nrow or max(1, int(len(images) ** 0.5)), pad_value=0.0)
+    return atomic_write(path, lambda f: picture.save(f, format="png"))
 
-    nrow = nrow or max(1, int(len(images) ** 0.5))
-    return atomic_write(path, lambda f: save_image(images, f, format="png", nrow=nrow))
+
+def grid_picture(images: torch.Tensor, *, nrow: int, pad_value: float) -> Image.Image:
+    """Images in [0, 1] ([B, C, H, W]) as one picture, 2-pixel gaps, with ``torchvision.utils.save_image``'s
+    rounding; mode L for 1-channel images, RGB otherwise."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=pad_value)
+    array = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array)
 
 
 def save_gif(frames: list[torch.Tensor], path: str | os.PathLike, *, nrow: int = 8, scale: int = 2,
              frame_ms: int = 80) -> Path:
     """An animated GIF of a chain: each frame a grid of the batch, the last frame held for a second."""
-    from torchvision.utils import make_grid
-
     pictures = []
     for frame in frames:
-        grid = make_grid(frame.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
-        array = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        picture = Image.fromarray(array)
+        picture = grid_picture(frame, nrow=nrow, pad_value=1.0)
         if scale > 1:
             picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
         pictures.append(picture)

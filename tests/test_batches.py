@@ -115,13 +115,28 @@ def test_distributed_shards_are_disjoint_and_cover_the_data(n, world_size):
     assert all(not set(a) & set(b) for i, a in enumerate(served) for b in served[i + 1:])
 
 
-def test_rank_and_batch_size_are_checked():
+def test_rank_and_images_are_checked():
     with pytest.raises(ValueError, match="rank 3 is not in"):
         DeviceBatches(id_images(8), 2, device="cpu", rank=3, world_size=3)
-    with pytest.raises(UserError, match=r"--batch_size 5 does not fit the 4 images of this process \(rank 1 of 2\)"):
-        DeviceBatches(id_images(8), 5, device="cpu", rank=1, world_size=2)
     with pytest.raises(ValueError, match="uint8"):
         DeviceBatches(id_images(8).float(), 2, device="cpu")
+    with pytest.raises(ValueError, match=r"with C 1 or 3"):
+        DeviceBatches(id_images(8)[:, :2].contiguous(), 2, device="cpu")
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fewer_images_than_a_batch_still_make_full_batches(tmp_path, world_size):
+    """3 images, batches of 5: each epoch shows every image ``repeats`` times (the same count on every rank), the
+    batches are full, and the files serve what the decoded tensor serves."""
+    files = write_id_pngs(tmp_path, 3)
+    for rank in range(world_size):
+        settings = dict(device="cpu", flip=False, rank=rank, world_size=world_size, seed=1)
+        cached = DeviceBatches(id_images(3), 5, **settings)
+        streamed = StreamingBatches(files, S, 5, num_workers=0, **settings)
+        assert cached.repeats == streamed.repeats == (2 if world_size == 1 else 4)
+        served = [ids(x) for x in take(cached, 4)]
+        assert served == [ids(x) for x in take(streamed, 4)]
+        assert all(len(batch) == 5 for batch in served) and {i for batch in served for i in batch} == {0, 1, 2}
 
 
 def test_worker_count_is_bounded():

@@ -28,7 +28,7 @@ def make_folder(root: Path) -> Path:
         Image.fromarray(noise).save(cat / f"rgb{i}.png")
     Image.new("L", (30, 20), 77).save(cat / "gray.jpg")
     Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(cat / "clear.png")
-    Image.new("RGB", (6, 6), (1, 2, 3)).save(cat / "small.png")  # below 16px: upsampled
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(cat / "small.png")  # below 16px, above 8px: upsampled
     (cat / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (cat / "truncated.png").write_bytes((cat / "rgb0.png").read_bytes()[:60])
     (cat / "readme.txt").write_text("ignored")
@@ -217,14 +217,19 @@ def test_make_batches_streams_when_memory_is_short(folder, monkeypatch):
     assert not (folder / ".cache").exists()
 
 
-@pytest.mark.parametrize("world_size, message", [
-    (1, r"--batch_size 11 is larger than the 10 images in .*train/cat; lower it"),
-    (2, r"--batch_size 11 is larger than the 5 images \(for each of 2 processes\) in .*; lower it"),
-])
-def test_batch_size_larger_than_the_data(folder, world_size, message):
-    with pytest.raises(UserError, match=message) as info:
-        dataset.make_batches(folder, "cat", 16, 11, device="cpu", world_size=world_size, progress=False)
-    assert "\n" not in str(info.value)
+def test_the_summary_counts_what_was_read_skipped_and_repeated(folder):
+    """One line: the images and their folder, the layout, the size, each reason a file was skipped, the upsampled
+    ones, and a batch larger than the folder."""
+    from PIL import Image
+
+    Image.new("RGB", (5, 5)).save(folder / "cat" / "tiny.png")  # below half of 16px
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        data = dataset.make_batches(folder, "cat", 16, 11, device="cpu", progress=False)
+    assert data.summary == (f"data: {GOOD} images in {folder / 'cat'} (flat: ./ ({GOOD})), 16px RGB; skipped 4 files "
+                            f"(1 not an image, 2 unreadable, 1 too small); 1 upsampled (smaller than 16px); fewer "
+                            f"images than --batch_size 11, so each batch holds some twice or more")
+    assert len(next(data.batches).images) == 11
 
 
 def test_available_memory_is_memavailable_capped_by_the_cgroup_limit(tmp_path):

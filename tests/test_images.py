@@ -82,11 +82,14 @@ def _write_txt(root: Path, rel: str) -> None:
 @pytest.mark.parametrize("setup, data_path, data_class, message", [
     (lambda r: None, "missing", "cat", r"--data_path .*missing does not exist; .*--data_path ./data/train"),
     (lambda r: _write_txt(r, "file"), "file", "cat", r"is a file, not a folder"),
-    (lambda r: _write_txt(r, "train/dog/x.txt"), "train", "cat", r"has no cat/ folder; .*--data_path"),
-    (lambda r: (r / "train/cat").mkdir(parents=True), "train", "cat", r"train/cat holds no images \("),
-    (lambda r: _write_txt(r, "train/cat/a.txt"), "train", "cat", r"holds no images .*\(only 1 other file\)"),
-    (lambda r: (r / "train/.cache").mkdir(parents=True), "train", "all", r"has no class folders"),
-    (lambda r: (r / "train").mkdir(), "train", "cats", r"--data_class 'cats' is not one of cat, dog, wild, all"),
+    (lambda r: _write_txt(r, "train/dog/x.txt"), "train", "cat",
+     r"has no cat/ folder; its folders are dog/: pass one of them as --data_class, or --data_class all .*AFHQ"),
+    (lambda r: (r / "train").mkdir(), "train", "roses", r"has no roses/ folder and no sub-folders; --data_class all"),
+    (lambda r: (r / "train/cat").mkdir(parents=True), "train", "cat", r"train/cat holds no files; put the images"),
+    (lambda r: _write_txt(r, "train/cat/a.txt"), "train", "cat",
+     r"holds no images .*, only 1 other file \(such as a.txt\)"),
+    (lambda r: (r / "train/.cache").mkdir(parents=True), "train", "all", r"train holds no files"),
+    (lambda r: (r / "train").mkdir(), "train", "../x", r"--data_class '../x' is not a folder name"),
     (lambda r: save(r / "train/cat/a.png", Image.new("RGB", (8, 8))), "train/cat", "cat",
      r"is the cat folder itself; pass its parent: --data_path .*train$"),
 ])
@@ -184,9 +187,24 @@ def test_large_jpeg_is_downscaled_with_antialiasing(tmp_path):
 
 
 def test_small_images_are_upsampled_and_flagged(tmp_path):
-    path = save(tmp_path / "small.png", Image.new("RGB", (6, 9), (9, 9, 9)))
+    path = save(tmp_path / "small.png", Image.new("RGB", (8, 9), (9, 9, 9)))
     pixels, upsampled = decode_image(path, 16)
     assert upsampled and pixels.shape == (16, 16, 3)
+
+
+def test_images_below_half_the_size_are_too_small(tmp_path):
+    from images import TooSmall
+
+    path = save(tmp_path / "tiny.png", Image.new("RGB", (7, 30), (9, 9, 9)))
+    with pytest.raises(TooSmall, match=r"7 x 30 pixels, less than half of 16px"):
+        decode_image(path, 16)
+    assert decode_image(path, 14)[0].shape == (14, 14, 3)
+
+
+def test_grey_decoding_gives_one_channel_of_luma(tmp_path):
+    path = save(tmp_path / "red.png", Image.new("RGB", (16, 16), (255, 0, 0)))
+    pixels, _ = decode_image(path, 8, channels=1)
+    assert pixels.shape == (8, 8, 1) and int(pixels.min()) == int(pixels.max()) == 76  # 0.299 * 255
 
 
 @pytest.mark.parametrize("make", [

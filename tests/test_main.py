@@ -215,9 +215,12 @@ def test_a_checkpoint_is_enough_to_sample_and_to_score_once_the_statistics_are_c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --evaluate needs the training images for FID's reference "
                                                "statistics") and f"--data_path {gone} does not exist" in err[0]
-    assert run(args(gone, save, "--load_path", save / "model.pt", "--visualize")) == 2
+    assert run(args(gone, save, "--load_path", save / "model.pt", "--visualize")) == 0  # the checkpoint's 8 images
+    assert (save / "forward_process.png").exists()
+    assert run(args(gone, save, "--load_path", save / "model.pt", "--visualize", "--num_vis", 9)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --visualize shows real training images") and \
+    assert len(err) == 1 and err[0].startswith("error: --visualize shows real training images going through both "
+                                               "processes (the checkpoint keeps fewer than --num_vis 9)") and \
         f"--data_path {gone} does not exist" in err[0]
 
 
