@@ -116,8 +116,9 @@ def scan(data_path: str | Path, data_class: str) -> Found:
     return Found(root, data_class, tuple(sorted(files)), len(others))
 
 
-def has_images(folder: Path) -> bool:
+def has_images(folder: str | Path) -> bool:
     """Whether ``folder`` holds at least one image file, at any depth."""
+    folder = Path(folder).expanduser()
     return folder.is_dir() and next(_walk_images(folder), None) is not None
 
 

@@ -482,3 +482,23 @@ def test_a_recycled_colab_runtime_goes_on_from_the_runs_on_google_drive(first_ru
     assert (work / "ddpm-afhq" / "main.py").is_file() and not (work / "ddpm-afhq" / "results").exists()
     shown = [png for c in code for png in png_outputs(c)]
     assert shown == [(drive / "results" / name).read_bytes() for name in [*SHOWN[:-1], "steps10k/sample-6.png"]]
+
+
+def test_the_data_cell_counts_a_folder_of_your_own_and_fetches_nothing(tmp_path, monkeypatch):
+    """``DATA_PATH`` set to a folder of the user's images (on Drive, say): the data cell says what is there and
+    downloads no AFHQ; the training cells pass that folder to main.py, which reads every image in it."""
+    from PIL import Image
+
+    mine = tmp_path / "my-pictures"
+    (mine / "summer").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i, 0, 0)).save(mine / ("summer" if i else ".") / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    nb = read_notebook()
+    [cell] = [c for c in nb.cells if c.cell_type == "code" and "ensure_dataset" in c.source]
+    monkeypatch.setattr("download.download_afhq", lambda *a, **k: pytest.fail("downloaded AFHQ"))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(python_of(cell), "<data cell>", "exec"), {"DATA_PATH": str(mine)})
+    assert printed.getvalue() == f"3 images of your own in {mine} (nested: ./ (1), summer/ (2))\n"
+    rendered = commands(nb, {**settings(nb), "DATA_PATH": str(mine)}, monkeypatch)
+    assert all(flag(c, "data_path") == [str(mine)] for c in rendered if c.startswith("python main.py"))

@@ -28,10 +28,12 @@ def test_every_readme_command_parses():
 def test_every_readme_benchmark_command_parses():
     sys.path.insert(0, str(README.parent / "bench"))
     import bench
+    import bench_sizes
     import profile_step
 
     text = README.read_text().replace("\\\n", " ")
-    for script, parse in (("bench", bench.parse_args), ("profile_step", profile_step.parse_args)):
+    for script, parse in (("bench", bench.parse_args), ("bench_sizes", bench_sizes.parse_args),
+                          ("profile_step", profile_step.parse_args)):
         commands = re.findall(rf"^python bench/{script}\.py(.*?)$", text, re.M)
         assert commands, f"README.md shows no bench/{script}.py command"
         for line in commands:
