@@ -1,0 +1,205 @@
+"""Editing images with a trained model: inpainting (RePaint's resampling, or plain replacement) and image-to-image
+(towards a class with a conditional model), as functions and as main.py's --inpaint and --img2img commands.
+Models and images are made by the tests: tiny networks trained for seconds on images of one colour each."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from build import build_diffusion
+from config import Config
+from editing import edit
+from helpers import TINY_FLAGS, tiny_diffusion, tiny_run
+from images import decode_image
+
+RED, BLUE = torch.tensor([0.9, 0.1, 0.1]), torch.tensor([0.1, 0.1, 0.9])
+
+
+def colour_images(n: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` 8-pixel images in [0, 1], each red or blue with a little noise, and their colours (0 red, 1 blue)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    base = torch.where(labels[:, None] == 0, RED, BLUE)[:, :, None, None].expand(n, 3, 8, 8)
+    return (base + 0.05 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), labels
+
+
+def colour_of(images: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """0 (red) or 1 (blue): which colour the mean of ``images`` over ``region`` ([8, 8] bool) is nearer to."""
+    mean = images[:, :, region].mean(dim=2)
+    return ((mean - BLUE).norm(dim=1) < (mean - RED).norm(dim=1)).long()
+
+
+def train_colours(*, conditional: bool, steps: int = 300):
+    """A tiny model trained on red and blue images (a class each when ``conditional``)."""
+    torch.manual_seed(0)
+    config = Config(image_size=8, unet_dim=16, dim_mults=(1, 2), num_res_blocks=1, time_steps=10,
+                    class_dropout=0.2)
+    diffusion = build_diffusion(config, ("red", "blue") if conditional else ())
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=3e-3)
+    for step in range(steps):
+        images, labels = colour_images(32, seed=step)
+        loss = diffusion(images * 2 - 1, y=labels if conditional else None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return diffusion.eval()
+
+
+@pytest.fixture(scope="module")
+def plain_model():
+    return train_colours(conditional=False)
+
+
+@pytest.fixture(scope="module")
+def class_model():
+    return train_colours(conditional=True)
+
+
+def test_strength_0_returns_the_input_and_1_draws_what_sampling_draws():
+    diffusion = tiny_diffusion(size=16, T=10, self_condition=True).eval()
+    images = torch.rand(3, 3, 16, 16)
+    for sampler, steps in (("ddpm", None), ("ddim", 4)):
+        assert torch.equal(edit(diffusion, images, strength=0.0, sampler=sampler, steps=steps), images)
+        redrawn = edit(diffusion, images, strength=1.0, sampler=sampler, steps=steps,
+                       generator=torch.Generator().manual_seed(5))
+        plain = diffusion.sample(3, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(redrawn, plain)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        edit(diffusion, images, strength=1.5)
+
+
+@pytest.mark.parametrize("sampler, steps, resample", [("ddpm", None, 1), ("ddpm", None, 3), ("ddim", 4, 2)])
+def test_inpainting_keeps_every_kept_pixel(sampler, steps, resample):
+    diffusion = tiny_diffusion(size=16, T=10, self_condition=True).eval()
+    images = torch.rand(2, 3, 16, 16)
+    keep = torch.ones(2, 1, 16, 16)
+    keep[:, :, 4:12, 4:12] = 0
+    out = edit(diffusion, images, keep=keep, resample=resample, sampler=sampler, steps=steps)
+    inside = ~keep.bool().expand_as(images)
+    assert torch.equal(out[~inside], images[~inside]) and not torch.equal(out[inside], images[inside])
+
+
+def test_a_trained_model_fills_half_an_image_in_the_colour_of_the_other_half(plain_model):
+    images, colours = colour_images(40, seed=999)
+    left = torch.zeros(8, 8, dtype=torch.bool)
+    left[:, :4] = True
+    keep = (~left).float()[None, None]
+    g = torch.Generator().manual_seed(0)
+    agree = {u: float((colour_of(edit(plain_model, images, keep=keep, resample=u, generator=g), left) ==
+                       colours).float().mean()) for u in (1, 4)}
+    mean_fill = images.clone()
+    mean_fill[:, :, left] = images.mean(dim=(0, 2, 3))[None, :, None]
+    agree["mean fill"] = float((colour_of(mean_fill, left) == colours).float().mean())
+    assert agree[1] >= 0.8 and agree[4] >= 0.8, agree
+    assert agree["mean fill"] <= 0.6, agree
+
+
+def test_a_conditional_model_turns_images_into_the_target_class_at_guidance(class_model):
+    images, colours = colour_images(60, seed=7)
+    red = images[colours == 0]
+    everywhere = torch.ones(8, 8, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    to_blue = edit(class_model, red, strength=0.8, classes=torch.ones(len(red), dtype=torch.long), guidance=3.0,
+                   generator=g)
+    unguided = edit(class_model, red, strength=0.8, classes=torch.full((len(red),), class_model.null_class),
+                    generator=g)
+    share_guided = float(colour_of(to_blue, everywhere).float().mean())
+    share_unguided = float(colour_of(unguided, everywhere).float().mean())
+    assert share_guided >= 0.8 and share_unguided <= 0.5, (share_guided, share_unguided)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-step tiny run (16 px, 12 made-up 24-pixel images in afhq/train/cat) and its folders."""
+    root = tmp_path_factory.mktemp("edits")
+    data, cache, save = tiny_run(root, 2)
+    return {"data": data / "cat", "save": save, "root": root}
+
+
+def edit_args(tiny, tmp_path, *flags) -> list[str]:
+    return [*TINY_FLAGS, "--load_path", str(tiny["save"] / "model.pt"), "--save_folder", str(tmp_path / "out"),
+            "--edits", "2", *map(str, flags)]
+
+
+def test_inpaint_command_writes_a_grid_a_figure_and_each_result_keeping_the_pixels(tiny, tmp_path):
+    assert main.main(edit_args(tiny, tmp_path, "--inpaint", tiny["data"], "--mask", "left", "--resample", 2)) == 0
+    out = tmp_path / "out"
+    with Image.open(out / "inpaint-2.png") as grid:
+        assert grid.size == (4 * 18 + 2, 12 * 18 + 2)  # input, masked input, 2 results per row; 12 rows
+    assert (out / "inpaint-2-figure.png").exists()
+    singles = sorted((out / "inpaint-2").iterdir())
+    assert len(singles) == 24 and singles[0].name == "img_000-0.png"
+    expected, _ = decode_image(tiny["data"] / "img_000.jpg", 16)
+    result = np.asarray(Image.open(singles[0]))
+    assert np.array_equal(result[:, 8:], expected[:, 8:])  # the right half is kept, to the last bit
+    assert not np.array_equal(result[:, :8], expected[:, :8])
+
+
+def test_strokes_are_drawn_afresh_for_each_result(tiny, tmp_path):
+    assert main.main(edit_args(tiny, tmp_path, "--inpaint", tiny["data"] / "img_001.jpg", "--mask", "strokes",
+                               "--resample", 1)) == 0
+    first, second = (np.asarray(Image.open(tmp_path / "out" / "inpaint-2" / f"img_001-{k}.png")) for k in (0, 1))
+    source, _ = decode_image(tiny["data"] / "img_001.jpg", 16)
+    assert not np.array_equal(first == source, second == source)  # other pixels kept in each
+
+
+def test_img2img_command_writes_a_grid_the_strengths_figure_and_each_result(tiny, tmp_path):
+    assert main.main(edit_args(tiny, tmp_path, "--img2img", tiny["data"] / "img_002.jpg", "--strength", 0.3)) == 0
+    out = tmp_path / "out"
+    with Image.open(out / "img2img-2-s0.3.png") as grid:
+        assert grid.size == (3 * 18 + 2, 18 + 2)
+    assert (out / "img2img-strengths-2.png").exists()
+    assert sorted(p.name for p in (out / "img2img-2-s0.3").iterdir()) == ["img_002-0.png", "img_002-1.png"]
+
+
+def test_img2img_towards_a_class_of_a_conditional_checkpoint(tmp_path):
+    from helpers import make_image_folder
+
+    for name in ("ginger", "grey"):
+        classes = make_image_folder(tmp_path, count=4, size=20, cls=name)
+    assert main.main([*TINY_FLAGS, "--class_conditional", "--data_path", str(classes), "--save_folder",
+                      str(tmp_path / "run"), "--train_steps", "1", "--save_and_sample_every", "1"]) == 0
+    args = [*TINY_FLAGS, "--load_path", str(tmp_path / "run" / "model.pt"), "--save_folder", str(tmp_path / "run"),
+            "--img2img", str(classes / "ginger"), "--sample_class", "grey", "--edits", "1"]
+    assert main.main(args) == 0
+    assert len(list((tmp_path / "run" / "img2img-1-s0.5").iterdir())) == 4
+    assert (tmp_path / "run" / "img2img-strengths-1.png").exists()
+
+
+def bad_mask(tmp_path, size, colour) -> str:
+    path = tmp_path / f"mask-{size[0]}x{size[1]}-{colour}.png"
+    Image.new("L", size, colour).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (lambda t, d: ["--inpaint", d, "--mask", bad_mask(t, (30, 20), 255)], "is 30 x 20 pixels and the images are 24 x 24"),
+    (lambda t, d: ["--inpaint", d, "--mask", bad_mask(t, (24, 24), 0)], "hides nothing at 16px"),
+    (lambda t, d: ["--inpaint", d, "--mask", bad_mask(t, (24, 24), 255)], "hides every pixel at 16px"),
+    (lambda t, d: ["--inpaint", d, "--mask", "middle"], "--mask middle is neither a mask image nor one of centre"),
+    (lambda t, d: ["--img2img", d, "--strength", "1.5"], "--strength: expected a number in [0, 1], got '1.5'"),
+    (lambda t, d: ["--img2img", d, "--sample_class", "cat"], "--sample_class needs a class-conditional model"),
+    (lambda t, d: ["--img2img", str(t / "nothing")], "does not exist; pass an image or a folder of images"),
+    (lambda t, d: ["--img2img", str(t / "empty")], "holds no files"),
+    (lambda t, d: ["--inpaint", str(t / "broken.png")], "broken.png cannot be used"),
+    (lambda t, d: ["--inpaint", str(t / "notes.txt")], "is not an image"),
+])
+def test_bad_edits_are_one_line_exit_2_and_write_nothing(tiny, tmp_path, capsys, flags, expected):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "notes.txt").write_text("x")
+    try:
+        code = main.main(edit_args(tiny, tmp_path, *flags(tmp_path, str(tiny["data"]))))
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not any(p.name.startswith(("inpaint", "img2img")) for p in (tmp_path / "out").glob("*"))
+
+
+def test_edits_need_a_checkpoint():
+    with pytest.raises(SystemExit):
+        main.main([*TINY_FLAGS, "--inpaint", "x.png"])
