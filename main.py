@@ -136,10 +136,11 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
     elif ctx.rank > 0:  # a checkpoint holds rank 0's RNG state; the others continue on streams of their own
         torch.manual_seed(config.seed + ctx.rank + 1_000_003 * trainer.step)
     record = {**config.to_dict(), **run_record.to_dict()}
+    memory = batch_memory(trainer.diffusion, config, device) if training else None  # each rank checks its device
     if ctx.is_main:
         print_config(record, trainer, device, training=training)
-        if training:
-            print(batch_memory(trainer.diffusion, config, device))
+        if memory:
+            print(memory)
         if training:  # --visualize, --sample and --evaluate leave the training run's record alone
             atomic_write_text(Path(config.save_folder) / "config.json", json.dumps(record, indent=1, default=str) + "\n")
         trainer.logger = MetricsLogger(config.save_folder, config=record, wandb_mode=config.wandb,
