@@ -131,17 +131,19 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
     trainer = Trainer(build_diffusion(config, run_record.classes), data.batches if data is not None else None,
                       config=config, device=device, dist_ctx=ctx, run=run_record)
     loaded = trainer.load(config.load_path, resume=training) if config.load_path else {}
-    if training and data is not None and data.examples(config) is not None:
-        trainer.examples = data.examples(config)
+    examples = data.examples(config) if training and data is not None else None
+    if examples is not None:  # a resumed run keeps its checkpoint's examples when the images are streamed
+        trainer.examples = examples
     if not loaded:
         torch.manual_seed(config.seed + ctx.rank)  # each rank draws its own timesteps and noise
     elif ctx.rank > 0:  # a checkpoint holds rank 0's RNG state; the others continue on streams of their own
         torch.manual_seed(config.seed + ctx.rank + 1_000_003 * trainer.step)
     record = {**config.to_dict(), **run_record.to_dict()}
+    memory = batch_memory(trainer.diffusion, config, device) if training else None  # each rank checks its device
     if ctx.is_main:
         print_config(record, trainer, device, training=training)
-        if training:
-            print(batch_memory(trainer.diffusion, config, device))
+        if memory:
+            print(memory)
         if training:  # --visualize, --sample and --evaluate leave the training run's record alone
             atomic_write_text(Path(config.save_folder) / "config.json", json.dumps(record, indent=1, default=str) + "\n")
         trainer.logger = MetricsLogger(config.save_folder, config=record, wandb_mode=config.wandb,

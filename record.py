@@ -80,9 +80,9 @@ class RunRecord:
             if data is not None:
                 data_fields["class_sizes"] = data.class_sizes
         if data is not None:
-            if config.load_path and config.trains:
-                check_same_data(config, saved, data)
             data_fields["data"] = data.description(config)
+            if config.load_path and config.trains:
+                check_same_data(config, saved, data_fields["data"])
         if data is not None and data.image_set is not None:
             data_fields.update(data_key=data.image_set.pixels_key, fid_cache_dir=fid_cache_dir)
             data_fields["class_data_keys"] = data.image_set.class_keys() if classes else {}
@@ -92,10 +92,10 @@ class RunRecord:
                    effective_batch_size=config.batch_size * config.grad_accum * world_size, **data_fields)
 
 
-def check_same_data(config, saved: RunRecord, data) -> None:
-    """A resumed run must read the images its checkpoint was trained on: refuse, saying how they differ, when the
-    number of images or the fingerprint of their pixels is another."""
-    was, now = dict(saved.data), data.description(config)
+def check_same_data(config, saved: RunRecord, now: dict) -> None:
+    """A resumed run must read the images its checkpoint was trained on (``now``: their description): refuse, saying
+    how they differ, when the number of images or the fingerprint of their pixels is another."""
+    was = dict(saved.data)
     if saved.data_key and "key" not in was:  # checkpoints of earlier versions record the fingerprint only
         was["key"] = saved.data_key
     differ = [k for k in ("images", "key") if k in was and k in now and was[k] != now[k]]
