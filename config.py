@@ -249,8 +249,7 @@ class Config:
     resample: int = setting(5, "RePaint resamplings of each --inpaint step, for a fill that agrees with what is kept "
                             "(1 = plain replacement; the cost grows with it)", group=EDITING, kind=POSITIVE_INT)
     img2img: str | None = setting(None, "with --load_path: redraw this image, or every image in this folder, from "
-                                  "--strength (towards --sample_class with a class-conditional model), then exit",
-                                  group=EDITING, optional=True)
+                                  "--strength (towards --sample_class), then exit", group=EDITING, optional=True)
     strength: float = setting(0.5, "how much of the chain --img2img runs: 0 returns the image, 1 draws a new one",
                               group=EDITING, kind=FRACTION)
     edits: int = setting(4, "results per input image of --inpaint and --img2img", group=EDITING, kind=POSITIVE_INT)
@@ -266,9 +265,8 @@ class Config:
     guidance: float = setting(1.0, "guidance scale w of a conditional model's samples and FID: eps = (1 + w) "
                               "eps(x, class) - w eps(x, no class)",
                               group=CLASSES_GROUP, kind=NON_NEGATIVE)
-    sample_class: str | None = setting(None, "the class --sample draws (default: every class, a row each), and "
-                                       "the class --img2img turns images into",
-                                       group=CLASSES_GROUP, optional=True)
+    sample_class: str | None = setting(None, "the class --sample draws (default: every class, a row each), or "
+                                       "--img2img turns images into", group=CLASSES_GROUP, optional=True)
 
     # logging
     wandb: str = setting("auto", "auto = online with a wandb login, offline without", group=LOGGING,

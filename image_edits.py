@@ -94,8 +94,10 @@ def mask_image(path: Path, files: list[Path], size: int) -> torch.Tensor:
     return torch.from_numpy((pixels[:, :, 0] > 127).astype(np.float32))[None]
 
 
-def masks_for(config, files: list[Path], count: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` masks [count, 1, S, S] (1: fill): the same for every result, or fresh strokes for each one."""
+def masks_for(config, files: list[Path], count: int, size: int) -> torch.Tensor:
+    """``count`` masks [count, 1, S, S] (1: fill): the same for every result, or fresh strokes for each one, drawn
+    on the CPU from ``--seed`` (whatever device the model is on)."""
+    generator = torch.Generator().manual_seed(config.seed)
     if config.mask in MASKS:
         if config.mask == "strokes":
             return torch.stack([named_mask("strokes", size, generator=generator) for _ in range(count)])
@@ -144,8 +146,8 @@ def inpaint_command(config, trainer, label: int | None) -> list[Path]:
     files = input_files(config.inpaint, "inpaint")
     inputs = read_inputs(files, diffusion.image_size, diffusion.channels, "inpaint")
     repeated = inputs.repeat_interleave(config.edits, dim=0)
+    masks = masks_for(config, files, len(repeated), diffusion.image_size)
     generator = trainer.sampler.generator(2)
-    masks = masks_for(config, files, len(repeated), diffusion.image_size, generator)
     classes = None if label is None else torch.full((len(repeated),), label)
     results = _in_batches(lambda a, b: trainer.sampler.edit(
         repeated[a:b], keep=1 - masks[a:b], classes=None if classes is None else classes[a:b],

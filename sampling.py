@@ -57,11 +57,13 @@ class EMASampler:
 
     @torch.no_grad()
     def edit(self, images: torch.Tensor, *, keep: torch.Tensor | None = None, strength: float = 1.0,
-             classes: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``editing.edit`` with this run's sampler, precision, ``--resample`` and ``--guidance`` (towards
-        ``classes``; None: "no class", unguided); the noise of offset 2 unless ``generator`` is given."""
+             classes: torch.Tensor | None = None, guidance: float | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """``editing.edit`` with this run's sampler, precision, ``--resample`` and ``guidance`` (default
+        ``--guidance``) towards ``classes`` (None: "no class", unguided); the noise of offset 2 unless ``generator``
+        is given."""
         cfg = self.config
-        w = 0.0 if classes is None else cfg.guidance
+        w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.sample_steps, generator=generator or self.generator(2), classes=classes,

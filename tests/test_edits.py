@@ -95,8 +95,9 @@ def edit_args(tiny, tmp_path, *flags) -> list[str]:
             "--edits", "2", *map(str, flags)]
 
 
-def test_inpaint_command_writes_a_grid_a_figure_and_each_result_keeping_the_pixels(tiny, tmp_path):
-    assert main.main(edit_args(tiny, tmp_path, "--inpaint", tiny["data"], "--mask", "left", "--resample", 2)) == 0
+def test_inpaint_command_on_ddim_writes_a_grid_a_figure_and_each_result_keeping_the_pixels(tiny, tmp_path):
+    assert main.main(edit_args(tiny, tmp_path, "--inpaint", tiny["data"], "--mask", "left", "--resample", 2,
+                               "--sampler", "ddim", "--sample_steps", 4)) == 0
     out = tmp_path / "out"
     with Image.open(out / "inpaint-2.png") as grid:
         assert grid.size == (4 * 18 + 2, 12 * 18 + 2)  # input, masked input, 2 results per row; 12 rows
@@ -126,18 +127,26 @@ def test_img2img_command_writes_a_grid_the_strengths_figure_and_each_result(tiny
     assert sorted(p.name for p in (out / "img2img-2-s0.3").iterdir()) == ["img_002-0.png", "img_002-1.png"]
 
 
-def test_img2img_towards_a_class_of_a_conditional_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def conditional_tiny(tmp_path_factory):
+    """A 1-step class-conditional tiny run on the class folders ginger/ and grey/: (class folders, checkpoint)."""
     from helpers import make_image_folder
 
+    root = tmp_path_factory.mktemp("conditional")
     for name in ("ginger", "grey"):
-        classes = make_image_folder(tmp_path, count=4, size=20, cls=name)
+        classes = make_image_folder(root, count=4, size=20, cls=name)
     assert main.main([*TINY_FLAGS, "--class_conditional", "--data_path", str(classes), "--save_folder",
-                      str(tmp_path / "run"), "--train_steps", "1", "--save_and_sample_every", "1"]) == 0
-    args = [*TINY_FLAGS, "--load_path", str(tmp_path / "run" / "model.pt"), "--save_folder", str(tmp_path / "run"),
+                      str(root / "run"), "--train_steps", "1", "--save_and_sample_every", "1"]) == 0
+    return classes, root / "run" / "model.pt"
+
+
+def test_img2img_towards_a_class_of_a_conditional_checkpoint(conditional_tiny, tmp_path):
+    classes, checkpoint = conditional_tiny
+    args = [*TINY_FLAGS, "--load_path", str(checkpoint), "--save_folder", str(tmp_path),
             "--img2img", str(classes / "ginger"), "--sample_class", "grey", "--edits", "1"]
     assert main.main(args) == 0
-    assert len(list((tmp_path / "run" / "img2img-1-s0.5").iterdir())) == 4
-    assert (tmp_path / "run" / "img2img-strengths-1.png").exists()
+    assert len(list((tmp_path / "img2img-1-s0.5").iterdir())) == 4
+    assert (tmp_path / "img2img-strengths-1.png").exists()
 
 
 def bad_mask(tmp_path, size, colour) -> str:
@@ -171,6 +180,35 @@ def test_bad_edits_are_one_line_exit_2_and_write_nothing(tiny, tmp_path, capsys,
     assert not any(p.name.startswith(("inpaint", "img2img")) for p in (tmp_path / "out").glob("*"))
 
 
-def test_edits_need_a_checkpoint():
-    with pytest.raises(SystemExit):
-        main.main([*TINY_FLAGS, "--inpaint", "x.png"])
+@pytest.mark.parametrize("mode", ["--inpaint", "--img2img"])
+def test_edits_need_a_checkpoint(mode, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main.main([*TINY_FLAGS, mode, "x.png"])
+    assert exit_.value.code == 2 and f"{mode} needs a trained model: add --load_path" in capsys.readouterr().err
+
+
+def test_a_target_class_the_checkpoint_does_not_know_is_refused(conditional_tiny, tmp_path, capsys):
+    classes, checkpoint = conditional_tiny
+    args = [*TINY_FLAGS, "--load_path", str(checkpoint), "--save_folder", str(tmp_path / "out"),
+            "--img2img", str(classes / "ginger"), "--sample_class", "tabby"]
+    assert main.main(args) == 2
+    assert "--sample_class tabby is not a class of" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("img2img*"))
+
+
+def test_edits_are_logged_to_wandb(tiny, tmp_path):
+    args = edit_args(tiny, tmp_path, "--inpaint", tiny["data"] / "img_000.jpg", "--img2img",
+                     tiny["data"] / "img_001.jpg", "--resample", 1)
+    args[args.index("--wandb") + 1] = "offline"
+    assert main.main(args) == 0
+    logged = {p.name.rsplit("_", 2)[0] for p in (tmp_path / "out" / "wandb").glob("offline-run-*/files/media/images/*")}
+    assert logged == {"inpaint-2", "inpaint-2-figure", "img2img-2-s0.5", "img2img-strengths-2"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_edits_run_on_cuda_with_masks_drawn_on_the_cpu(tiny, tmp_path):
+    args = edit_args(tiny, tmp_path, "--inpaint", tiny["data"] / "img_000.jpg", "--mask", "strokes", "--img2img",
+                     tiny["data"] / "img_001.jpg", "--resample", 2)
+    args[args.index("--device") + 1] = "cuda"
+    assert main.main(args) == 0
+    assert len(list((tmp_path / "out" / "inpaint-2").iterdir())) == 2
