@@ -127,9 +127,10 @@ def setting(default, help: str, *, group: str, role: str = "run", kind: Kind = T
     return field(default=default, metadata=meta)
 
 
-ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, CLASSES_GROUP, LOGGING = (
+ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, EDITING, CLASSES_GROUP, LOGGING = (
     "the assignment's flags (Table 1)", "model", "training", "data", "sampling, FID and figures",
-    "classes and classifier-free guidance", "logging")
+    "editing images with a trained model", "classes and classifier-free guidance", "logging")
+MASKS = ("centre", "left", "right", "top", "bottom", "strokes")  # the named regions --inpaint fills
 CLASS_FLAGS = ("class_dropout", "guidance", "sample_class")  # what only a class-conditional model takes
 
 
@@ -240,6 +241,19 @@ class Config:
     fid_samples: int = setting(1000, "generated images per FID evaluation", group=SAMPLING, kind=POSITIVE_INT)
     fid_mode: str = setting("clean", "clean-fid mode", group=SAMPLING, choices=FID_MODES)
 
+    # editing images with a trained model
+    inpaint: str | None = setting(None, "with --load_path: fill the --mask region of this image, or of every image in "
+                                  "this folder, then exit", group=EDITING, optional=True)
+    mask: str = setting("centre", "what --inpaint fills: centre, left, right, top, bottom, strokes (random, one set "
+                        "per result), or a mask image (white = fill)", group=EDITING)
+    resample: int = setting(5, "RePaint resamplings of each --inpaint step, for a fill that agrees with what is kept "
+                            "(1 = plain replacement; the cost grows with it)", group=EDITING, kind=POSITIVE_INT)
+    img2img: str | None = setting(None, "with --load_path: redraw this image, or every image in this folder, from "
+                                  "--strength (towards --sample_class), then exit", group=EDITING, optional=True)
+    strength: float = setting(0.5, "how much of the chain --img2img runs: 0 returns the image, 1 draws a new one",
+                              group=EDITING, kind=FRACTION)
+    edits: int = setting(4, "results per input image of --inpaint and --img2img", group=EDITING, kind=POSITIVE_INT)
+
     # classes and classifier-free guidance
     class_conditional: bool = setting(False, "train on every class folder under --data_path, with the folder's "
                                       "name as each image's class", group=CLASSES_GROUP,
@@ -251,8 +265,8 @@ class Config:
     guidance: float = setting(1.0, "guidance scale w of a conditional model's samples and FID: eps = (1 + w) "
                               "eps(x, class) - w eps(x, no class)",
                               group=CLASSES_GROUP, kind=NON_NEGATIVE)
-    sample_class: str | None = setting(None, "the class --sample draws (default: every class, a row each)",
-                                       group=CLASSES_GROUP, optional=True)
+    sample_class: str | None = setting(None, "the class --sample draws (default: every class, a row each), or "
+                                       "--img2img turns images into", group=CLASSES_GROUP, optional=True)
 
     # logging
     wandb: str = setting("auto", "auto = online with a wandb login, offline without", group=LOGGING,
@@ -272,7 +286,7 @@ class Config:
                     meta["kind"].valid(v) and (not meta["choices"] or v in meta["choices"]) for v in items):
                 expected = f"one of {', '.join(map(str, meta['choices']))}" if meta["choices"] else meta["kind"].what
                 raise ValueError(f"--{f.name} {show(value)} is not valid: expected {expected}")
-        for mode in ("visualize", "sample", "evaluate"):
+        for mode in ("visualize", "sample", "evaluate", "inpaint", "img2img"):
             if getattr(self, mode) and not self.load_path:
                 raise ValueError(f"--{mode} needs a trained model: add --load_path results/model.pt "
                                  f"(the model.pt that training wrote)")
@@ -307,7 +321,7 @@ class Config:
     @property
     def trains(self) -> bool:
         """Whether the command trains (rather than visualizing, sampling or scoring a checkpoint)."""
-        return not (self.visualize or self.sample or self.evaluate)
+        return not (self.visualize or self.sample or self.evaluate or self.inpaint or self.img2img)
 
 
 def names(*roles: str) -> tuple[str, ...]:

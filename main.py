@@ -50,8 +50,9 @@ def check_class_flags(config: Config, named: set[str]) -> None:
     if "data_class" in named and config.data_class != "all":
         raise UserError(f"--class_conditional trains on every class folder under --data_path; drop --data_class "
                         f"{config.data_class} (or keep only that class's folder there)")
-    if config.sample_class is not None and not config.sample:
-        raise UserError("--sample_class names the class that --sample draws; add --sample 16")
+    if config.sample_class is not None and not (config.sample or config.img2img or config.inpaint):
+        raise UserError("--sample_class names the class that --sample draws or --img2img turns images into; add "
+                        "--sample 16")
 
 
 def class_label(config: Config, classes: tuple[str, ...]) -> int:
@@ -113,7 +114,8 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
 
     training = config.trains
     if ctx.enabled and not training:
-        raise UserError("--visualize, --sample and --evaluate run in one process; start them without torchrun")
+        raise UserError("--visualize, --sample, --evaluate, --inpaint and --img2img run in one process; start them "
+                        "without torchrun")
     if ctx.is_main:
         check_save_folder(config.save_folder)
         if training:
@@ -160,6 +162,12 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
                 print(f"wrote {write_samples(config, trainer)}")
             if config.evaluate:
                 evaluate_checkpoint(config, device, trainer, image_set, extractor)
+            if config.inpaint or config.img2img:
+                from image_edits import run_edits
+
+                label = class_label(config, trainer.classes) if config.sample_class is not None else None
+                for path in run_edits(config, trainer, label):
+                    print(f"wrote {path}")
             return 0
         if config.fid and ctx.is_main:
             if image_set is None:

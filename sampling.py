@@ -11,6 +11,7 @@ import torch
 
 from cuda_graph import ChainStep, ChainSteps
 from diffusion import Diffusion
+from editing import edit
 from graph_policy import sample_with_graphs
 from precision import autocast
 from visualize import save_guidance_figure
@@ -53,6 +54,20 @@ class EMASampler:
                                      generator=generator or self.generator(), classes=classes, guidance=w,
                                      step=self.chain_step(n, cfg.sampler, w))
         return images.float()
+
+    @torch.no_grad()
+    def edit(self, images: torch.Tensor, *, keep: torch.Tensor | None = None, strength: float = 1.0,
+             classes: torch.Tensor | None = None, guidance: float | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """``editing.edit`` with this run's sampler, precision, ``--resample`` and ``guidance`` (default
+        ``--guidance``) towards ``classes`` (None: "no class", unguided); the noise of offset 2 unless ``generator``
+        is given."""
+        cfg = self.config
+        w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
+        with autocast(self.device, self.precision):
+            return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
+                        steps=cfg.sample_steps, generator=generator or self.generator(2), classes=classes,
+                        guidance=w, step=self.chain_step(len(images), cfg.sampler, w))
 
     def fid_sample_fn(self):
         """``(n, labels) -> n images in [0, 1]``, of the classes ``labels`` ([n], or None for an unconditional

@@ -86,8 +86,9 @@ def save_table(images: dict[str, torch.Tensor], path: str | os.PathLike, *, titl
 
     columns = list(images)
     rows = images[columns[0]].shape[0]
-    fig, axes = plt.subplots(rows, len(columns), figsize=(1.4 * len(columns) + 0.6 * bool(row_names),
-                                                          1.4 * rows + 0.5), squeeze=False)
+    height = 1.4 * rows + 0.5
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.4 * len(columns) + 0.6 * bool(row_names), height),
+                             squeeze=False)
     for col, heading in enumerate(columns):
         for row in range(rows):
             ax = axes[row][col]
@@ -101,7 +102,7 @@ def save_table(images: dict[str, torch.Tensor], path: str | os.PathLike, *, titl
             if col == 0 and row_names:
                 ax.set_ylabel(row_names[row], fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # the top 0.3 inch for the title, however many rows
     path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path

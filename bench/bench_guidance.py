@@ -29,13 +29,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import main  # noqa: E402
 from batches import Batch  # noqa: E402
+from bench_samplers import load_checkpoint  # noqa: E402
 from build import build_diffusion  # noqa: E402
-from cli import build_parser, parse  # noqa: E402
+from cli import parse  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from record import RunRecord  # noqa: E402
-from scoring import build_evaluator, statistics_dir  # noqa: E402
+from scoring import build_evaluator  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 
@@ -81,25 +81,10 @@ def share_classified(net: nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 
 def load_model(load_path: str, data_path: str, extra: list[str]):
-    """The checkpoint's model in a Trainer (EMA weights), its config and the decoded images of ``data_path``."""
-    import dataset
-
-    parser = build_parser()
-    argv = ["--load_path", load_path, "--data_path", data_path, "--sample", "1", "--wandb", "disabled", *extra]
-    config, named = parse(argv, parser)
-    config, _, saved = main.adopt_checkpoint_settings(config, named, parser)
-    image_set = dataset.load_images(data_path, "all", config.image_size, cache_dir=config.cache_dir)
-    if image_set.classes != saved.classes:
-        raise SystemExit(f"{data_path} holds {image_set.classes}, the checkpoint {saved.classes}")
-    device = pick_device(config.device)
-    torch.manual_seed(config.seed)
-    data = dataset.TrainingData(None, image_set, image_set.classes,
-                                tuple(image_set.labels.bincount(minlength=len(saved.classes)).tolist()))
-    run = RunRecord.of_run(config, device=device, world_size=1, data=data, saved=saved,
-                           fid_cache_dir=str(statistics_dir(config, image_set).resolve()))
-    trainer = Trainer(build_diffusion(config, run.classes), None, config=config, device=device, run=run)
-    trainer.load(load_path, resume=False)
-    return trainer, config, image_set, device
+    """The checkpoint's model in a Trainer (EMA weights), its config, the decoded images of ``data_path`` and the
+    device."""
+    trainer, config, _, _, image_set = load_checkpoint(load_path, data_path, extra)
+    return trainer, config, image_set, trainer.device
 
 
 def quality(args) -> dict:

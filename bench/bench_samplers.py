@@ -49,20 +49,33 @@ def sampler_settings(spec: str) -> dict:
     return {"sampler": sampler, **({"sample_steps": int(steps)} if steps else {})}
 
 
-def run(args, *, extractor=None) -> list[dict]:
-    """The rows; ``extractor`` replaces clean-fid's Inception (a stand-in network in the tests)."""
+def load_checkpoint(load_path: str, data_path: str, flags: list[str] = ()):
+    """A checkpoint's EMA model in a Trainer, with its settings (``flags`` added), the parser, its ``RunRecord``
+    and the decoded training images of ``data_path`` (its class folders, for a class-conditional model)."""
     parser = build_parser()
-    argv = ["--load_path", args.load_path, "--data_path", args.data_path, "--evaluate", "--wandb", "disabled",
-            "--fid_samples", str(args.fid_samples), "--device", args.device,
-            *(["--cache_dir", args.cache_dir] if args.cache_dir else [])]
+    argv = ["--load_path", load_path, "--data_path", data_path, "--evaluate", "--wandb", "disabled", *flags]
     base, named = parse(argv, parser)
     base, _, saved = adopt_checkpoint_settings(base, named, parser)
+    images = load_images(base.data_path, "all" if saved.classes else base.data_class, base.image_size,
+                         cache_dir=base.cache_dir, channels=base.channels)
+    if saved.classes and images.classes != saved.classes:
+        raise SystemExit(f"{data_path} holds the classes {images.classes}, the checkpoint {saved.classes}")
+    sizes = tuple(images.labels.bincount(minlength=len(saved.classes)).tolist()) if saved.classes else ()
     device = pick_device(base.device)
-    images = load_images(base.data_path, base.data_class, base.image_size, cache_dir=base.cache_dir)
-    record = RunRecord.of_run(base, device=device, world_size=1, data=TrainingData(None, images), saved=saved,
+    record = RunRecord.of_run(base, device=device, world_size=1, saved=saved,
+                              data=TrainingData(None, images, saved.classes, sizes),
                               fid_cache_dir=str(statistics_dir(base, images).resolve()))
     trainer = Trainer(build_diffusion(base, record.classes), None, config=base, device=device, run=record)
-    trainer.load(args.load_path, resume=False)
+    trainer.load(load_path, resume=False)
+    return trainer, base, parser, record, images
+
+
+def run(args, *, extractor=None) -> list[dict]:
+    """The rows; ``extractor`` replaces clean-fid's Inception (a stand-in network in the tests)."""
+    trainer, base, parser, record, images = load_checkpoint(
+        args.load_path, args.data_path, ["--fid_samples", str(args.fid_samples), "--device", args.device,
+                                         *(["--cache_dir", args.cache_dir] if args.cache_dir else [])])
+    device = trainer.device
     evaluator = build_evaluator(base, device, images, record, required=True, extractor=extractor)
     evaluator.reference()  # computed once (then cached), never timed
     rows = []

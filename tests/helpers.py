@@ -80,3 +80,69 @@ def make_image_folder(root: Path, *, count: int = 12, size: int = 40, cls: str =
         array = np.clip(base + rng.integers(-40, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(array).save(folder / f"img_{i:03d}.jpg", quality=95)
     return root / "train"
+
+
+def lit_channel(images: torch.Tensor) -> torch.Tensor:
+    """The simple rule that reads a colour image's class: the channel with the largest mean (0 red, 1 green, 2 blue)."""
+    return images.mean(dim=(2, 3)).argmax(dim=1)
+
+
+def colour_set(per_class: int = 32, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [3 * per_class, 3, S, S] and labels: 0 red, 1 green, 2 blue, the lit channel being the label."""
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(per_class)
+    colours = torch.eye(3)[labels] * 1.4 - 0.7
+    x = colours[:, :, None, None] + 0.3 * torch.randn(len(labels), 3, size, size, generator=rng)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), labels
+
+
+def train_colours(folder: Path, *, conditional: bool, size: int = 16, steps: int = 200):
+    """The EMA sampler of a tiny model trained ``steps`` steps on ``colour_set`` (its classes red, green and blue
+    when ``conditional``)."""
+    images, labels = colour_set(size=size)
+    return train_tiny(folder, images, labels if conditional else None, ("red", "green", "blue") if conditional else (),
+                      steps=steps)
+
+
+def bar_set(count: int = 96, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 16-pixel images [count, 3, 16, 16] of one bar each, of a random bright colour on a dark ground, and
+    their labels: 0 a horizontal bar (rows 6 to 9), 1 a vertical one (columns 6 to 9); half of each."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(2).repeat_interleave(count // 2)
+    x = torch.full((count, 3, 16, 16), -0.8)
+    colours = torch.rand(count, 3, 1, 1, generator=g) * 1.2 - 0.2
+    horizontal = labels == 0
+    x[horizontal, :, 6:10, :] = colours[horizontal]
+    x[~horizontal, :, :, 6:10] = colours[~horizontal]
+    x = x + 0.1 * torch.randn(x.shape, generator=g)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), labels
+
+
+def bar_kind(images: torch.Tensor) -> torch.Tensor:
+    """The rule that reads ``bar_set``'s class: 1 where the band of columns 6 to 9 is brighter, away from the
+    crossing, than the band of rows 6 to 9."""
+    rows, cols = images[:, :, 6:10, :].mean(dim=(1, 2)), images[:, :, :, 6:10].mean(dim=(1, 3))
+    outside = torch.cat([torch.arange(6), torch.arange(10, 16)])
+    return (cols[:, outside].mean(1) > rows[:, outside].mean(1)).long()
+
+
+def train_tiny(folder: Path, images: torch.Tensor, labels: torch.Tensor | None, classes: tuple[str, ...], *,
+               steps: int = 200):
+    """The EMA sampler of a tiny model (16 px, ``--unet_dim 8``, T = 20) trained ``steps`` steps through the
+    package's Trainer on ``images`` (uint8), class-conditional on ``labels`` when ``classes`` are given."""
+    from batches import DeviceBatches
+    from build import build_diffusion
+    from config import Config
+    from record import RunRecord
+    from trainer import Trainer
+
+    config = Config(image_size=images.shape[-1], time_steps=20, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1,
+                    grad_accum=1, batch_size=16, train_steps=steps, learning_rate=5e-3, save_and_sample_every=10**6,
+                    log_every=10**6, self_condition=False, precision="fp32", save_folder=str(folder),
+                    class_conditional=bool(classes))
+    torch.manual_seed(0)
+    batches = DeviceBatches(images, 16, device="cpu", labels=labels if classes else None)
+    trainer = Trainer(build_diffusion(config, classes), batches, config=config, device="cpu",
+                      run=RunRecord(classes=classes))
+    trainer.train()
+    return trainer.sampler

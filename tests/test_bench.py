@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import make_image_folder, tiny_diffusion
@@ -165,3 +166,65 @@ def test_the_size_benchmark_measures_each_size_with_its_own_network(capsys):
     assert all(row["images"] == 2 * 2 and row["estimate_gib"] > 0 for row in rows)  # one step of two batches of 2
     assert rows[0]["step_ratio"] == 1.0 and rows[1]["step_ratio"] > 0
     assert capsys.readouterr().out.count("steps/s") == 2
+
+
+def test_the_editing_benchmark_splits_a_folder_and_keeps_every_class_folder(tmp_path):
+    import bench_edits
+
+    source = make_image_folder(tmp_path / "src", count=5, size=24, cls="a")
+    make_image_folder(tmp_path / "src", count=3, size=24, cls="b")
+    train, held = bench_edits.split(source, tmp_path / "train", tmp_path / "held", every=2)
+    assert (train, held) == (3, 5)  # a: 0, 2, 4 held out; b: 0, 2
+    assert sorted(p.name for p in (tmp_path / "held" / "a").iterdir()) == ["img_000.jpg", "img_002.jpg", "img_004.jpg"]
+    assert sorted(p.name for p in (tmp_path / "train" / "b").iterdir()) == ["img_001.jpg"]
+
+
+def test_the_editing_benchmark_scores_inpainting_and_img2img_on_held_out_images(tmp_path):
+    import bench_edits
+    import fid
+    from helpers import TinyFeatures, tiny_run
+
+    data, cache, save = tiny_run(tmp_path, 2)
+    held = make_image_folder(tmp_path / "held", count=5, size=24) / "cat"
+    common = ["--load_path", str(save / "model.pt"), "--data_path", str(data), "--held_out", str(held),
+              "--cache_dir", str(cache), "--device", "cpu"]
+    extractor = fid.FeatureExtractor(model=TinyFeatures().eval())
+    rows = bench_edits.inpaint(bench_edits.parse_args(["inpaint", *common, "--masks", "centre", "left",
+                                                       "--resample", "1", "3"]), extractor=extractor)
+    assert [row["method"] for row in rows] == ["held-out images", "plain sampling"] + 2 * [
+        "mean fill", "replacement", "RePaint, 3 resamplings"]
+    filled = rows[2:]
+    assert all(row["hole_rmse"] > 0 and row["seam"] >= 0 and row["fid"] >= 0 for row in filled)
+    assert len({row["seam_of_originals"] for row in filled}) == 2  # one per mask
+    assert rows[1]["s_per_image"] > 0 and filled[2]["s_per_image"] > 0
+
+    real, plain = rows[:2]
+    s0, s1 = bench_edits.img2img(bench_edits.parse_args(["img2img", *common, "--strengths", "0", "1"]),
+                                 extractor=extractor)
+    assert s0["distance"] == 0.0 and s0["fid"] == real["fid"]  # s = 0 returns the inputs
+    assert s1["distance"] > 0 and s1["fid"] == plain["fid"]  # s = 1 draws what plain sampling draws
+
+
+def test_the_editing_benchmark_translates_held_out_images_of_each_class(tmp_path):
+    import bench_edits
+    import fid
+    import main
+    from helpers import TINY_FLAGS, TinyFeatures
+
+    for cls in ("a", "b"):
+        data = make_image_folder(tmp_path / "data", count=6, size=24, cls=cls)
+        held = make_image_folder(tmp_path / "held", count=3, size=24, cls=cls)
+    save = tmp_path / "run"
+    assert main.main([*TINY_FLAGS, "--data_path", str(data), "--data_class", "all", "--class_conditional",
+                      "--save_folder", str(save), "--cache_dir", str(tmp_path / "cache"), "--train_steps", "2",
+                      "--save_and_sample_every", "2"]) == 0
+    args = bench_edits.parse_args(["translate", "--load_path", str(save / "model.pt"), "--data_path", str(data),
+                                   "--held_out", str(held), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+                                   "--strengths", "0", "0.5", "--guidance", "0", "2"])
+    head, *rows = bench_edits.translate(args, extractor=fid.FeatureExtractor(model=TinyFeatures().eval()))
+    assert [(row["strength"], row["guidance"]) for row in rows] == [
+        (s, w) for s in (0.0, 0.5) for w in ("no class", 0.0, 2.0)]
+    for row in rows[:3]:  # s = 0: the inputs themselves, as the classifier sees the held-out images
+        assert row["distance"] == 0.0 and row["kept_source"] == head["classifier_on_held_out"]
+        assert row["to_target"] + row["kept_source"] == pytest.approx(1.0)  # two classes: the target is the other one
+    assert all(0.0 <= row["to_target"] <= 1.0 and row["distance"] > 0 for row in rows[3:])

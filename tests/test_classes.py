@@ -19,7 +19,7 @@ from config import Config
 from cuda_graph import ChainStep
 from diffusion import Diffusion
 from errors import UserError
-from helpers import TINY_FLAGS, TinyFeatures
+from helpers import TINY_FLAGS, TinyFeatures, lit_channel, train_colours
 from record import RunRecord
 from scoring import ClassFIDEvaluator
 from sampling import GUIDANCE_SCALES
@@ -48,11 +48,6 @@ def colour_folders(root, counts: dict[str, int], *, size: int = 16, noise: int =
             pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-noise, noise, (size, size, 3)), 0, 255)
             Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
     return root
-
-
-def lit_channel(images: torch.Tensor) -> torch.Tensor:
-    """The simple rule that reads a colour image's class: the channel with the largest mean (0 red, 1 green, 2 blue)."""
-    return images.mean(dim=(2, 3)).argmax(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -224,31 +219,11 @@ def test_labels_go_through_the_pass_as_the_images_do(grad_accum):
 # guidance steers a short run to the class asked for
 
 def test_guided_samples_show_the_requested_class_far_more_often_than_unguided_or_unconditional_ones(tmp_path):
-    size, per_class = 16, 32
-    rng = torch.Generator().manual_seed(0)
-    labels = torch.arange(3).repeat_interleave(per_class)  # 0 red, 1 green, 2 blue: the lit channel is the label
-    colours = torch.eye(3)[labels] * 1.4 - 0.7
-    x = colours[:, :, None, None] + 0.3 * torch.randn(len(labels), 3, size, size, generator=rng)
-    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    settings = dict(image_size=size, time_steps=20, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1, grad_accum=1,
-                    batch_size=16, train_steps=200, learning_rate=5e-3, save_and_sample_every=10**6, log_every=10**6,
-                    self_condition=False, precision="fp32", save_folder=str(tmp_path))
     asked = torch.arange(3).repeat_interleave(30)
-
-    def trained(conditional: bool) -> Trainer:
-        config = Config(**settings, class_conditional=conditional)
-        torch.manual_seed(0)
-        classes = ("red", "green", "blue") if conditional else ()
-        batches = DeviceBatches(images, 16, device="cpu", labels=labels if conditional else None)
-        trainer = Trainer(build_diffusion(config, classes), batches, config=config, device="cpu",
-                          run=RunRecord(classes=classes))
-        trainer.train()
-        return trainer.sampler
-
-    conditional = trained(True)
+    conditional = train_colours(tmp_path, conditional=True)
     share = {w: (lit_channel(conditional.sample(90, classes=asked, guidance=w)) == asked).float().mean().item()
              for w in (0.0, 5.0)}
-    unconditional = (lit_channel(trained(False).sample(90)) == asked).float().mean().item()
+    unconditional = (lit_channel(train_colours(tmp_path, conditional=False).sample(90)) == asked).float().mean().item()
     assert share[5.0] >= share[0.0] + 0.2 and share[5.0] >= unconditional + 0.3 and share[5.0] >= 0.6, \
         (share, unconditional)
 

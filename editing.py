@@ -1,0 +1,74 @@
+"""Editing images with a trained model: inpainting and image-to-image, on the reverse chain of either sampler.
+
+Both start from real images x_0 (in [-1, 1]) and run the model's reverse chain (``Diffusion.chain_step``, with
+the noise drawn step by step as ``Diffusion.run_chain`` draws it):
+
+- **Inpainting** (``keep``: 1 where a pixel is kept, 0 where it is filled). After each reverse step t -> t' the
+  kept pixels are replaced by the real image noised to t' (``q_sample``), so the chain fills the hole around
+  them; the output keeps the input's pixels exactly where ``keep`` is 1. With ``resample`` U > 1, each step is
+  repeated U times, the merged x_{t'} being noised back to t in between (q(x_t | x_t'), one forward jump), as
+  RePaint does (Lugmayr et al. 2022): the model's part then has U chances to agree with the kept part, at U
+  times the cost. U = 1 is plain replacement.
+- **Image-to-image** (SDEdit, Meng et al. 2022) at strength s in [0, 1]: x_0 noised to the chain's step s * T
+  and denoised from there, optionally towards a class (a class-conditional model's ``classes`` and
+  ``guidance``). s = 0 returns the input; s = 1 starts from pure noise, the same draw as plain sampling.
+"""
+from __future__ import annotations
+
+import torch
+
+from diffusion import Diffusion, unnormalize
+from schedule import chain_plan
+
+
+def start_of(diffusion: Diffusion, strength: float, plan: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The part of ``plan`` that image-to-image at ``strength`` runs: the steps from timestep ``strength * T - 1``
+    down (none for 0, all for 1)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    first = round(strength * diffusion.num_timesteps) - 1
+    return [(i, j) for i, j in plan if i <= first]
+
+
+@torch.no_grad()
+def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | None = None, strength: float = 1.0,
+         resample: int = 1, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+         generator: torch.Generator | None = None, classes: torch.Tensor | None = None, guidance: float = 0.0,
+         step=None) -> torch.Tensor:
+    """Inpaint (``keep`` given) or redraw at ``strength`` the ``images`` ([B, C, S, S] in [0, 1]); returns images
+    in [0, 1]. ``sampler``, ``steps``, ``eta``, ``classes``, ``guidance`` and ``step`` as in ``run_chain``."""
+    if resample < 1:
+        raise ValueError(f"resample must be at least 1, got {resample}")
+    x0 = images.to(diffusion.device, torch.float32) * 2 - 1
+    plan = chain_plan(diffusion.num_timesteps, sampler, steps=steps)
+    if keep is None:
+        plan = start_of(diffusion, strength, plan)
+    else:
+        keep = keep.to(x0.device, x0.dtype).expand_as(x0)
+    if not plan:
+        return images.clone()
+    y = diffusion.check_classes(classes, len(x0))
+    if step is None:
+        def step(x, t, t_next, z, x_self_cond, y):
+            return diffusion.chain_step(sampler, x, t, t_next, z, x_self_cond, eta=eta, y=y, guidance=guidance)
+    x = torch.randn(x0.shape, device=x0.device, generator=generator)  # as Diffusion.sample draws x_T
+    first = plan[0][0]
+    if keep is None and first < diffusion.num_timesteps - 1:
+        x = diffusion.q_sample(x0, torch.full((len(x0),), first, device=x0.device, dtype=torch.long), x)
+    abar = diffusion.alphas_cumprod
+    x_start = torch.zeros_like(x) if diffusion.self_condition else None
+    for i, j in plan:
+        t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
+        for turn in range(resample if keep is not None and j >= 0 else 1):
+            if turn:  # back from t' to t: x_t ~ N(sqrt(abar_t / abar_t') x_t', (1 - abar_t / abar_t') I)
+                ratio = abar[i] / abar[j]
+                x = ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn(x.shape, device=x.device, generator=generator)
+            z = diffusion.step_noise(sampler, x, i, j, eta=eta, generator=generator)
+            x_next, x_start = step(x, t, t + (j - i), z, x_start, y)
+            if keep is not None:
+                known = x0 if j < 0 else diffusion.q_sample(x0, t + (j - i), torch.randn(
+                    x.shape, device=x.device, generator=generator))
+                x_next = keep * known + (1 - keep) * x_next
+            x = x_next
+    out = unnormalize(x).float()
+    return out if keep is None else torch.where(keep.bool(), images.to(out.device, torch.float32), out)
