@@ -148,11 +148,12 @@ def inpaint(args, *, extractor=None) -> list[dict]:
     for name in args.masks:
         mask = named_mask(name, size, generator=torch.Generator().manual_seed(0))
         hole = (mask > 0).float()
+        originals_seam = seam_jump(bench.real, mask)
 
         def scored(method: str, images: torch.Tensor, seconds: float | None = None) -> dict:
             row = {"mask": name, "method": method, **bench.fid(images),
                    "hole_rmse": levels_rmse(images, bench.real, hole), "seam": seam_jump(images, mask),
-                   "seam_of_originals": seam_jump(bench.real, mask)}
+                   "seam_of_originals": originals_seam}
             if seconds is not None:
                 row["s_per_image"] = seconds
             report(row)
@@ -207,7 +208,7 @@ def translate(args, *, extractor=None) -> list[dict]:
             row = {"strength": s, "guidance": "no class" if w is None else w,
                    "to_target": share_classified(classifier, x, target),
                    "kept_source": share_classified(classifier, x, source),
-                   "distance": levels_rmse(edited, quantize_uint8(inputs)), "s_per_image": seconds}
+                   "distance": levels_rmse(edited, bench.real), "s_per_image": seconds}
             report(row)
             rows.append(row)
     return [{"classifier_accuracy": accuracy, "classifier_on_held_out": held_accuracy}, *rows]

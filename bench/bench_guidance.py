@@ -80,16 +80,10 @@ def share_classified(net: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return (predicted == labels).float().mean().item()
 
 
-def load_model(load_path: str, data_path: str, extra: list[str]):
-    """The checkpoint's model in a Trainer (EMA weights), its config, the decoded images of ``data_path`` and the
-    device."""
-    trainer, config, _, _, image_set = load_checkpoint(load_path, data_path, extra)
-    return trainer, config, image_set, trainer.device
-
-
 def quality(args) -> dict:
     extra = ["--fid_samples", str(args.fid_samples), "--sampler", args.sampler]
-    trainer, config, image_set, device = load_model(args.load_path, args.data_path, extra)
+    trainer, config, _, _, image_set = load_checkpoint(args.load_path, args.data_path, extra)
+    device = trainer.device
     started = time.perf_counter()
     classifier, accuracy = train_classifier(image_set.images, image_set.labels, len(trainer.classes))
     print(f"classifier: {accuracy:.1%} of held-out real images right ({time.perf_counter() - started:.0f} s)")
