@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import LOSSES
-from schedule import chain_plan, coefficients, extract
+from settings.config import LOSSES
+from sampling.schedule import chain_plan, coefficients, extract
 
 
 class Diffusion(nn.Module):

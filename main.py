@@ -18,10 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from atomic import atomic_write_text
-from cli import build_parser, checked, parse
-from config import CLASS_FLAGS, Config, comparable, recorded, show
-from errors import UserError
+from runtime.atomic import atomic_write_text
+from settings.cli import build_parser, checked, parse
+from settings.config import CLASS_FLAGS, Config, comparable, recorded, show
+from runtime.errors import UserError
 
 
 def check_torch_numpy() -> None:
@@ -103,13 +103,13 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
     without a checkpoint), ``extractor`` the FID feature network (default: clean-fid's Inception)."""
     import torch
 
-    import distributed
-    from build import build_diffusion
-    from memory import batch_memory
-    from metrics import MetricsLogger
-    from record import RunRecord
-    from run_data import load_data_for, needs_data
-    from scoring import build_evaluator, statistics_dir
+    from runtime import distributed
+    from training.build import build_diffusion
+    from runtime.memory import batch_memory
+    from evaluation.metrics import MetricsLogger
+    from settings.record import RunRecord
+    from imagedata.loading import load_data_for, needs_data
+    from evaluation.scoring import build_evaluator, statistics_dir
     from trainer import Trainer
 
     training = config.trains
@@ -163,7 +163,7 @@ def run(config: Config, ctx, saved, *, extractor=None) -> int:
             if config.evaluate:
                 evaluate_checkpoint(config, device, trainer, image_set, extractor)
             if config.inpaint or config.img2img:
-                from image_edits import run_edits
+                from sampling.edit_commands import run_edits
 
                 label = class_label(config, trainer.classes) if config.sample_class is not None else None
                 for path in run_edits(config, trainer, label):
@@ -188,7 +188,7 @@ def write_samples(config: Config, trainer) -> Path:
     class-conditional model."""
     import torch
 
-    from visualize import save_grid
+    from evaluation.figures import save_grid
 
     name, labels, per_row = f"samples-{trainer.step}-{config.sampler}", None, None
     if trainer.classes:
@@ -204,7 +204,7 @@ def write_samples(config: Config, trainer) -> Path:
 def evaluate_checkpoint(config: Config, device, trainer, image_set, extractor=None) -> None:
     """Score the loaded EMA model once with FID and KID (a class-conditional model's per class too) and print
     the result; no training."""
-    from scoring import build_evaluator, cached_reference
+    from evaluation.scoring import build_evaluator, cached_reference
 
     if image_set is None and cached_reference(config, trainer.run) is None:
         raise UserError("--evaluate needs the dataset in memory, but it is too large here; lower --image_size")
@@ -223,8 +223,8 @@ def adopt_checkpoint_settings(config: Config, named: set[str], parser):
     """Give ``config`` the checkpoint's value of every network setting (and, when training resumes, of every
     training setting) that the command line does not name. Returns the new config, the settings that changed,
     and the checkpoint's ``RunRecord``. A named flag that contradicts the network fails in ``Trainer.load``."""
-    import checkpoint as ckpt_io
-    from record import RunRecord
+    from runtime import checkpoint as ckpt_io
+    from settings.record import RunRecord
 
     # mapped, not read: only the recorded settings are needed here, the tensors are loaded by Trainer.load
     ckpt = ckpt_io.load_checkpoint(config.load_path, mmap=True)
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None, *, extractor=None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     config, named = parse(argv, parser)
-    import distributed
-    from record import RunRecord
-    from run_data import resolve_data_class
+    from runtime import distributed
+    from settings.record import RunRecord
+    from imagedata.loading import resolve_data_class
     from trainer import TrainingInterrupted
 
     ctx = distributed.from_environment()

@@ -17,20 +17,20 @@ from pathlib import Path
 
 import torch
 
-import build
-import checkpoint as ckpt_io
-import distributed
-from config import Config
+from training import build
+from runtime import checkpoint as ckpt_io
+from runtime import distributed
+from settings.config import Config
 from diffusion import Diffusion
-from ema import ema_decay
-from errors import UserError
-from interrupt import StopSignals
-from metrics import MetricsLogger
-from precision import choose_precision
-from record import RunRecord
-from sampling import EMASampler
-from train_step import TrainStep, learning_rate
-from visualize import save_grid, write_process_figures
+from training.ema import ema_decay
+from runtime.errors import UserError
+from training.interrupt import StopSignals
+from evaluation.metrics import MetricsLogger
+from runtime.precision import choose_precision
+from settings.record import RunRecord
+from sampling.ema_sampler import EMASampler
+from training.step import TrainStep, learning_rate
+from evaluation.figures import save_grid, write_process_figures
 
 
 class TrainingInterrupted(Exception):

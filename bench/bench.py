@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _device(name: str):
     sys.path.insert(0, str(ROOT))
-    from distributed import pick_device
+    from runtime.distributed import pick_device
 
     return pick_device(name)
 
@@ -109,7 +109,7 @@ def _peak_memory_mib(device) -> dict:
 
 def main_flags(spec: dict):
     """``main.py``'s settings for a row: its defaults at the recommended size, with the row's own ``flags`` on top."""
-    from cli import parse
+    from settings.cli import parse
 
     recommended = [f"--{k}={v}" for k, v in RECOMMENDED.items()]
     return parse([*recommended, "--device", spec["device"], *spec.get("flags", [])])[0]
@@ -118,7 +118,7 @@ def main_flags(spec: dict):
 def _diffusion(spec: dict):
     import torch
 
-    from build import build_diffusion
+    from training.build import build_diffusion
 
     torch.manual_seed(0)
     return build_diffusion(main_flags(spec))
@@ -157,10 +157,10 @@ def measure_training(spec: dict) -> dict:
                              grad_accum=args.grad_accum)
         precision = "fp32"
     else:
-        from batches import Batch, DeviceBatches
+        from imagedata.batches import Batch, DeviceBatches
 
         if spec["pipeline"] == "package":
-            import dataset
+            from imagedata import dataset
 
             images = dataset.load_images(spec["data"], "cat", size, cache_dir=spec["cache_dir"], progress=False).images
             batches = _Counted(DeviceBatches(images, batch_size, device=device))
@@ -187,7 +187,7 @@ def measure_training(spec: dict) -> dict:
 def measure_sampling(spec: dict) -> dict:
     import torch
 
-    from precision import autocast, choose_precision
+    from runtime.precision import autocast, choose_precision
 
     device = _device(spec["device"])
     diffusion = _diffusion(spec).to(device).eval()
@@ -195,7 +195,7 @@ def measure_sampling(spec: dict) -> dict:
     precision = choose_precision("auto", device)  # as the trainer samples its grids and FID images
     step, warmup_batch = None, min(spec["batch"], 4)
     if spec.get("graph"):  # the reverse step replayed from a CUDA graph, as --cuda_graph samples
-        from cuda_graph import ChainStep
+        from runtime.cuda_graph import ChainStep
 
         shape = (spec["batch"], diffusion.channels, diffusion.image_size, diffusion.image_size)
         step, warmup_batch = ChainStep(diffusion, shape, sampler=spec["sampler"]), spec["batch"]  # warm-up captures
@@ -236,9 +236,9 @@ def in_subprocess(spec: dict) -> dict:
 
 def train_section(args, device: str, tmp: Path, log) -> list[dict]:
     sys.path[:0] = [str(ROOT), str(HERE)]
-    import dataset
+    from imagedata import dataset
     from bench_data import make_copy
-    from images import find_images
+    from imagedata.files import find_images
 
     files = find_images(Path(args.data_path), args.data_class)
     if args.quick:

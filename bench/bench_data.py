@@ -88,7 +88,7 @@ def time_batches(batches, n: int, device) -> tuple[float, float]:
 
 
 def bench_package(folder: Path, args, device, cache_dir: Path) -> dict:
-    import dataset
+    from imagedata import dataset
 
     start = time.perf_counter()
     dataset.load_images(folder, "cat", args.image_size, cache_dir=cache_dir, progress=False)
@@ -115,8 +115,8 @@ def bench_reference(folder: Path, args, device, workers: int) -> dict:
 def run(args) -> dict:
     import torch
 
-    from batches import available_cores
-    from images import find_images
+    from imagedata.batches import available_cores
+    from imagedata.files import find_images
 
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     files = find_images(Path(args.data_path), args.data_class)[: args.limit]

@@ -39,13 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench_guidance import share_classified, train_classifier  # noqa: E402
 from bench_samplers import load_checkpoint  # noqa: E402
-from cli import checked  # noqa: E402
-from dataset import class_labels  # noqa: E402
-from fid import quantize_uint8  # noqa: E402
-from image_edits import BATCH, input_files, named_mask, read_inputs  # noqa: E402
-from images import scan  # noqa: E402
-from sampling import EMASampler  # noqa: E402
-from scoring import build_evaluator  # noqa: E402
+from settings.cli import checked  # noqa: E402
+from imagedata.dataset import class_labels  # noqa: E402
+from evaluation.fid import quantize_uint8  # noqa: E402
+from sampling.edit_commands import BATCH, input_files, named_mask, read_inputs  # noqa: E402
+from imagedata.files import scan  # noqa: E402
+from sampling.ema_sampler import EMASampler  # noqa: E402
+from evaluation.scoring import build_evaluator  # noqa: E402
 
 
 def split(source: Path, train: Path, held_out: Path, every: int) -> tuple[int, int]:

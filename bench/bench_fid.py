@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from cleanfid import fid as cleanfid
     from torchvision.utils import save_image
 
-    import fid
+    from evaluation import fid
 
     weights, url = fid.weights_location("clean")
     if not os.path.exists(weights):

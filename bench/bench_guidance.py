@@ -29,13 +29,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from batches import Batch  # noqa: E402
+from imagedata.batches import Batch  # noqa: E402
 from bench_samplers import load_checkpoint  # noqa: E402
-from build import build_diffusion  # noqa: E402
-from cli import parse  # noqa: E402
-from distributed import pick_device  # noqa: E402
-from record import RunRecord  # noqa: E402
-from scoring import build_evaluator  # noqa: E402
+from training.build import build_diffusion  # noqa: E402
+from settings.cli import parse  # noqa: E402
+from runtime.distributed import pick_device  # noqa: E402
+from settings.record import RunRecord  # noqa: E402
+from evaluation.scoring import build_evaluator  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 

@@ -19,14 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from build import build_diffusion  # noqa: E402
-from cli import build_parser, checked, parse  # noqa: E402
-from dataset import TrainingData, load_images  # noqa: E402
-from distributed import pick_device  # noqa: E402
+from training.build import build_diffusion  # noqa: E402
+from settings.cli import build_parser, checked, parse  # noqa: E402
+from imagedata.dataset import TrainingData, load_images  # noqa: E402
+from runtime.distributed import pick_device  # noqa: E402
 from main import adopt_checkpoint_settings  # noqa: E402
-from record import RunRecord  # noqa: E402
-from sampling import EMASampler  # noqa: E402
-from scoring import build_evaluator, statistics_dir  # noqa: E402
+from settings.record import RunRecord  # noqa: E402
+from sampling.ema_sampler import EMASampler  # noqa: E402
+from evaluation.scoring import build_evaluator, statistics_dir  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from batches import Batch  # noqa: E402
-from build import build_diffusion  # noqa: E402
-from cli import build_parser, checked  # noqa: E402
-from config import Config  # noqa: E402
-from distributed import pick_device  # noqa: E402
+from imagedata.batches import Batch  # noqa: E402
+from training.build import build_diffusion  # noqa: E402
+from settings.cli import build_parser, checked  # noqa: E402
+from settings.config import Config  # noqa: E402
+from runtime.distributed import pick_device  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     diffusion = build_diffusion(config)
     if args.data:
-        import dataset
-        from batches import DeviceBatches
+        from imagedata import dataset
+        from imagedata.batches import DeviceBatches
 
         images = dataset.load_images(config.data_path, config.data_class, config.image_size, progress=False).images
         batches = DeviceBatches(images, config.batch_size, device=device)

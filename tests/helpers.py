@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from batches import Batch
+from imagedata.batches import Batch
 from diffusion import Diffusion
 from unet import Unet
 
@@ -130,10 +130,10 @@ def train_tiny(folder: Path, images: torch.Tensor, labels: torch.Tensor | None, 
                steps: int = 200):
     """The EMA sampler of a tiny model (16 px, ``--unet_dim 8``, T = 20) trained ``steps`` steps through the
     package's Trainer on ``images`` (uint8), class-conditional on ``labels`` when ``classes`` are given."""
-    from batches import DeviceBatches
-    from build import build_diffusion
-    from config import Config
-    from record import RunRecord
+    from imagedata.batches import DeviceBatches
+    from training.build import build_diffusion
+    from settings.config import Config
+    from settings.record import RunRecord
     from trainer import Trainer
 
     config = Config(image_size=images.shape[-1], time_steps=20, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1,

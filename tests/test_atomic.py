@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from atomic import atomic_write, atomic_write_text, stale_temporaries
+from runtime.atomic import atomic_write, atomic_write_text, stale_temporaries
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
-from batches import DataWarning, DeviceBatches, StreamingBatches, default_num_workers, epoch_order
-from errors import UserError
+from imagedata import dataset
+from imagedata.batches import DataWarning, DeviceBatches, StreamingBatches, default_num_workers, epoch_order
+from runtime.errors import UserError
 
 S = 8
 

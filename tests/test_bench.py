@@ -104,7 +104,7 @@ def test_the_gpu_check_reads_the_trainers_time_summary_and_pytests_counts():
 
 def test_the_gpu_check_scales_the_report_commands_and_runs_graphs_only_on_cuda():
     import gpu_check
-    from cli import parse
+    from settings.cli import parse
 
     full = gpu_check.report_commands(gpu_check.parse_args([]), cuda=True)
     assert [name for name, _ in full] == ["10000 steps", "10000 steps, CUDA graph", "1000 steps, FID every 100",
@@ -140,7 +140,7 @@ def test_the_guidance_benchmarks_classifier_learns_the_real_classes_and_scores_s
 
 
 def test_the_sampler_benchmark_scores_each_sampler_from_the_checkpoint_alone(tmp_path):
-    import fid
+    from evaluation import fid
     from bench_samplers import parse_args, run
     from helpers import TinyFeatures, tiny_run
 
@@ -181,7 +181,7 @@ def test_the_editing_benchmark_splits_a_folder_and_keeps_every_class_folder(tmp_
 
 def test_the_editing_benchmark_scores_inpainting_and_img2img_on_held_out_images(tmp_path):
     import bench_edits
-    import fid
+    from evaluation import fid
     from helpers import TinyFeatures, tiny_run
 
     data, cache, save = tiny_run(tmp_path, 2)
@@ -207,7 +207,7 @@ def test_the_editing_benchmark_scores_inpainting_and_img2img_on_held_out_images(
 
 def test_the_editing_benchmark_translates_held_out_images_of_each_class(tmp_path):
     import bench_edits
-    import fid
+    from evaluation import fid
     import main
     from helpers import TINY_FLAGS, TinyFeatures
 

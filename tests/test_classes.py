@@ -11,19 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
+from imagedata import dataset
 import main
-from batches import Batch, DeviceBatches, StreamingBatches
-from build import build_diffusion
-from config import Config
-from cuda_graph import ChainStep
+from imagedata.batches import Batch, DeviceBatches, StreamingBatches
+from training.build import build_diffusion
+from settings.config import Config
+from runtime.cuda_graph import ChainStep
 from diffusion import Diffusion
-from errors import UserError
+from runtime.errors import UserError
 from helpers import TINY_FLAGS, TinyFeatures, lit_channel, train_colours
-from record import RunRecord
-from scoring import ClassFIDEvaluator
-from sampling import GUIDANCE_SCALES
-from train_step import draw_inputs
+from settings.record import RunRecord
+from evaluation.scoring import ClassFIDEvaluator
+from sampling.ema_sampler import GUIDANCE_SCALES
+from training.step import draw_inputs
 from trainer import Trainer
 from unet import Unet
 
@@ -284,7 +284,7 @@ def test_visualize_adds_the_figure_of_classes_by_guidance_scales(conditional_run
 
 def test_guidance_figure_rows_share_their_noise_across_scales(conditional_run, tmp_path, monkeypatch):
     """A row per class and --num_vis // classes rows of each; every column is the preview noise, guided by its w."""
-    import sampling
+    from sampling import ema_sampler as sampling
 
     _, save, _ = conditional_run
     drawn = {}
@@ -305,7 +305,7 @@ def test_guidance_figure_rows_share_their_noise_across_scales(conditional_run, t
 
 
 def test_fid_is_scored_per_class_and_over_all_classes(tmp_path, capsys):
-    import fid
+    from evaluation import fid
 
     data = colour_folders(tmp_path / "data", {"red": 6, "green": 9, "blue": 5})
     save, cache = tmp_path / "run", tmp_path / "cache"
@@ -404,7 +404,7 @@ def test_two_processes_with_torchrun_train_a_conditional_model_with_identical_we
 
 
 def test_the_fid_curve_draws_a_line_per_class_beside_all_classes(tmp_path):
-    from metrics import MetricsLogger
+    from evaluation.metrics import MetricsLogger
 
     logger = MetricsLogger(tmp_path, config={})
     for step in (2, 4):
@@ -417,7 +417,7 @@ def test_the_fid_curve_draws_a_line_per_class_beside_all_classes(tmp_path):
 
 
 def test_all_classes_statistics_come_from_the_classes_features_without_a_second_inception_pass(tmp_path):
-    import fid
+    from evaluation import fid
 
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2] * 4)

@@ -4,9 +4,9 @@ from dataclasses import fields
 import pytest
 import torch
 
-from build import build_diffusion
-from cli import parse
-from config import ROLES, Config, names, recorded, show
+from training.build import build_diffusion
+from settings.cli import parse
+from settings.config import ROLES, Config, names, recorded, show
 
 TINY = dict(image_size=16, time_steps=10, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1)
 

@@ -3,10 +3,10 @@ gives the eager chain's images for the same noise."""
 import pytest
 import torch
 
-from config import Config
-from cuda_graph import ChainStep, ChainSteps
-from graph_policy import graph_blocker, sample_with_graphs, train_with_graphs
-from errors import UserError
+from settings.config import Config
+from runtime.cuda_graph import ChainStep, ChainSteps
+from runtime.graph_policy import graph_blocker, sample_with_graphs, train_with_graphs
+from runtime.errors import UserError
 from helpers import FakeBatches, tiny_diffusion
 
 CPU = torch.device("cpu")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
-from batches import DataWarning, DeviceBatches, StreamingBatches
-from errors import UserError
+from imagedata import dataset
+from imagedata.batches import DataWarning, DeviceBatches, StreamingBatches
+from runtime.errors import UserError
 
 GOOD = 8  # readable images made by `folder`
 
@@ -233,7 +233,7 @@ def test_the_summary_counts_what_was_read_skipped_and_repeated(folder):
 
 
 def test_available_memory_is_memavailable_capped_by_the_cgroup_limit(tmp_path):
-    from memory import available_memory_bytes
+    from runtime.memory import available_memory_bytes
 
     meminfo, cgroup = tmp_path / "meminfo", tmp_path / "cgroup"
     cgroup.mkdir()
@@ -248,7 +248,7 @@ def test_available_memory_is_memavailable_capped_by_the_cgroup_limit(tmp_path):
 
 
 def test_what_fits_is_a_fraction_of_the_free_memory():
-    from memory import fits
+    from runtime.memory import fits
 
     cuda = torch.device("cuda")
     assert fits(100, cuda, memory_fraction=0.25, free=400) and not fits(101, cuda, memory_fraction=0.25, free=400)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffusion import Diffusion
-from schedule import cosine_alphas, extract
+from sampling.schedule import cosine_alphas, extract
 
 
 class Oracle(nn.Module):

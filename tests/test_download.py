@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import download
-from download import download_afhq, ensure_dataset, extract_classes
-from errors import UserError
+from imagedata import download
+from imagedata.download import download_afhq, ensure_dataset, extract_classes
+from runtime.errors import UserError
 
 
 def png(seed: int) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint import load_checkpoint
+from runtime.checkpoint import load_checkpoint
 from helpers import TINY_FLAGS, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]

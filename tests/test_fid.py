@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-import feature_distances
-import fid
-from errors import UserError
+from evaluation import distances as feature_distances
+from evaluation import fid
+from runtime.errors import UserError
 
 from cleanfid import downloads_helper, features as cf_features
 from cleanfid.fid import get_folder_features, kernel_distance

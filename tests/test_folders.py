@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint as ckpt_io
+from runtime import checkpoint as ckpt_io
 import main
-from config import Config, recorded
+from settings.config import Config, recorded
 from helpers import TINY_FLAGS, TinyFeatures
 
 STEPS = ["--train_steps", "1", "--save_and_sample_every", "1"]
@@ -130,7 +130,7 @@ def test_a_folder_smaller_than_a_batch_trains(tmp_path, capsys):
 
 
 def test_grayscale_trains_a_one_channel_network_writes_grey_samples_and_scores_them(tmp_path):
-    import fid
+    from evaluation import fid
 
     fill(tmp_path / "digits", 6, mode="L")
     extractor = fid.FeatureExtractor(model=TinyFeatures().eval())
@@ -178,7 +178,7 @@ def test_resuming_on_other_data_is_refused_saying_how_it_differs(tmp_path, capsy
     (32, (1, 2, 4, 8), (3,)), (64, (1, 1, 2, 4, 8), (3, 4)), (128, (1, 1, 2, 2, 4, 8), (4, 5)), (48, (1, 1, 2, 4, 8),
                                                                                                  (3, 4))])
 def test_each_size_gets_its_network_and_flags_override_it(size, mults, attention):
-    from build import build_diffusion
+    from training.build import build_diffusion
 
     config = Config(image_size=size, unet_dim=8)
     assert (config.dim_mults, config.attention_levels) == (mults, attention)
@@ -198,9 +198,9 @@ def test_a_checkpoint_of_an_earlier_version_keeps_its_network():
 
 
 def test_the_memory_check_says_what_to_lower():
-    from build import build_diffusion
-    from errors import UserError
-    from memory import activation_bytes_per_image, batch_memory
+    from training.build import build_diffusion
+    from runtime.errors import UserError
+    from runtime.memory import activation_bytes_per_image, batch_memory
 
     config = Config(image_size=16, unet_dim=8, dim_mults=(1, 2), batch_size=32, grad_accum=2)
     diffusion = build_diffusion(config)
@@ -216,8 +216,8 @@ def test_the_memory_check_says_what_to_lower():
 def test_large_folders_stream_with_the_same_layout_rules(tmp_path, monkeypatch):
     import warnings
 
-    import dataset
-    from batches import DataWarning, StreamingBatches
+    from imagedata import dataset
+    from imagedata.batches import DataWarning, StreamingBatches
 
     root = tmp_path / "pics"
     fill(root, 2, mode="L")
@@ -233,7 +233,7 @@ def test_large_folders_stream_with_the_same_layout_rules(tmp_path, monkeypatch):
 
 
 def test_visualize_and_score_a_grey_checkpoint_with_the_data_gone(tmp_path, capsys):
-    import fid
+    from evaluation import fid
 
     fill(tmp_path / "digits", 5, mode="L")
     extractor = fid.FeatureExtractor(model=TinyFeatures().eval())

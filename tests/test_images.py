@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from errors import UserError
-from images import UnreadableImage, center_square, decode_image, find_images
+from runtime.errors import UserError
+from imagedata.files import UnreadableImage, center_square, decode_image, find_images
 
 
 def save(path: Path, image: Image.Image, **kwargs) -> Path:
@@ -59,7 +59,7 @@ def test_names_with_spaces_and_other_scripts_are_found_and_decoded(tmp_path):
     found = find_images(tmp_path, "cat")
     assert sorted(p.name for p in found) == sorted(names)
     assert all(decode_image(path, 8)[0].shape == (8, 8, 3) for path in found)
-    import dataset
+    from imagedata import dataset
 
     first = dataset.load_images(tmp_path, "cat", 8, cache_dir=tmp_path / ".cache", progress=False)
     again = dataset.load_images(tmp_path, "cat", 8, cache_dir=tmp_path / ".cache", progress=False)
@@ -193,7 +193,7 @@ def test_small_images_are_upsampled_and_flagged(tmp_path):
 
 
 def test_images_below_half_the_size_are_too_small(tmp_path):
-    from images import TooSmall
+    from imagedata.files import TooSmall
 
     path = save(tmp_path / "tiny.png", Image.new("RGB", (7, 30), (9, 9, 9)))
     with pytest.raises(TooSmall, match=r"7 x 30 pixels, less than half of 16px"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main
-from checkpoint import load_checkpoint
+from runtime.checkpoint import load_checkpoint
 from helpers import TINY_FLAGS, TinyFeatures, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_checkpoint_of_another_architecture_is_refused(data_path, tmp_path, caps
 
 def test_model_and_training_flags_reach_the_network_the_trainer_and_the_checkpoint(data_path, tmp_path, capsys,
                                                                                   monkeypatch):
-    import build
+    from training import build
 
     built = []
     real = build.build_diffusion
@@ -132,13 +132,13 @@ def test_wandb_offline_keeps_a_local_run(data_path, tmp_path):
 @pytest.mark.parametrize("value,expected", [([], False), (["--fid"], True), (["--fid", "True"], True),
                                             (["--fid", "False"], False), (["--fid", "no"], False)])
 def test_boolean_flags_take_both_forms(value, expected):
-    from cli import parse
+    from settings.cli import parse
 
     assert parse(value)[0].fid is expected
 
 
 def test_defaults_are_the_assignments_recommended_command():
-    from cli import parse
+    from settings.cli import parse
 
     a = parse([])[0]
     assert (a.image_size, a.batch_size, a.time_steps, a.unet_dim, a.learning_rate) == (32, 32, 50, 16, 1e-3)
@@ -151,7 +151,7 @@ def test_defaults_are_the_assignments_recommended_command():
 
 
 def test_named_flags_are_those_the_command_line_names_whatever_their_values():
-    from cli import parse
+    from settings.cli import parse
 
     argv = ["--grad_accum=2", "--self_condition", "--weight_decay", "0.1", "--fid", "False", "--dim_mults", "1", "2"]
     config, named = parse(argv)
@@ -226,7 +226,7 @@ def test_a_checkpoint_is_enough_to_sample_and_to_score_once_the_statistics_are_c
 
 @pytest.fixture
 def stand_in_inception():
-    import fid
+    from evaluation import fid
 
     return fid.FeatureExtractor(model=TinyFeatures().eval())
 
@@ -266,7 +266,7 @@ def test_fid_statistics_survive_a_re_extracted_data_folder(tmp_path, stand_in_in
 
 
 def test_fid_offline_warns_and_trains_on_but_standalone_score_fails(data_path, tmp_path, capsys):
-    import fid
+    from evaluation import fid
 
     class Offline(fid.FeatureExtractor):
         def load(self):

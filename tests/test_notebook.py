@@ -31,7 +31,7 @@ from PIL import Image
 
 from helpers import TINY_FLAGS, make_image_folder
 
-from cli import parse as parse_flags
+from settings.cli import parse as parse_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "run_in_colab.ipynb"
@@ -496,7 +496,7 @@ def test_the_data_cell_counts_a_folder_of_your_own_and_fetches_nothing(tmp_path,
     monkeypatch.chdir(tmp_path)
     nb = read_notebook()
     [cell] = [c for c in nb.cells if c.cell_type == "code" and "ensure_dataset" in c.source]
-    monkeypatch.setattr("download.download_afhq", lambda *a, **k: pytest.fail("downloaded AFHQ"))
+    monkeypatch.setattr("imagedata.download.download_afhq", lambda *a, **k: pytest.fail("downloaded AFHQ"))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         exec(compile(python_of(cell), "<data cell>", "exec"), {"DATA_PATH": str(mine)})
     assert printed.getvalue() == f"3 images of your own in {mine} (nested: ./ (1), summer/ (2))\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 sys.path.insert(0, str(README.parent))  # also when run as a script to refresh the table
 
-from cli import build_parser, flags_markdown  # noqa: E402
+from settings.cli import build_parser, flags_markdown  # noqa: E402
 
 
 def test_flag_table_matches_the_parser():

@@ -3,10 +3,10 @@ record of a run built from its data or from a checkpoint's record."""
 import pytest
 import torch
 
-from config import Config
-from dataset import ImageSet, TrainingData
-from errors import UserError
-from record import RunRecord
+from settings.config import Config
+from imagedata.dataset import ImageSet, TrainingData
+from runtime.errors import UserError
+from settings.record import RunRecord
 
 CONDITIONAL = RunRecord(device="cpu", world_size=2, effective_batch_size=128, data_key="a" * 16, fid_cache_dir="/c",
                         classes=("cat", "dog"), class_sizes=(3, 5), class_data_keys={"cat": "b" * 16, "dog": "c" * 16})

@@ -5,13 +5,13 @@ import itertools
 import pytest
 import torch
 
-import train_step
-from batches import Batch
-from build import ema_copy
-from config import Config
+from training import step as train_step
+from imagedata.batches import Batch
+from training.build import ema_copy
+from settings.config import Config
 from helpers import FakeBatches, tiny_diffusion
-from memory import activation_bytes_per_image
-from train_step import TrainStep, use_one_pass
+from runtime.memory import activation_bytes_per_image
+from training.step import TrainStep, use_one_pass
 
 CPU = torch.device("cpu")
 

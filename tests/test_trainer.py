@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-from errors import UserError
+from runtime import checkpoint as ckpt_io
+from runtime.errors import UserError
 from helpers import FakeBatches, tiny_diffusion
-from ema import MAX_SIGMA_REL, sigma_rel_to_gamma
-from config import Config
+from training.ema import MAX_SIGMA_REL, sigma_rel_to_gamma
+from settings.config import Config
 from trainer import Trainer, TrainingDiverged
 
 # tiny_diffusion's network, trained as plain Algorithm 1 (one batch per step, no weight decay) unless asked
@@ -112,8 +112,8 @@ def test_cosine_learning_rate_decay_after_the_warmup(tmp_path):
 
 
 def test_precision_choice(monkeypatch):
-    import precision as precision_module
-    from precision import choose_precision
+    from runtime import precision as precision_module
+    from runtime.precision import choose_precision
 
     monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: False)
     assert choose_precision("auto", torch.device("cpu")) == "fp32"
@@ -308,7 +308,7 @@ class FakeEvaluator:
 
 
 def test_fid_points_are_logged_and_the_best_checkpoint_kept(tmp_path, capsys):
-    from metrics import MetricsLogger
+    from evaluation.metrics import MetricsLogger
 
     trainer = make_trainer(tmp_path, train_steps=9)
     trainer.evaluator = FakeEvaluator([50.0, 40.0, 45.0])
@@ -332,7 +332,7 @@ def test_training_goes_on_when_fid_cannot_be_scored(tmp_path):
 
 
 def test_process_figures_run_in_process_order():
-    from visualize import diffusion_processes
+    from evaluation.figures import diffusion_processes
 
     d = tiny_diffusion(T=20)
     steps, forward, backward, frames = diffusion_processes(d, torch.rand(2, 3, 16, 16) * 2 - 1)

@@ -13,7 +13,7 @@ import copy
 import torch
 
 from diffusion import Diffusion
-from errors import UserError
+from runtime.errors import UserError
 from unet import Unet
 
 

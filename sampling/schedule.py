@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from config import SAMPLERS
+from settings.config import SAMPLERS
 
 
 def cosine_alphas(timesteps: int, *, s: float = 0.008) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError
+from runtime.errors import UserError
 
 
 def available_memory_bytes(*, meminfo: Path = Path("/proc/meminfo"),

@@ -28,8 +28,8 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from errors import UserError
-from images import CLASSES, find_images, has_images
+from runtime.errors import UserError
+from imagedata.files import CLASSES, find_images, has_images
 
 AFHQ_URLS = {
     "v2": "https://www.dropbox.com/s/vkzjokiwof5h8w6/afhq_v2.zip?dl=1",  # StarGAN v2 download.sh, afhq-v2-dataset

@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from batches import DataWarning, DeviceBatches, StreamingBatches, available_cores, default_num_workers
-from errors import UserError
-from images import CLASSES, MAX_PIXELS, Found, TooSmall, UnreadableImage, decode_image, find_images, scan
-from image_cache import (CACHE_FORMAT, PREPROCESSING, read_cache, write_cache, cache_dir_candidates, cache_key,
+from imagedata.batches import DataWarning, DeviceBatches, StreamingBatches, available_cores, default_num_workers
+from runtime.errors import UserError
+from imagedata.files import CLASSES, MAX_PIXELS, Found, TooSmall, UnreadableImage, decode_image, find_images, scan
+from imagedata.cache import (CACHE_FORMAT, PREPROCESSING, read_cache, write_cache, cache_dir_candidates, cache_key,
                          cache_name, pixels_key, resolve_cache_dir)
-from memory import available_memory_bytes
+from runtime.memory import available_memory_bytes
 
 __all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches", "TrainingData",
            "cache_dir_candidates", "cache_key", "class_labels", "find_images", "load_images", "make_batches",

@@ -21,14 +21,14 @@ import math
 
 import torch
 
-import build
-from batches import Batch
-from cuda_graph import Captured
+from training import build
+from imagedata.batches import Batch
+from runtime.cuda_graph import Captured
 from diffusion import Diffusion
-from ema import update_ema
-from graph_policy import train_with_graphs
-from memory import activation_bytes_per_image, free_bytes
-from precision import autocast
+from training.ema import update_ema
+from runtime.graph_policy import train_with_graphs
+from runtime.memory import activation_bytes_per_image, free_bytes
+from runtime.precision import autocast
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as CUDA graphs need
 

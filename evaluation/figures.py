@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from atomic import atomic_write
+from runtime.atomic import atomic_write
 from diffusion import Diffusion
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)

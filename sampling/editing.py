@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from diffusion import Diffusion, unnormalize
-from schedule import chain_plan
+from sampling.schedule import chain_plan
 
 
 def start_of(diffusion: Diffusion, strength: float, plan: list[tuple[int, int]]) -> list[tuple[int, int]]:

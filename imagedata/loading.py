@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config import Config
-from errors import UserError
-from images import has_images
+from settings.config import Config
+from runtime.errors import UserError
+from imagedata.files import has_images
 
 
 def resolve_data_class(config: Config, named: set[str]) -> Config:
@@ -29,7 +29,7 @@ def resolve_data_class(config: Config, named: set[str]) -> Config:
 def needs_data(config: Config, saved) -> bool:
     """Training needs the images; --visualize when the checkpoint keeps fewer than --num_vis of them; --evaluate
     until their FID statistics are cached; --sample never."""
-    from scoring import cached_reference
+    from evaluation.scoring import cached_reference
 
     if config.trains or (config.visualize and saved.data.get("examples", 0) < config.num_vis):
         return True
@@ -39,9 +39,9 @@ def needs_data(config: Config, saved) -> bool:
 def load_data(config: Config, device, ctx):
     """The training data (``dataset.TrainingData``, its batches sharded per rank); rank 0 downloads and builds the
     cache first, and prints the one line saying what it found."""
-    import dataset
-    import distributed
-    import download
+    from imagedata import dataset
+    from runtime import distributed
+    from imagedata import download
 
     if ctx.is_main:
         download.ensure_dataset(config.data_path, config.data_selection, download=config.download,

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import fid as fid_module
-from errors import UserError
-from fid import FIDEvaluator, ReferenceStats, WarnsWithoutInception
-from record import RunRecord
+from evaluation import fid as fid_module
+from runtime.errors import UserError
+from evaluation.fid import FIDEvaluator, ReferenceStats, WarnsWithoutInception
+from settings.record import RunRecord
 
 
 def statistics_dir(config, image_set) -> Path:
@@ -30,7 +30,7 @@ def cached_reference(config, run: RunRecord) -> Path | None:
     """The folder holding the cached FID statistics of the images a checkpoint was trained on, if any does:
     ``--cache_dir``, the folder the checkpoint records, the usual cache folders of ``--data_path``, or the
     save folder."""
-    from dataset import cache_dir_candidates
+    from imagedata.dataset import cache_dir_candidates
 
     keys = [run.data_key, *run.class_data_keys.values()]
     folders = [config.cache_dir, run.fid_cache_dir, *cache_dir_candidates(config.data_path), config.save_folder]

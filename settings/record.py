@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from errors import UserError
+from runtime.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from errors import UserError
-from images import MAX_PIXELS, UnreadableImage, decode_image
-from memory import fits
+from runtime.errors import UserError
+from imagedata.files import MAX_PIXELS, UnreadableImage, decode_image
+from runtime.memory import fits
 
 
 class Batch(NamedTuple):

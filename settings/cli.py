@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from config import AUTO_OR_BOOL, BOOL, Config, show
+from settings.config import AUTO_OR_BOOL, BOOL, Config, show
 
 
 class Parser(argparse.ArgumentParser):

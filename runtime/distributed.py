@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from runtime.errors import UserError
 
 
 @dataclass(frozen=True)

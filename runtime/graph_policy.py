@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from errors import UserError
+from runtime.errors import UserError
 
 
 def graph_blocker(device: torch.device, *, world_size: int, compiled: bool) -> str | None:

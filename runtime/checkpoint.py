@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from atomic import atomic_write, stale_temporaries
-from config import Config, comparable, names, recorded, show
-from errors import UserError
+from runtime.atomic import atomic_write, stale_temporaries
+from settings.config import Config, comparable, names, recorded, show
+from runtime.errors import UserError
 
 FORMAT = 2
 # The last commit that reads each older format, named when such a checkpoint is refused.

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from cuda_graph import ChainStep, ChainSteps
+from runtime.cuda_graph import ChainStep, ChainSteps
 from diffusion import Diffusion
-from editing import edit
-from graph_policy import sample_with_graphs
-from precision import autocast
-from visualize import save_guidance_figure
+from sampling.editing import edit
+from runtime.graph_policy import sample_with_graphs
+from runtime.precision import autocast
+from evaluation.figures import save_guidance_figure
 
 GUIDANCE_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)  # the columns of the guidance figure
 

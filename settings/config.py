@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from download import DOWNLOAD_MODES, DOWNLOAD_SOURCES
-from metrics import WANDB_MODES
+from imagedata.download import DOWNLOAD_MODES, DOWNLOAD_SOURCES
+from evaluation.metrics import WANDB_MODES
 
 ROLES = ("network", "training", "run")
 # The choices of the settings whose modules import torch are declared here, and those modules read them from

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from atomic import atomic_write, atomic_write_text
+from runtime.atomic import atomic_write, atomic_write_text
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
