@@ -6,19 +6,66 @@ Conventions:
 - Timesteps are 0-indexed: code index ``t = 0 ... T-1`` stands for the paper's ``t = 1 ... T``. So
   ``alphas_cumprod[t]`` is the paper's alpha_bar_{t+1}, and ``alphas_cumprod_prev[0] = 1`` is alpha_bar_0.
 - Images inside the model are in [-1, 1]; images returned by the samplers are in [0, 1].
-- Every per-timestep coefficient is computed once in float64 (``schedule.coefficients``) and stored here as a
-  float32 buffer named after the math, so ``.to(device)`` moves the whole schedule with the network.
+- Every per-timestep coefficient is computed once in float64 (``coefficients``) and stored as a float32 buffer
+  named after the math, so ``.to(device)`` moves the whole schedule with the network.
+- The samplers (``sampling/samplers.py``) all run in the one loop of ``Diffusion.run_chain``; DDPM's step is
+  Algorithm 2's (``reverse_step``).
+
+This module imports torch and the samplers only: no settings, files, downloads or logging.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from settings.config import LOSSES
-from sampling.schedule import chain_plan, coefficients, extract
+from sampling.samplers import chain_plan, sampler_named
+
+# The losses on the predicted noise, by name: Algorithm 1's is L1 (the assignment's).
+LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "huber": F.smooth_l1_loss}
+
+
+def cosine_alphas(timesteps: int, *, s: float = 0.008) -> torch.Tensor:
+    """alpha_t of Eq. (16) for paper t = 1 ... T, in float64: clip(alpha_bar_t / alpha_bar_{t-1}, 0.001, 1)."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_bar = f / f[0]  # paper alpha_bar_t = f(t) / f(0), t = 0 ... T
+    return (alphas_bar[1:] / alphas_bar[:-1]).clamp(0.001, 1.0)
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
+    """Pick ``a[t]`` for each batch element and shape it [B, 1, 1, ...] to broadcast against ``x_shape``."""
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def coefficients(timesteps: int) -> dict[str, torch.Tensor]:
+    """Every coefficient of the forward process, the posterior and the samplers for T = ``timesteps``, by the name
+    of its math, in float64 [T]."""
+    alphas = cosine_alphas(timesteps)  # Eq. (16)
+    betas = 1.0 - alphas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)  # Eq. (17): alpha_bar_t = prod_{i <= t} alpha_i
+    alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+    # Eq. (18): posterior q(x_{t-1} | x_t, x_0); at paper t = 1 its variance is 0.
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "alphas": alphas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas": alphas.sqrt(),
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+        "posterior_variance": posterior_variance,
+        # log(0) at paper t = 1 is replaced by the next step's value, as in improved-diffusion.
+        "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+        "posterior_mean_coef1": alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod),  # multiplies x_0
+        "posterior_mean_coef2": alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),  # x_t
+    }
 
 
 class Diffusion(nn.Module):
@@ -52,7 +99,7 @@ class Diffusion(nn.Module):
         if not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
         if loss_type not in LOSSES:
-            raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
+            raise ValueError(f"loss_type must be one of {tuple(LOSSES)}, got {loss_type!r}")
         if hasattr(model, "check_image_size"):
             model.check_image_size(image_size)
         self.model = model
@@ -132,14 +179,9 @@ class Diffusion(nn.Module):
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
         x_self_cond = self.self_condition_estimate(x_t, t, conditioned, y) if self.self_condition else None
-        predicted = self.predict_noise(x_t, t, x_self_cond, y)
-        if loss_type == "l1":
-            return F.l1_loss(predicted, noise)
-        if loss_type == "l2":
-            return F.mse_loss(predicted, noise)
-        if loss_type == "huber":
-            return F.smooth_l1_loss(predicted, noise)
-        raise ValueError(f"loss_type must be one of {LOSSES}, got {loss_type!r}")
+        if loss_type not in LOSSES:
+            raise ValueError(f"loss_type must be one of {tuple(LOSSES)}, got {loss_type!r}")
+        return LOSSES[loss_type](self.predict_noise(x_t, t, x_self_cond, y), noise)
 
     def forward(self, x_start: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 conditioned: int | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,85 +249,81 @@ class Diffusion(nn.Module):
         ``x_self_cond``: a self-conditioned network's x_0 input (the previous step's estimate; None: zeros).
         ``y``, ``guidance``: class labels and guidance scale, as in ``predict_noise``.
         """
-        z = self.step_noise("ddpm", x, t_index, t_index - 1, generator=generator)
+        # line 3: z ~ N(0, I), none at the last step (paper t = 1)
+        z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if t_index > 0 else None
         return self.reverse_step(x, t, z, x_self_cond, y, guidance)[0]
 
-    @staticmethod
-    def step_noise(sampler: str, x: torch.Tensor, t_index: int, next_index: int, *, eta: float = 0.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """The noise of the step from 0-indexed ``t_index`` to ``next_index`` (-1: x_0). DDPM: z of Algorithm 2's
-        line 3, N(0, I), and 0 at the last step (paper t = 1). DDIM: N(0, I) when eta > 0, else None; None at
-        the last step."""
-        if sampler == "ddpm" and t_index == 0:
-            return torch.zeros_like(x)
-        if sampler == "ddim" and (eta == 0 or next_index < 0):
-            return None
-        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-
-    def reverse_step(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, x_self_cond: torch.Tensor | None = None,
-                     y: torch.Tensor | None = None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Algorithm 2, lines 4 to 9, with the step's noise ``z`` given: x_{t-1}, and the clamped x_0 estimate
-        (a self-conditioned network's input at the next step)."""
+    def reverse_step(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None,
+                     x_self_cond: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                     guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 2, lines 4 to 9, with the step's noise ``z`` given (None: none): x_{t-1}, and the clamped x_0
+        estimate (a self-conditioned network's input at the next step)."""
         x_start = self.predict_start(x, t, x_self_cond, y, guidance)  # lines 4 to 6
         mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
-        return mean + variance.sqrt() * z, x_start  # line 9; at the last step the variance and z are 0
+        return (mean if z is None else mean + variance.sqrt() * z), x_start  # line 9; the variance is 0 at t = 1
 
-    def ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, z: torch.Tensor | None,
-                  x_self_cond: torch.Tensor | None = None, *, eta: float = 0.0, y: torch.Tensor | None = None,
-                  guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step (Song et al. 2021, Eq. 12) from 0-indexed timesteps ``t`` to ``t_next`` ([B]; -1 is x_0),
-        adding sigma * ``z`` when ``z`` is given (eta > 0); also returns the clamped x_0 estimate. The noise is
-        recomputed from the clamped estimate."""
-        abar = extract(self.alphas_cumprod, t, x.shape)
-        abar_next = extract(self.alphas_cumprod_prev, t_next + 1, x.shape)  # alpha_bar at t_next; 1 for x_0
-        sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
-        x_start = self.predict_start(x, t, x_self_cond, y, guidance)
-        eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
-        x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
-        return (x if z is None else x + sigma * z), x_start
-
-    def chain_step(self, sampler: str, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-                   z: torch.Tensor | None, x_self_cond: torch.Tensor | None, *, eta: float = 0.0,
-                   y: torch.Tensor | None = None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of the reverse chain of ``sampler``: x at ``t_next``, and the clamped x_0 estimate."""
-        if sampler == "ddpm":
-            return self.reverse_step(x, t, z, x_self_cond, y, guidance)
-        return self.ddim_step(x, t, t_next, z, x_self_cond, eta=eta, y=y, guidance=guidance)
+    def alpha_bar(self, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
+        """alpha_bar at the 0-indexed timesteps ``t`` ([B]; -1 stands for x_0, where alpha_bar is 1), shaped
+        [B, 1, 1, ...] to broadcast against ``x_shape``."""
+        return extract(F.pad(self.alphas_cumprod, (1, 0), value=1.0), t + 1, x_shape)
 
     @torch.no_grad()
     def run_chain(self, x: torch.Tensor, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-                  start_t: int | None = None, return_steps: Iterable[int] = (),
-                  generator: torch.Generator | None = None, progress: bool = False, classes: torch.Tensor | None = None,
-                  guidance: float = 0.0, step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The reverse chain of ``sampler`` from ``x`` ([B, C, H, W] in [-1, 1] at the plan's first timestep);
-        images in [0, 1]. Every sampler runs this loop; ``step`` (default ``chain_step``) takes
-        ``(x, t, t_next, z, x_self_cond, y)`` and returns the next x and the x_0 estimate, as a CUDA graph's replay
-        does. The noise is drawn here, step by step, from ``generator``.
+                  start_t: int | None = None, plan: list[tuple[int, int]] | None = None,
+                  return_steps: Iterable[int] = (), generator: torch.Generator | None = None,
+                  classes: torch.Tensor | None = None, guidance: float = 0.0, step=None,
+                  merge: Callable[[torch.Tensor, int], torch.Tensor] | None = None, resample: int = 1,
+                  progress: Callable[[float], None] | None = None
+                  ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The reverse chain: the one loop that every sampler, sample and edit runs. From ``x`` ([B, C, H, W] in
+        [-1, 1] at the plan's first timestep) to images in [0, 1].
+
+        ``plan``: the (from, to) timesteps to visit (default ``samplers.chain_plan`` of ``sampler``, ``steps`` and
+        ``start_t``); image-to-image passes the tail of a plan and a start noised to its first timestep. At each
+        (t, t') the loop draws the step's noise from ``generator`` (where the sampler adds noise and t' is not
+        x_0) and calls ``step`` (default: the sampler's step of ``samplers.SAMPLERS``, with ``eta``; a CUDA
+        graph's replay takes its place), which returns x at t' and the x_0 estimate.
+
+        ``merge(x, t')``, when given, replaces x after each step (inpainting puts the kept pixels back there), and
+        each step but the last then runs ``resample`` times, x noised back from t' to t in between (RePaint's
+        resampling, Lugmayr et al. 2022).
 
         ``classes`` ([B] labels) and ``guidance`` (w) steer a class-conditional model, as in ``predict_noise``; a
-        ``step`` given here brings its own guidance scale.
-
-        ``return_steps``: 0-indexed timesteps whose image x_t (the chain's state before the step at t, in [0, 1])
-        is also returned; with any given, the result is ``(images, {t: x_t})``.
+        ``step`` given here brings its own guidance scale. ``progress(f)`` is called after each network pass with
+        the fraction f of the chain done so far (1 at its end). ``return_steps``: 0-indexed timesteps whose x_t (the state
+        before the step at t, in [0, 1]) is also returned; with any given, the result is ``(images, {t: x_t})``.
         """
         if eta < 0:
             raise ValueError(f"DDIM eta must be non-negative, got {eta}")
-        plan = chain_plan(self.num_timesteps, sampler, steps=steps, start_t=start_t)
+        if resample < 1:
+            raise ValueError(f"resample must be at least 1, got {resample}")
+        chosen = sampler_named(sampler)
+        plan = chain_plan(self.num_timesteps, sampler, steps=steps, start_t=start_t) if plan is None else plan
         y = self.check_classes(classes, x.shape[0])
         if step is None:
             def step(x, t, t_next, z, x_self_cond, y):
-                return self.chain_step(sampler, x, t, t_next, z, x_self_cond, eta=eta, y=y, guidance=guidance)
-        if progress:
-            from tqdm.auto import tqdm
-            plan = tqdm(plan, desc=f"{sampler.upper()} sampling", leave=False)
+                return chosen.step(self, x, t, t_next, z, x_self_cond, y=y, guidance=guidance, eta=eta)
+        noisy = chosen.stochastic(eta)
+        turns = [resample if merge is not None and j >= 0 else 1 for _, j in plan]
+        passes, done = sum(turns), 0
         wanted, intermediates = set(return_steps), {}
         x_start = torch.zeros_like(x) if self.self_condition else None  # the first step has no estimate yet
-        for i, j in plan:
+        for (i, j), count in zip(plan, turns):
             if i in wanted:
                 intermediates[i] = unnormalize(x)
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            z = self.step_noise(sampler, x, i, j, eta=eta, generator=generator)
-            x, x_start = step(x, t, t + (j - i), z, x_start, y)
+            for turn in range(count):
+                if turn:  # back from t' to t: x_t ~ N(sqrt(abar_t / abar_t') x_t', (1 - abar_t / abar_t') I)
+                    ratio = self.alphas_cumprod[i] / self.alphas_cumprod[j]
+                    x = ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn(x.shape, device=x.device,
+                                                                            generator=generator)
+                z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if noisy and j >= 0 else None
+                x, x_start = step(x, t, t + (j - i), z, x_start, y)
+                if merge is not None:
+                    x = merge(x, j)
+                done += 1
+                if progress is not None:
+                    progress(done / passes)
         images = unnormalize(x)
         return (images, intermediates) if wanted else images
 
@@ -302,46 +340,37 @@ class Diffusion(nn.Module):
                              f"\"no class\"), got {classes}")
         return y
 
-    def _start(self, shape_or_noise: Sequence[int] | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        if isinstance(shape_or_noise, torch.Tensor):
-            return shape_or_noise.to(self.device)
-        return torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
+    def noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T ~ N(0, I) for ``batch_size`` images, drawn from ``generator`` (Algorithm 2, line 1)."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        return torch.randn(shape, device=self.device, generator=generator)
 
     @torch.no_grad()
     def p_sample_loop(self, shape_or_noise: Sequence[int] | torch.Tensor, *, start_t: int | None = None,
                       return_steps: Iterable[int] = (), generator: torch.Generator | None = None,
-                      progress: bool = False, classes: torch.Tensor | None = None, guidance: float = 0.0,
-                      step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                      progress: Callable[[float], None] | None = None, classes: torch.Tensor | None = None,
+                      guidance: float = 0.0, step=None) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The reverse chain (Algorithm 2) from x_T ~ N(0, I) of shape ``shape_or_noise`` (drawn from ``generator``,
         as the steps' noise is), or from that tensor at 0-indexed timestep ``start_t`` (default T-1: the figure of
         the backward process starts from a forward-process image this way); images in [0, 1]. ``return_steps``,
-        ``classes``, ``guidance`` and ``step`` as in ``run_chain``."""
-        return self.run_chain(self._start(shape_or_noise, generator), sampler="ddpm", start_t=start_t,
-                              return_steps=return_steps, generator=generator, progress=progress, classes=classes,
-                              guidance=guidance, step=step)
-
-    @torch.no_grad()
-    def ddim_sample(self, shape_or_noise: Sequence[int] | torch.Tensor, *, steps: int = 50, eta: float = 0.0,
-                    generator: torch.Generator | None = None, progress: bool = False,
-                    classes: torch.Tensor | None = None, guidance: float = 0.0, step=None) -> torch.Tensor:
-        """DDIM (Song et al. 2021, Eq. 12) over ``steps`` evenly spaced timesteps; deterministic when eta = 0.
-
-        Uses the same network as DDPM. x_0 estimates are clamped to [-1, 1] as in Algorithm 2, and the noise
-        is recomputed from the clamped estimate. Returns images in [0, 1].
-        """
-        return self.run_chain(self._start(shape_or_noise, generator), sampler="ddim", steps=steps, eta=eta,
-                              generator=generator, progress=progress, classes=classes, guidance=guidance, step=step)
+        ``progress``, ``classes``, ``guidance`` and ``step`` as in ``run_chain``."""
+        if isinstance(shape_or_noise, torch.Tensor):
+            x = shape_or_noise.to(self.device)
+        else:
+            x = torch.randn(tuple(shape_or_noise), device=self.device, generator=generator)
+        return self.run_chain(x, sampler="ddpm", start_t=start_t, return_steps=return_steps, generator=generator,
+                              progress=progress, classes=classes, guidance=guidance, step=step)
 
     @torch.no_grad()
     def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, progress: bool = False, classes: torch.Tensor | None = None,
-               guidance: float = 0.0, step=None) -> torch.Tensor:
-        """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain, or DDIM over ``steps``
-        (default min(50, T)); ``classes`` ([B] labels), ``guidance`` and ``step`` as in ``run_chain``."""
+               generator: torch.Generator | None = None, progress: Callable[[float], None] | None = None,
+               classes: torch.Tensor | None = None, guidance: float = 0.0, step=None) -> torch.Tensor:
+        """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain (Algorithm 2), or another
+        sampler of ``samplers.SAMPLERS`` over ``steps`` timesteps (default min(50, T)); ``eta``, ``progress``,
+        ``classes`` ([B] labels), ``guidance`` and ``step`` as in ``run_chain``."""
         chain_plan(self.num_timesteps, sampler, steps=steps)  # a bad sampler or step count fails before any noise
         self.check_classes(classes, batch_size)
-        shape = (batch_size, self.channels, self.image_size, self.image_size)
-        return self.run_chain(self._start(shape, generator), sampler=sampler, steps=steps, eta=eta,
+        return self.run_chain(self.noise(batch_size, generator), sampler=sampler, steps=steps, eta=eta,
                               generator=generator, progress=progress, classes=classes, guidance=guidance, step=step)
 
 

@@ -1,13 +1,15 @@
 """The training loop: steps, checkpoints, sample grids, FID, curves and figures.
 
-``Trainer`` receives built objects (the diffusion model, an endless iterator of ``batches.Batch`` on the
-device, a config, the run record) and keeps each job in a small method: ``train_step``, ``train``,
-``evaluate``, ``visualize``, ``save``, ``load``. The step itself lives in ``train_step.TrainStep``; samples,
-figures and FID come from the EMA weights through ``sampling.EMASampler`` (``trainer.sampler``).
+``Trainer`` receives built objects (the diffusion model, an endless iterator of ``imagedata.batches.Batch`` on
+the device, a config, the run record) and keeps each job in a small method: ``train_step``, ``train``,
+``evaluate``, ``save``, ``load``. It trains a model and nothing else: the step itself lives in
+``training.step.TrainStep``; the periodic sample grids and FID come from the EMA weights through
+``sampling.ema_sampler.EMASampler`` (``trainer.sampler``); using a trained model is ``sampling/``'s, from a
+checkpoint (``sampling.model.load_model``), without a trainer.
 
-A class-conditional model (its class names in the run record, ``record.RunRecord.classes``) samples at the
-guidance scale ``--guidance``; its grids hold a row per class, FID is scored per class and over all classes, and
-``visualize`` adds the figure of classes by guidance scales.
+A class-conditional model (its class names in the run record, ``settings.record.RunRecord.classes``) samples at
+the guidance scale ``--guidance``; its grids hold a row per class, and FID is scored per class and over all
+classes.
 """
 from __future__ import annotations
 
@@ -24,17 +26,13 @@ from settings.config import Config
 from diffusion import Diffusion
 from training.ema import ema_decay
 from runtime.errors import UserError
-from training.interrupt import StopSignals
+from training.interrupt import StopSignals, TrainingInterrupted
 from evaluation.metrics import MetricsLogger
 from runtime.precision import choose_precision
 from settings.record import RunRecord
 from sampling.ema_sampler import EMASampler
 from training.step import TrainStep, learning_rate
-from evaluation.figures import save_grid, write_process_figures
-
-
-class TrainingInterrupted(Exception):
-    """Raised after a SIGINT or SIGTERM once the checkpoint is saved; ``main.py`` exits 130."""
+from evaluation.figures import save_grid
 
 
 class TrainingDiverged(UserError):
@@ -44,9 +42,8 @@ class TrainingDiverged(UserError):
 
 
 class Trainer:
-    """Trains ``diffusion`` on ``batches`` (an endless iterator of ``batches.Batch``; None for a model that is only
-    sampled, scored or drawn) as ``config`` says; ``run`` is what the run records of itself (its classes among
-    it)."""
+    """Trains ``diffusion`` on ``batches`` (an endless iterator of ``imagedata.batches.Batch``) as ``config`` says;
+    ``run`` is what the run records of itself (its classes among it)."""
 
     def __init__(self, diffusion: Diffusion, batches, *, config: Config, device: torch.device | str,
                  run: RunRecord | None = None, logger: MetricsLogger | None = None, evaluator=None,
@@ -212,20 +209,6 @@ class Trainer:
             self.best_fid = result["fid"]
             self.save(self.save_folder / "model_best.pt")
         return result
-
-    @torch.no_grad()
-    def visualize(self, x_start: torch.Tensor) -> list[Path]:
-        """Figures of the forward and backward processes on ``x_start`` ([B, C, H, W] in [-1, 1]) and a GIF; for a
-        class-conditional model also the guidance figure."""
-        paths = write_process_figures(self.ema, x_start, self.save_folder, step=self.step,
-                                      generator=self.sampler.generator(),
-                                      chain_step=self.sampler.chain_step(len(x_start), "ddpm"))
-        if self.classes:
-            paths.append(self.sampler.guidance_figure(self.save_folder / "guidance.png", step=self.step))
-        if self.logger is not None:
-            for path in paths:
-                self.logger.log_image(path.stem, path, self.step)
-        return paths
 
     def state_dict(self) -> dict:
         return {

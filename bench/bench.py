@@ -118,7 +118,7 @@ def main_flags(spec: dict):
 def _diffusion(spec: dict):
     import torch
 
-    from training.build import build_diffusion
+    from sampling.model import build_diffusion
 
     torch.manual_seed(0)
     return build_diffusion(main_flags(spec))
@@ -195,7 +195,7 @@ def measure_sampling(spec: dict) -> dict:
     precision = choose_precision("auto", device)  # as the trainer samples its grids and FID images
     step, warmup_batch = None, min(spec["batch"], 4)
     if spec.get("graph"):  # the reverse step replayed from a CUDA graph, as --cuda_graph samples
-        from runtime.cuda_graph import ChainStep
+        from sampling.captured_step import ChainStep
 
         shape = (spec["batch"], diffusion.channels, diffusion.image_size, diffusion.image_size)
         step, warmup_batch = ChainStep(diffusion, shape, sampler=spec["sampler"]), spec["batch"]  # warm-up captures

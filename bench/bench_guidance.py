@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from imagedata.batches import Batch  # noqa: E402
 from bench_samplers import load_checkpoint  # noqa: E402
-from training.build import build_diffusion  # noqa: E402
+from sampling.model import build_diffusion  # noqa: E402
 from settings.cli import parse  # noqa: E402
 from runtime.distributed import pick_device  # noqa: E402
 from settings.record import RunRecord  # noqa: E402

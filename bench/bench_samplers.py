@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.build import build_diffusion  # noqa: E402
+from sampling.model import build_diffusion  # noqa: E402
 from settings.cli import build_parser, checked, parse  # noqa: E402
 from imagedata.dataset import TrainingData, load_images  # noqa: E402
 from runtime.distributed import pick_device  # noqa: E402

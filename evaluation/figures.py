@@ -25,13 +25,13 @@ def timesteps_at(num_timesteps: int, fractions=FRACTIONS) -> list[int]:
 
 @torch.no_grad()
 def diffusion_processes(diffusion: Diffusion, x_start: torch.Tensor, *, generator: torch.Generator | None = None,
-                        chain_step=None):
+                        chain_step=None, progress=None):
     """Run both processes on x_start ([B, C, H, W] in [-1, 1]).
 
     Returns ``(steps, forward, backward, frames)``: ``forward[t]`` and ``backward[t]`` are [B, C, H, W]
     images in [0, 1] at each t in ``steps``; ``frames`` is every state of the backward chain, noisiest first,
     ending with its output. ``chain_step`` is the backward chain's step, as ``Diffusion.run_chain`` takes it
-    (a ``cuda_graph.ChainStep``; default: the eager step).
+    (a ``sampling.captured_step.ChainStep``; default: the eager step); ``progress`` as ``run_chain`` takes it.
     """
     steps = timesteps_at(diffusion.num_timesteps)
     x_start = x_start.to(diffusion.device)
@@ -44,17 +44,18 @@ def diffusion_processes(diffusion: Diffusion, x_start: torch.Tensor, *, generato
     x_noisy = forward[start] * 2 - 1
     every = list(range(start, -1, -1))
     final, states = diffusion.p_sample_loop(x_noisy, start_t=start, return_steps=every, generator=generator,
-                                            step=chain_step)
+                                            step=chain_step, progress=progress)
     backward = {t: states[t] for t in reversed(steps)}  # noisiest first, as the chain runs
     frames = [states[t] for t in every] + [final]
     return steps, forward, backward, frames
 
 
 def write_process_figures(diffusion: Diffusion, x_start: torch.Tensor, folder: str | os.PathLike, *, step: int,
-                          generator: torch.Generator | None = None, chain_step=None) -> list[Path]:
+                          generator: torch.Generator | None = None, chain_step=None, progress=None) -> list[Path]:
     """``forward_process.png``, ``backward_process.png`` and ``backward_process.gif`` in ``folder``, from
     ``diffusion_processes`` on ``x_start`` with a model trained for ``step`` steps; returns their paths."""
-    steps, forward, backward, frames = diffusion_processes(diffusion, x_start, generator=generator, chain_step=chain_step)
+    steps, forward, backward, frames = diffusion_processes(diffusion, x_start, generator=generator,
+                                                           chain_step=chain_step, progress=progress)
     folder = Path(folder)
     return [
         save_process_figure(forward, folder / "forward_process.png",

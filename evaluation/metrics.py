@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import atomic_write, atomic_write_text
-
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+from settings.config import WANDB_MODES
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -102,6 +102,11 @@ class ClassFIDEvaluator(WarnsWithoutInception):
         self.overall, self.per_class = overall, per_class
         self.counts = class_counts(overall.num_samples, sizes)
 
+    @property
+    def num_samples(self) -> int:
+        """The images one evaluation draws, over all classes."""
+        return sum(self.counts)
+
     def reference(self) -> ReferenceStats:
         """Each class's statistics, then all classes' from the classes' features (the same images: Inception runs
         once over each image)."""

@@ -28,16 +28,15 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from runtime.errors import UserError
 from imagedata.files import CLASSES, find_images, has_images
+from runtime.errors import UserError
+from settings.config import DOWNLOAD_MODES
 
 AFHQ_URLS = {
     "v2": "https://www.dropbox.com/s/vkzjokiwof5h8w6/afhq_v2.zip?dl=1",  # StarGAN v2 download.sh, afhq-v2-dataset
     "v1": "https://www.dropbox.com/s/t9l9o3vsx2jai3z/afhq.zip?dl=1",  # StarGAN v2 download.sh, afhq-dataset
     "cmu": "https://cmu.box.com/shared/static/5iydd9zn3edn127rcq0qud2scq7839ym",  # the assignment's link
 }
-DOWNLOAD_SOURCES = tuple(AFHQ_URLS)
-DOWNLOAD_MODES = ("auto", "always", "never")
 _CHUNK = 1 << 20
 
 

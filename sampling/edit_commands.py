@@ -115,20 +115,6 @@ def masks_for(config, files: list[Path], count: int, size: int) -> torch.Tensor:
     return masks
 
 
-def run_edits(config, trainer, label: int | None) -> list[Path]:
-    """Run --inpaint and/or --img2img; returns the files written."""
-    written = []
-    if config.inpaint:
-        written += inpaint_command(config, trainer, label)
-    if config.img2img:
-        written += img2img_command(config, trainer, label)
-    if trainer.logger is not None:
-        for path in written:
-            if path.suffix == ".png" and path.parent == Path(config.save_folder):
-                trainer.logger.log_image(path.stem, path, trainer.step)
-    return written
-
-
 def _in_batches(fn, count: int):
     """``fn(start, stop)`` over ``range(count)`` in chunks of ``BATCH``, results concatenated."""
     return torch.cat([fn(start, min(start + BATCH, count)) for start in range(0, count, BATCH)])
@@ -141,19 +127,22 @@ def _write_each(results: torch.Tensor, files: list[Path], edits: int, folder: Pa
     return folder
 
 
-def inpaint_command(config, trainer, label: int | None) -> list[Path]:
-    diffusion = trainer.ema
+def inpaint_command(model, label: int | None) -> list[Path]:
+    """``--inpaint`` with the loaded model (``sampling.model.LoadedModel``), towards the class ``label`` if given;
+    returns the grid, the figure and the folder of single results."""
+    config, diffusion, step = model.config, model.diffusion, model.step
     files = input_files(config.inpaint, "inpaint")
     inputs = read_inputs(files, diffusion.image_size, diffusion.channels, "inpaint")
     repeated = inputs.repeat_interleave(config.edits, dim=0)
     masks = masks_for(config, files, len(repeated), diffusion.image_size)
-    generator = trainer.sampler.generator(2)
+    generator = model.sampler.generator(2)
     classes = None if label is None else torch.full((len(repeated),), label)
-    results = _in_batches(lambda a, b: trainer.sampler.edit(
-        repeated[a:b], keep=1 - masks[a:b], classes=None if classes is None else classes[a:b],
-        generator=generator).cpu(), len(repeated))
+    with model.sampler.progress(len(repeated), "inpainting"):
+        results = _in_batches(lambda a, b: model.sampler.edit(
+            repeated[a:b], keep=1 - masks[a:b], classes=None if classes is None else classes[a:b],
+            generator=generator).cpu(), len(repeated))
     masked = torch.where(masks.bool(), torch.full_like(repeated, 0.5), repeated)
-    name = f"inpaint-{trainer.step}"
+    name = f"inpaint-{step}"
     rows = torch.cat([torch.stack([inputs[i], masked[i * config.edits], *results[i * config.edits:(i + 1) *
                                                                                  config.edits]])
                       for i in range(len(inputs))])
@@ -163,38 +152,42 @@ def inpaint_command(config, trainer, label: int | None) -> list[Path]:
     columns.update({f"result {k + 1}": results[k::config.edits][:shown] for k in range(config.edits)})
     figure = save_table(columns, Path(config.save_folder) / f"{name}-figure.png",
                         title=f"inpainting ({config.mask}, {config.resample} resampling(s) per step, "
-                              f"{config.sampler}), after {trainer.step} training steps")
+                              f"{config.sampler}), after {step} training steps")
     return [grid, figure, _write_each(results, files, config.edits, Path(config.save_folder) / name)]
 
 
-def img2img_command(config, trainer, label: int | None) -> list[Path]:
-    diffusion = trainer.ema
+def img2img_command(model, label: int | None) -> list[Path]:
+    """``--img2img`` with the loaded model (``sampling.model.LoadedModel``), towards the class ``label`` if given;
+    returns the grid, the strengths figure and the folder of single results."""
+    config, diffusion, step, classes_of = model.config, model.diffusion, model.step, model.classes
     files = input_files(config.img2img, "img2img")
     inputs = read_inputs(files, diffusion.image_size, diffusion.channels, "img2img")
     repeated = inputs.repeat_interleave(config.edits, dim=0)
-    generator = trainer.sampler.generator(2)
+    generator = model.sampler.generator(2)
 
     def redraw(images, strength, classes):
-        return _in_batches(lambda a, b: trainer.sampler.edit(
+        return _in_batches(lambda a, b: model.sampler.edit(
             images[a:b], strength=strength, classes=None if classes is None else classes[a:b],
             generator=generator).cpu(), len(images))
 
     classes = None if label is None else torch.full((len(repeated),), label)
-    results = redraw(repeated, config.strength, classes)
-    name = f"img2img-{trainer.step}-s{config.strength:g}"
-    rows = torch.cat([torch.stack([inputs[i], *results[i * config.edits:(i + 1) * config.edits]])
-                      for i in range(len(inputs))])
-    grid = save_grid(rows, Path(config.save_folder) / f"{name}.png", nrow=config.edits + 1)
     shown = inputs[:min(len(inputs), config.num_vis)]
     row_names = [path.stem for path in files[:len(shown)]]
     row_classes = None if label is None else torch.full((len(shown),), label)
-    if label is not None and trainer.classes:  # the first input turned into each class
-        shown = torch.cat([shown, inputs[:1].expand(len(trainer.classes), -1, -1, -1)])
-        row_names += [f"to {name}" for name in trainer.classes]
-        row_classes = torch.cat([row_classes, torch.arange(len(trainer.classes))])
-    columns = {f"s = {s:g}": redraw(shown, s, row_classes) for s in STRENGTHS}
-    target = f" towards {trainer.classes[label]} at w = {config.guidance:g}" if label is not None else ""
-    figure = save_table(columns, Path(config.save_folder) / f"img2img-strengths-{trainer.step}.png",
+    if label is not None and classes_of:  # the first input turned into each class
+        shown = torch.cat([shown, inputs[:1].expand(len(classes_of), -1, -1, -1)])
+        row_names += [f"to {name}" for name in classes_of]
+        row_classes = torch.cat([row_classes, torch.arange(len(classes_of))])
+    chains = len(repeated) * (config.strength > 0) + len(shown) * sum(s > 0 for s in STRENGTHS)
+    with model.sampler.progress(chains, "redrawing"):
+        results = redraw(repeated, config.strength, classes)
+        columns = {f"s = {s:g}": redraw(shown, s, row_classes) for s in STRENGTHS}
+    name = f"img2img-{step}-s{config.strength:g}"
+    rows = torch.cat([torch.stack([inputs[i], *results[i * config.edits:(i + 1) * config.edits]])
+                      for i in range(len(inputs))])
+    grid = save_grid(rows, Path(config.save_folder) / f"{name}.png", nrow=config.edits + 1)
+    target = f" towards {classes_of[label]} at w = {config.guidance:g}" if label is not None else ""
+    figure = save_table(columns, Path(config.save_folder) / f"img2img-strengths-{step}.png",
                         row_names=row_names, title=f"image-to-image at each strength{target} ({config.sampler}), "
-                                                   f"after {trainer.step} training steps")
+                                                   f"after {step} training steps")
     return [grid, figure, _write_each(results, files, config.edits, Path(config.save_folder) / name)]

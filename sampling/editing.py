@@ -1,7 +1,7 @@
 """Editing images with a trained model: inpainting and image-to-image, on the reverse chain of either sampler.
 
-Both start from real images x_0 (in [-1, 1]) and run the model's reverse chain (``Diffusion.chain_step``, with
-the noise drawn step by step as ``Diffusion.run_chain`` draws it):
+Both start from real images x_0 (in [-1, 1]) and run the model's one reverse chain, ``Diffusion.run_chain``, on
+any sampler of ``samplers.SAMPLERS``; this module only chooses where the chain starts and what it merges:
 
 - **Inpainting** (``keep``: 1 where a pixel is kept, 0 where it is filled). After each reverse step t -> t' the
   kept pixels are replaced by the real image noised to t' (``q_sample``), so the chain fills the hole around
@@ -15,10 +15,12 @@ the noise drawn step by step as ``Diffusion.run_chain`` draws it):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from diffusion import Diffusion, unnormalize
-from sampling.schedule import chain_plan
+from diffusion import Diffusion
+from sampling.samplers import chain_plan
 
 
 def start_of(diffusion: Diffusion, strength: float, plan: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -34,9 +36,10 @@ def start_of(diffusion: Diffusion, strength: float, plan: list[tuple[int, int]])
 def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | None = None, strength: float = 1.0,
          resample: int = 1, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
          generator: torch.Generator | None = None, classes: torch.Tensor | None = None, guidance: float = 0.0,
-         step=None) -> torch.Tensor:
+         step=None, progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Inpaint (``keep`` given) or redraw at ``strength`` the ``images`` ([B, C, S, S] in [0, 1]); returns images
-    in [0, 1]. ``sampler``, ``steps``, ``eta``, ``classes``, ``guidance`` and ``step`` as in ``run_chain``."""
+    in [0, 1]. ``sampler``, ``steps``, ``eta``, ``classes``, ``guidance``, ``step`` and ``progress`` as in
+    ``Diffusion.run_chain``."""
     if resample < 1:
         raise ValueError(f"resample must be at least 1, got {resample}")
     x0 = images.to(diffusion.device, torch.float32) * 2 - 1
@@ -47,28 +50,18 @@ def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | Non
         keep = keep.to(x0.device, x0.dtype).expand_as(x0)
     if not plan:
         return images.clone()
-    y = diffusion.check_classes(classes, len(x0))
-    if step is None:
-        def step(x, t, t_next, z, x_self_cond, y):
-            return diffusion.chain_step(sampler, x, t, t_next, z, x_self_cond, eta=eta, y=y, guidance=guidance)
     x = torch.randn(x0.shape, device=x0.device, generator=generator)  # as Diffusion.sample draws x_T
     first = plan[0][0]
     if keep is None and first < diffusion.num_timesteps - 1:
         x = diffusion.q_sample(x0, torch.full((len(x0),), first, device=x0.device, dtype=torch.long), x)
-    abar = diffusion.alphas_cumprod
-    x_start = torch.zeros_like(x) if diffusion.self_condition else None
-    for i, j in plan:
-        t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
-        for turn in range(resample if keep is not None and j >= 0 else 1):
-            if turn:  # back from t' to t: x_t ~ N(sqrt(abar_t / abar_t') x_t', (1 - abar_t / abar_t') I)
-                ratio = abar[i] / abar[j]
-                x = ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn(x.shape, device=x.device, generator=generator)
-            z = diffusion.step_noise(sampler, x, i, j, eta=eta, generator=generator)
-            x_next, x_start = step(x, t, t + (j - i), z, x_start, y)
-            if keep is not None:
-                known = x0 if j < 0 else diffusion.q_sample(x0, t + (j - i), torch.randn(
-                    x.shape, device=x.device, generator=generator))
-                x_next = keep * known + (1 - keep) * x_next
-            x = x_next
-    out = unnormalize(x).float()
+
+    def merge(x: torch.Tensor, j: int) -> torch.Tensor:
+        """The kept pixels of x_0 noised to t' = ``j`` (x_0 itself at the end), the chain's elsewhere."""
+        known = x0 if j < 0 else diffusion.q_sample(x0, torch.full((len(x0),), j, device=x0.device, dtype=torch.long),
+                                                      torch.randn(x.shape, device=x.device, generator=generator))
+        return keep * known + (1 - keep) * x
+
+    out = diffusion.run_chain(x, sampler=sampler, plan=plan, eta=eta, generator=generator, classes=classes,
+                              guidance=guidance, step=step, merge=None if keep is None else merge,
+                              resample=resample, progress=progress).float()
     return out if keep is None else torch.where(keep.bool(), images.to(out.device, torch.float32), out)

@@ -1,18 +1,20 @@
 """Drawing images from a run's EMA model, as its settings say: the sampler and its steps, the precision, the
-guidance scale, fixed noise for previews and a noise stream of its own for FID, a row per class, and the reverse
-step captured as a CUDA graph where ``graph_policy`` allows it.
+guidance scale, fixed noise for previews and a noise stream of its own for FID, a row per class, the reverse
+step captured as a CUDA graph where ``runtime.graphs`` allows it, and a progress bar over the chains a command
+runs.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import torch
 
-from runtime.cuda_graph import ChainStep, ChainSteps
+from sampling.captured_step import ChainStep, ChainSteps
 from diffusion import Diffusion
 from sampling.editing import edit
-from runtime.graph_policy import sample_with_graphs
+from runtime.graphs import sample_with_graphs
 from runtime.precision import autocast
 from evaluation.figures import save_guidance_figure
 
@@ -29,6 +31,31 @@ class EMASampler:
         self.seed = config.seed + 1_000_003  # previews use fixed noise, apart from the training RNG
         # the reverse step as a CUDA graph, or None to sample eagerly
         self.chain_steps = ChainSteps(ema) if sample_with_graphs(config.cuda_graph, device) else None
+        self._bar = None  # the progress bar of ``progress``, while one is shown
+
+    @contextlib.contextmanager
+    def progress(self, images: int, desc: str):
+        """Show a bar over the ``images`` that the chains run inside this context draw or edit, advanced after
+        every network pass; a command wraps its work in one."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=images, desc=desc, unit="img", dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} images [{elapsed}<{remaining}]")
+        self._bar = bar
+        try:
+            yield bar
+        finally:
+            self._bar = None
+            bar.close()
+
+    def chain_progress(self, batch_size: int):
+        """The ``progress`` callback of a chain over ``batch_size`` images, advancing the shown bar (None without
+        one)."""
+        bar = self._bar
+        if bar is None:
+            return None
+        start = bar.n
+        return lambda done: bar.update(start + done * batch_size - bar.n)
 
     def chain_step(self, batch_size: int, sampler: str, guidance: float = 0.0) -> ChainStep | None:
         """The captured reverse step for these batches, or None to run the chain eagerly."""
@@ -52,7 +79,7 @@ class EMASampler:
         with autocast(self.device, self.precision):
             images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps,
                                      generator=generator or self.generator(), classes=classes, guidance=w,
-                                     step=self.chain_step(n, cfg.sampler, w))
+                                     step=self.chain_step(n, cfg.sampler, w), progress=self.chain_progress(n))
         return images.float()
 
     @torch.no_grad()
@@ -67,7 +94,8 @@ class EMASampler:
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.sample_steps, generator=generator or self.generator(2), classes=classes,
-                        guidance=w, step=self.chain_step(len(images), cfg.sampler, w))
+                        guidance=w, step=self.chain_step(len(images), cfg.sampler, w),
+                        progress=self.chain_progress(len(images)))
 
     def fid_sample_fn(self):
         """``(n, labels) -> n images in [0, 1]``, of the classes ``labels`` ([n], or None for an unconditional

@@ -22,14 +22,16 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from imagedata.download import DOWNLOAD_MODES, DOWNLOAD_SOURCES
-from evaluation.metrics import WANDB_MODES
-
 ROLES = ("network", "training", "run")
-# The choices of the settings whose modules import torch are declared here, and those modules read them from
-# here, so that the command line (and --help) is built without importing torch.
+# The choices of the settings are declared here, and the modules that act on them read them from here, so that
+# the command line (and --help) is built without importing torch or anything else of the package. The
+# mathematics imports no settings: it owns its own tables (``diffusion.LOSSES``, ``sampling.samplers.SAMPLERS``),
+# and these two name the same entries (tests/test_commands.py keeps them equal).
 LOSSES = ("l1", "l2", "huber")
 SAMPLERS = ("ddpm", "ddim")
+DOWNLOAD_MODES = ("auto", "always", "never")
+DOWNLOAD_SOURCES = ("v2", "v1", "cmu")  # the AFHQ archives of ``imagedata.download.AFHQ_URLS``
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 FID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_DECAYS = ("none", "cosine")

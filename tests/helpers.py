@@ -131,7 +131,7 @@ def train_tiny(folder: Path, images: torch.Tensor, labels: torch.Tensor | None, 
     """The EMA sampler of a tiny model (16 px, ``--unet_dim 8``, T = 20) trained ``steps`` steps through the
     package's Trainer on ``images`` (uint8), class-conditional on ``labels`` when ``classes`` are given."""
     from imagedata.batches import DeviceBatches
-    from training.build import build_diffusion
+    from sampling.model import build_diffusion
     from settings.config import Config
     from settings.record import RunRecord
     from trainer import Trainer

@@ -14,17 +14,15 @@ from PIL import Image
 from imagedata import dataset
 import main
 from imagedata.batches import Batch, DeviceBatches, StreamingBatches
-from training.build import build_diffusion
+from sampling.model import load_model
 from settings.config import Config
-from runtime.cuda_graph import ChainStep
+from sampling.captured_step import ChainStep
 from diffusion import Diffusion
 from runtime.errors import UserError
 from helpers import TINY_FLAGS, TinyFeatures, lit_channel, train_colours
-from settings.record import RunRecord
 from evaluation.scoring import ClassFIDEvaluator
 from sampling.ema_sampler import GUIDANCE_SCALES
 from training.step import draw_inputs
-from trainer import Trainer
 from unet import Unet
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}  # sorted: labels 0, 1, 2
@@ -291,10 +289,9 @@ def test_guidance_figure_rows_share_their_noise_across_scales(conditional_run, t
     monkeypatch.setattr(sampling, "save_guidance_figure",
                         lambda images, names, path, title: drawn.update(images=images, names=names) or path)
     config = Config(image_size=16, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1, time_steps=10, num_vis=6,
-                    class_conditional=True, save_folder=str(tmp_path))
-    t = Trainer(build_diffusion(config, ("blue", "green", "red")), None, config=config, device="cpu",
-                run=RunRecord(classes=("blue", "green", "red")))
-    t.load(save / "model.pt", resume=False)
+                    class_conditional=True, save_folder=str(tmp_path), load_path=str(save / "model.pt"))
+    t = load_model(config, device="cpu")
+    assert t.classes == ("blue", "green", "red")
     t.sampler.guidance_figure(tmp_path / "guidance.png", step=t.step)
     assert drawn["names"] == ["blue", "blue", "green", "green", "red", "red"]
     assert list(drawn["images"]) == list(GUIDANCE_SCALES)

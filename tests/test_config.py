@@ -4,7 +4,7 @@ from dataclasses import fields
 import pytest
 import torch
 
-from training.build import build_diffusion
+from sampling.model import build_diffusion
 from settings.cli import parse
 from settings.config import ROLES, Config, names, recorded, show
 

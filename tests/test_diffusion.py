@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffusion import Diffusion
-from sampling.schedule import cosine_alphas, extract
+from diffusion import cosine_alphas, extract
 
 
 class Oracle(nn.Module):
@@ -152,7 +152,7 @@ def test_oracle_gives_zero_loss_and_chain_ends_at_data_point():
     images = d.p_sample_loop((6, 3, 8, 8))
     assert images.min() >= 0 and images.max() <= 1
     assert torch.allclose(images, ((x + 1) / 2), atol=1e-4)
-    ddim = d.ddim_sample((6, 3, 8, 8), steps=10)
+    ddim = d.sample(6, sampler="ddim", steps=10)
     assert torch.allclose(ddim, ((x + 1) / 2), atol=1e-4)
 
 
@@ -217,11 +217,11 @@ def test_same_seed_same_samples_and_ddim_is_deterministic():
     assert s1.shape == (3, 3, 8, 8) and torch.equal(s1, s2) and not torch.equal(s1, s3)
     noise = torch.randn(3, 3, 8, 8)
     state = torch.get_rng_state()
-    a = d.ddim_sample(noise, steps=5)
-    b = d.ddim_sample(noise, steps=5)
+    a = d.run_chain(noise, sampler="ddim", steps=5)
+    b = d.run_chain(noise, sampler="ddim", steps=5)
     assert torch.equal(a, b)
     assert torch.equal(torch.get_rng_state(), state)  # eta = 0 draws no noise at all
-    c = d.ddim_sample(noise, steps=5, eta=1.0, generator=torch.Generator().manual_seed(0))
+    c = d.run_chain(noise, sampler="ddim", steps=5, eta=1.0, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a, c)
 
 
@@ -262,7 +262,7 @@ def test_bad_arguments_fail_with_messages():
         make(size=0)
     d = make(T=10)
     with pytest.raises(ValueError, match="DDIM steps"):
-        d.ddim_sample((1, 3, 8, 8), steps=11)
+        d.sample(1, sampler="ddim", steps=11)
     with pytest.raises(ValueError, match="sampler"):
         d.sample(1, sampler="euler")
 

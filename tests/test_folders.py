@@ -178,7 +178,7 @@ def test_resuming_on_other_data_is_refused_saying_how_it_differs(tmp_path, capsy
     (32, (1, 2, 4, 8), (3,)), (64, (1, 1, 2, 4, 8), (3, 4)), (128, (1, 1, 2, 2, 4, 8), (4, 5)), (48, (1, 1, 2, 4, 8),
                                                                                                  (3, 4))])
 def test_each_size_gets_its_network_and_flags_override_it(size, mults, attention):
-    from training.build import build_diffusion
+    from sampling.model import build_diffusion
 
     config = Config(image_size=size, unet_dim=8)
     assert (config.dim_mults, config.attention_levels) == (mults, attention)
@@ -198,7 +198,7 @@ def test_a_checkpoint_of_an_earlier_version_keeps_its_network():
 
 
 def test_the_memory_check_says_what_to_lower():
-    from training.build import build_diffusion
+    from sampling.model import build_diffusion
     from runtime.errors import UserError
     from runtime.memory import activation_bytes_per_image, batch_memory
 

@@ -90,11 +90,11 @@ def test_checkpoint_of_another_architecture_is_refused(data_path, tmp_path, caps
 
 def test_model_and_training_flags_reach_the_network_the_trainer_and_the_checkpoint(data_path, tmp_path, capsys,
                                                                                   monkeypatch):
-    from training import build
+    from training import launch
 
     built = []
-    real = build.build_diffusion
-    monkeypatch.setattr(build, "build_diffusion", lambda *a: built.append(real(*a)) or built[-1])
+    real = launch.build_diffusion
+    monkeypatch.setattr(launch, "build_diffusion", lambda *a: built.append(real(*a)) or built[-1])
     save = tmp_path / "run"
     extra = ["--loss", "huber", "--dropout", 0.1, "--weight_decay", 0.05, "--ema_sigma_rel", 0.03, "--lr_warmup", 3,
              "--lr_decay", "cosine", "--grad_clip", 0.5, "--one_pass", "False", "--sampler", "ddim", "--sample_steps", 5]
@@ -216,7 +216,7 @@ def test_a_checkpoint_is_enough_to_sample_and_to_score_once_the_statistics_are_c
     assert len(err) == 1 and err[0].startswith("error: --evaluate needs the training images for FID's reference "
                                                "statistics") and f"--data_path {gone} does not exist" in err[0]
     assert run(args(gone, save, "--load_path", save / "model.pt", "--visualize")) == 0  # the checkpoint's 8 images
-    assert (save / "forward_process.png").exists()
+    assert (save / "forward_process.png").exists() and "figures: 100%" in capsys.readouterr().err
     assert run(args(gone, save, "--load_path", save / "model.pt", "--visualize", "--num_vis", 9)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --visualize shows real training images going through both "

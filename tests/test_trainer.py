@@ -280,18 +280,6 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_visualize_writes_both_figures_and_the_gif(tmp_path):
-    trainer = make_trainer(tmp_path)
-    paths = trainer.visualize(torch.rand(3, 3, 16, 16) * 2 - 1)
-    assert sorted(p.name for p in paths) == ["backward_process.gif", "backward_process.png", "forward_process.png"]
-    from PIL import Image
-
-    with Image.open(tmp_path / "backward_process.gif") as gif:
-        assert gif.n_frames == 11  # states t = 9 ... 0, then the output
-    with Image.open(tmp_path / "forward_process.png") as fig:
-        assert fig.width > 200 and fig.height > 150
-
-
 class FakeEvaluator:
     """Stands in for fid.FIDEvaluator: records the sample calls and returns scripted FIDs."""
 

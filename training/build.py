@@ -1,5 +1,6 @@
-"""What a run is made of, built in one place from its settings: the U-Net and its ``Diffusion``, the EMA copy,
-AdamW, and the DistributedDataParallel wrap. ``main.py``, the trainer, ``bench/`` and the tests all build here.
+"""What training adds to a model, built in one place from the run's settings: the EMA copy, AdamW, and the
+DistributedDataParallel wrap. (The model itself is ``sampling.model.build_diffusion``'s, which training and the
+commands over a trained model share.)
 
 AdamW's two parameter groups are named: ``"decay"`` (the kernels of the convolutions and linear layers, which
 take ``--weight_decay``; Loshchilov & Hutter 2019) and ``"no_decay"`` (biases and GroupNorm gains). A
@@ -13,20 +14,6 @@ import copy
 import torch
 
 from diffusion import Diffusion
-from runtime.errors import UserError
-from unet import Unet
-
-
-def build_diffusion(config, classes: tuple[str, ...] = ()) -> Diffusion:
-    """The model ``config`` describes, class-conditional over ``classes`` when there are any."""
-    try:
-        net = Unet(config.unet_dim, config.dim_mults, channels=config.channels, num_res_blocks=config.num_res_blocks,
-                   attention_levels=config.attention_levels, dropout=config.dropout,
-                   self_condition=config.self_condition, image_size=config.image_size, num_classes=len(classes))
-        return Diffusion(net, image_size=config.image_size, channels=config.channels, timesteps=config.time_steps,
-                         loss_type=config.loss, class_dropout=config.class_dropout if classes else 0.0)
-    except ValueError as e:
-        raise UserError(f"{e} (check --image_size, --unet_dim and --dim_mults)") from None
 
 
 def ema_copy(diffusion: Diffusion) -> Diffusion:

@@ -12,6 +12,10 @@ import threading
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class TrainingInterrupted(Exception):
+    """Raised after a SIGINT or SIGTERM once the checkpoint is saved; ``main.py`` exits 130."""
+
+
 class StopSignals:
     """Context manager; ``received`` is the name of the first signal caught (``"SIGINT"``), or None."""
 

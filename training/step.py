@@ -23,10 +23,10 @@ import torch
 
 from training import build
 from imagedata.batches import Batch
-from runtime.cuda_graph import Captured
+from runtime.graphs import Captured
 from diffusion import Diffusion
 from training.ema import update_ema
-from runtime.graph_policy import train_with_graphs
+from runtime.graphs import train_with_graphs
 from runtime.memory import activation_bytes_per_image, free_bytes
 from runtime.precision import autocast
 

@@ -1,55 +1,18 @@
-"""CUDA graphs: capturing a function once and replaying it, and the reverse step captured that way.
-
-A training step or a reverse step of the recommended model is a few hundred small kernels, which a GPU runs
-faster than Python launches them. Captured in a CUDA graph, those kernels are launched at once by a replay.
-The training step (``train_step.TrainStep``) and the reverse chain's step (``ChainSteps``) both run through
-``Captured``. Whether a run uses graphs is ``graph_policy``'s question.
+"""The reverse chain's step on static tensors, captured in a CUDA graph: one per batch size, sampler and guidance
+scale, replayed at every step of every chain of that shape. The noise stays drawn by ``Diffusion.run_chain``, so
+the images are the eager chain's own.
 """
 from __future__ import annotations
 
 import torch
 
 from diffusion import Diffusion
-
-
-class Captured:
-    """``fn`` as a CUDA graph: run eagerly on a side stream for the first ``warmup`` calls (as capture needs),
-    captured at the next call and replayed from then on. ``before`` runs ahead of each warm-up call and of the
-    capture. Each call returns what ``fn`` returns; a replay, the tensors the capture recorded, refilled.
-
-    With ``capture=False`` every call runs ``fn`` eagerly on the current stream: the same static-tensor code
-    path, which is what tests check on a CPU."""
-
-    def __init__(self, fn, device: torch.device, *, warmup: int, before=None, capture: bool = True):
-        self.fn, self.device, self.warmup_left, self.capture = fn, device, warmup, capture
-        self.before = before or (lambda: None)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.output = None
-
-    def __call__(self):
-        if not self.capture:
-            self.before()
-            return self.fn()
-        if self.graph is None and self.warmup_left > 0:
-            self.warmup_left -= 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.before()
-                output = self.fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            return output
-        if self.graph is None:
-            self.before()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = self.fn()
-        self.graph.replay()
-        return self.output
+from runtime.graphs import Captured
+from sampling.samplers import sampler_named
 
 
 class ChainStep:
-    """One reverse step of ``sampler`` (``Diffusion.chain_step``) for batches of ``shape``, on static tensors:
+    """One reverse step of ``sampler`` (its step in ``samplers.SAMPLERS``) for batches of ``shape``, on static tensors:
     each call copies its inputs in, replays the captured step and returns the static outputs (x at the next
     timestep, and the x_0 estimate). Pass it as ``step`` to ``Diffusion.run_chain``; the noise stays drawn by
     the loop, so the images are the eager chain's own. A class-conditional model's labels are copied in like the
@@ -57,8 +20,9 @@ class ChainStep:
 
     def __init__(self, diffusion: Diffusion, shape: tuple[int, ...], *, sampler: str, eta: float = 0.0,
                  guidance: float = 0.0, capture: bool = True):
-        self.diffusion, self.sampler, self.eta, self.guidance = diffusion, sampler, eta, guidance
-        self.uses_noise = sampler == "ddpm" or eta > 0
+        self.diffusion, self.eta, self.guidance = diffusion, eta, guidance
+        self.sampler = sampler_named(sampler)
+        self.uses_noise = self.sampler.stochastic(eta)
         device = diffusion.device
         self.x = torch.zeros(shape, device=device)  # the chain's state x_t
         self.x_start = torch.zeros(shape, device=device)  # the previous step's x_0 estimate
@@ -71,9 +35,9 @@ class ChainStep:
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         estimate = self.x_start if self.diffusion.self_condition else None
         y = self.y if self.diffusion.num_classes else None
-        x, x_start = self.diffusion.chain_step(self.sampler, self.x, self.t, self.t_next,
-                                               self.z if self.uses_noise else None, estimate, eta=self.eta, y=y,
-                                               guidance=self.guidance)
+        x, x_start = self.sampler.step(self.diffusion, self.x, self.t, self.t_next,
+                                       self.z if self.uses_noise else None, estimate, y=y, guidance=self.guidance,
+                                       eta=self.eta)
         self.x.copy_(x)
         self.x_start.copy_(x_start)
         return self.x, self.x_start
