@@ -20,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+from runtime.errors import UserError
 from settings.cli import build_parser, checked, parse
 from settings.config import CLASS_FLAGS, Config, comparable, recorded, show
-from runtime.errors import UserError
 
 
 def check_torch_numpy() -> None:

@@ -19,20 +19,20 @@ from pathlib import Path
 
 import torch
 
-from training import build
+from diffusion import Diffusion
+from evaluation.figures import save_grid
+from evaluation.metrics import MetricsLogger
 from runtime import checkpoint as ckpt_io
 from runtime import distributed
-from settings.config import Config
-from diffusion import Diffusion
-from training.ema import ema_decay
 from runtime.errors import UserError
-from training.interrupt import StopSignals, TrainingInterrupted
-from evaluation.metrics import MetricsLogger
 from runtime.precision import choose_precision
-from settings.record import RunRecord
 from sampling.ema_sampler import EMASampler
+from settings.config import Config
+from settings.record import RunRecord
+from training import build
+from training.ema import ema_decay
+from training.interrupt import StopSignals, TrainingInterrupted
 from training.step import TrainStep, learning_rate
-from evaluation.figures import save_grid
 
 
 class TrainingDiverged(UserError):

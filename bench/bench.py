@@ -236,8 +236,8 @@ def in_subprocess(spec: dict) -> dict:
 
 def train_section(args, device: str, tmp: Path, log) -> list[dict]:
     sys.path[:0] = [str(ROOT), str(HERE)]
-    from imagedata import dataset
     from bench_data import make_copy
+    from imagedata import dataset
     from imagedata.files import find_images
 
     files = find_images(Path(args.data_path), args.data_class)

@@ -39,13 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench_guidance import share_classified, train_classifier  # noqa: E402
 from bench_samplers import load_checkpoint  # noqa: E402
-from settings.cli import checked  # noqa: E402
-from imagedata.dataset import class_labels  # noqa: E402
 from evaluation.fid import quantize_uint8  # noqa: E402
-from sampling.edit_commands import BATCH, input_files, named_mask, read_inputs  # noqa: E402
-from imagedata.files import scan  # noqa: E402
-from sampling.ema_sampler import EMASampler  # noqa: E402
 from evaluation.scoring import build_evaluator  # noqa: E402
+from imagedata.dataset import class_labels  # noqa: E402
+from imagedata.files import scan  # noqa: E402
+from sampling.edit_commands import BATCH, input_files, named_mask, read_inputs  # noqa: E402
+from sampling.ema_sampler import EMASampler  # noqa: E402
+from settings.cli import checked  # noqa: E402
 
 
 def split(source: Path, train: Path, held_out: Path, every: int) -> tuple[int, int]:
@@ -98,22 +98,21 @@ class Bench:
 
     def __init__(self, args, *, extractor=None):
         flags = ["--device", args.device, *(["--cache_dir", args.cache_dir] if args.cache_dir else [])]
-        self.trainer, self.config, self.parser, self.record, images = load_checkpoint(args.load_path, args.data_path,
-                                                                                    flags)
+        self.model, self.parser, images = load_checkpoint(args.load_path, args.data_path, flags)
+        self.config, self.record = self.model.config, self.model.run
         self.training_images, self.extractor, self.evaluator = images, extractor, None
-        ema = self.trainer.ema
         self.files = input_files(args.held_out, "held_out")
-        self.inputs = read_inputs(self.files, ema.image_size, ema.channels, "held_out")
+        self.inputs = read_inputs(self.files, self.model.diffusion.image_size, self.model.diffusion.channels, "held_out")
         self.real = quantize_uint8(self.inputs)
 
     def sampler(self, **settings) -> EMASampler:
-        return EMASampler(self.trainer.ema, checked(self.parser, self.config, **settings), device=self.trainer.device,
-                          precision=self.trainer.precision, classes=self.trainer.classes)
+        return EMASampler(self.model.diffusion, checked(self.parser, self.config, **settings), device=self.model.device,
+                          precision=self.model.precision, classes=self.model.classes)
 
     def timed(self, fn, count: int) -> tuple[torch.Tensor, float]:
         """``fn(start, stop, generator)`` over ``count`` images in batches of the commands' size, from one noise
         seed; the uint8 results and the seconds per image."""
-        generator = torch.Generator(self.trainer.device).manual_seed(0)
+        generator = torch.Generator(self.model.device).manual_seed(0)
         start = time.perf_counter()
         out = torch.cat([fn(a, min(a + BATCH, count), generator).cpu() for a in range(0, count, BATCH)])
         return quantize_uint8(out), (time.perf_counter() - start) / count
@@ -122,7 +121,7 @@ class Bench:
         """FID and KID of uint8 images against the training images (whose statistics are computed once, then
         cached, and never timed)."""
         if self.evaluator is None:
-            self.evaluator = build_evaluator(self.config, self.trainer.device, self.training_images, self.record,
+            self.evaluator = build_evaluator(self.config, self.model.device, self.training_images, self.record,
                                              required=True, extractor=self.extractor)
         fid, kid = self.evaluator.score(self.evaluator.extractor(images))
         return {"fid": fid, "kid": kid}
@@ -185,7 +184,7 @@ def img2img(args, *, extractor=None) -> list[dict]:
 
 def translate(args, *, extractor=None) -> list[dict]:
     bench = Bench(args, extractor=extractor)
-    classes = bench.trainer.classes
+    classes = bench.model.classes
     if not classes:
         raise SystemExit(f"{args.load_path} is not class-conditional; translation needs a --class_conditional model")
     training = bench.training_images

@@ -29,13 +29,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from imagedata.batches import Batch  # noqa: E402
 from bench_samplers import load_checkpoint  # noqa: E402
+from evaluation.scoring import build_evaluator  # noqa: E402
+from imagedata.batches import Batch  # noqa: E402
+from runtime.distributed import pick_device  # noqa: E402
 from sampling.model import build_diffusion  # noqa: E402
 from settings.cli import parse  # noqa: E402
-from runtime.distributed import pick_device  # noqa: E402
 from settings.record import RunRecord  # noqa: E402
-from evaluation.scoring import build_evaluator  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 
@@ -82,18 +82,18 @@ def share_classified(net: nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 def quality(args) -> dict:
     extra = ["--fid_samples", str(args.fid_samples), "--sampler", args.sampler]
-    trainer, config, _, _, image_set = load_checkpoint(args.load_path, args.data_path, extra)
-    device = trainer.device
+    model, _, image_set = load_checkpoint(args.load_path, args.data_path, extra)
+    config, device = model.config, model.device
     started = time.perf_counter()
-    classifier, accuracy = train_classifier(image_set.images, image_set.labels, len(trainer.classes))
+    classifier, accuracy = train_classifier(image_set.images, image_set.labels, len(model.classes))
     print(f"classifier: {accuracy:.1%} of held-out real images right ({time.perf_counter() - started:.0f} s)")
-    evaluator = build_evaluator(config, device, image_set, trainer.run, required=True)
+    evaluator = build_evaluator(config, device, image_set, model.run, required=True)
     rows = []
     for w in args.guidance:
         drawn = []
 
         def sample_fn(n, labels, generator=torch.Generator(device).manual_seed(0)):
-            images = trainer.sampler.sample(n, classes=labels, guidance=w, generator=generator)
+            images = model.sampler.sample(n, classes=labels, guidance=w, generator=generator)
             drawn.append((images.cpu(), labels))
             return images
 
@@ -101,10 +101,10 @@ def quality(args) -> dict:
         images, labels = (torch.cat(parts) for parts in zip(*drawn))
         result.update(guidance=w, classified=share_classified(classifier, images, labels))
         rows.append(result)
-        per_class = " ".join(f"{c} {result[f'fid/{c}']:.1f}" for c in trainer.classes)
+        per_class = " ".join(f"{c} {result[f'fid/{c}']:.1f}" for c in model.classes)
         print(f"w = {w:g}: requested class {result['classified']:.1%}, FID {result['fid']:.2f} "
               f"(KID {result['kid']:.4f}), per class: {per_class} ({result['seconds']:.0f} s)")
-    return {"step": trainer.step, "classifier_accuracy": accuracy, "rows": rows, "classes": list(trainer.classes)}
+    return {"step": model.step, "classifier_accuracy": accuracy, "rows": rows, "classes": list(model.classes)}
 
 
 def costs(args) -> dict:

@@ -19,15 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sampling.model import build_diffusion  # noqa: E402
-from settings.cli import build_parser, checked, parse  # noqa: E402
-from imagedata.dataset import TrainingData, load_images  # noqa: E402
-from runtime.distributed import pick_device  # noqa: E402
-from main import adopt_checkpoint_settings  # noqa: E402
-from settings.record import RunRecord  # noqa: E402
-from sampling.ema_sampler import EMASampler  # noqa: E402
 from evaluation.scoring import build_evaluator, statistics_dir  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from imagedata.dataset import TrainingData, load_images  # noqa: E402
+from main import adopt_checkpoint_settings  # noqa: E402
+from runtime.distributed import pick_device  # noqa: E402
+from sampling.ema_sampler import EMASampler  # noqa: E402
+from sampling.model import load_model  # noqa: E402
+from settings.cli import build_parser, checked, parse  # noqa: E402
+from settings.record import RunRecord  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,8 +49,9 @@ def sampler_settings(spec: str) -> dict:
 
 
 def load_checkpoint(load_path: str, data_path: str, flags: list[str] = ()):
-    """A checkpoint's EMA model in a Trainer, with its settings (``flags`` added), the parser, its ``RunRecord``
-    and the decoded training images of ``data_path`` (its class folders, for a class-conditional model)."""
+    """A checkpoint's loaded EMA model (``sampling.model.LoadedModel``) with its settings (``flags`` added), the
+    parser, and the decoded training images of ``data_path`` (its class folders, for a class-conditional model),
+    whose record the model's run record holds."""
     parser = build_parser()
     argv = ["--load_path", load_path, "--data_path", data_path, "--evaluate", "--wandb", "disabled", *flags]
     base, named = parse(argv, parser)
@@ -65,23 +65,20 @@ def load_checkpoint(load_path: str, data_path: str, flags: list[str] = ()):
     record = RunRecord.of_run(base, device=device, world_size=1, saved=saved,
                               data=TrainingData(None, images, saved.classes, sizes),
                               fid_cache_dir=str(statistics_dir(base, images).resolve()))
-    trainer = Trainer(build_diffusion(base, record.classes), None, config=base, device=device, run=record)
-    trainer.load(load_path, resume=False)
-    return trainer, base, parser, record, images
+    return load_model(base, device=device, run=record), parser, images
 
 
 def run(args, *, extractor=None) -> list[dict]:
     """The rows; ``extractor`` replaces clean-fid's Inception (a stand-in network in the tests)."""
-    trainer, base, parser, record, images = load_checkpoint(
+    model, parser, images = load_checkpoint(
         args.load_path, args.data_path, ["--fid_samples", str(args.fid_samples), "--device", args.device,
                                          *(["--cache_dir", args.cache_dir] if args.cache_dir else [])])
-    device = trainer.device
-    evaluator = build_evaluator(base, device, images, record, required=True, extractor=extractor)
+    evaluator = build_evaluator(model.config, model.device, images, model.run, required=True, extractor=extractor)
     evaluator.reference()  # computed once (then cached), never timed
     rows = []
     for spec in args.samplers:
-        sampler = EMASampler(trainer.ema, checked(parser, base, **sampler_settings(spec)), device=trainer.device,
-                             precision=trainer.precision, classes=record.classes)
+        sampler = EMASampler(model.diffusion, checked(parser, model.config, **sampler_settings(spec)),
+                             device=model.device, precision=model.precision, classes=model.classes)
         draw, spent = sampler.fid_sample_fn(), [0.0]
 
         def timed(n, labels=None):
@@ -91,12 +88,12 @@ def run(args, *, extractor=None) -> list[dict]:
             return out
 
         result = evaluator.evaluate(timed)
-        row = {"sampler": spec, "step": trainer.step, "fid": result["fid"], "kid": result["kid"],
+        row = {"sampler": spec, "step": model.step, "fid": result["fid"], "kid": result["kid"],
                "fid_samples": result["fid_samples"], "sampling_s_per_1000": spent[0] * 1000 / result["fid_samples"],
-               "precision": trainer.precision, "device": str(device)}
+               "precision": model.precision, "device": str(model.device)}
         rows.append(row)
         print(f"{spec:>8}: FID {row['fid']:.2f}  KID {row['kid']:.4f}  sampling {row['sampling_s_per_1000']:.1f} s "
-              f"per 1,000 images ({trainer.precision}, {device}, checkpoint step {trainer.step})", flush=True)
+              f"per 1,000 images ({model.precision}, {model.device}, checkpoint step {model.step})", flush=True)
     return rows
 
 

@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def estimate_gib(flags: list[str]) -> tuple[float, tuple[int, ...]]:
     """The memory check's estimate of one batch's activations, in GiB, and the network's channel multipliers."""
-    from sampling.model import build_diffusion
     from runtime.memory import activation_bytes_per_image
+    from sampling.model import build_diffusion
 
     config = bench.main_flags({"device": "cpu", "flags": flags})
     per_image = activation_bytes_per_image(build_diffusion(config))

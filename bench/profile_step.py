@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from imagedata.batches import Batch  # noqa: E402
+from runtime.distributed import pick_device  # noqa: E402
 from sampling.model import build_diffusion  # noqa: E402
 from settings.cli import build_parser, checked  # noqa: E402
 from settings.config import Config  # noqa: E402
-from runtime.distributed import pick_device  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 

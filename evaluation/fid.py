@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.atomic import atomic_write
-from settings.config import FID_MODES as MODES
-from runtime.errors import UserError
 from evaluation.distances import frechet_distance, kernel_inception_distance, sqrt_psd
+from runtime.atomic import atomic_write
+from runtime.errors import UserError
+from settings.config import FID_MODES as MODES
 
 
 class InceptionUnavailable(UserError):

@@ -7,13 +7,14 @@ Each figure has a row per image and a column per timestep, labelled with t (0-in
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from runtime.atomic import atomic_write
 from diffusion import Diffusion
+from runtime.atomic import atomic_write
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.99)
 
@@ -80,16 +81,31 @@ def save_guidance_figure(images: dict[float, torch.Tensor], row_names: list[str]
 def save_table(images: dict[str, torch.Tensor], path: str | os.PathLike, *, title: str,
                row_names: list[str] | None = None) -> Path:
     """A figure of images in [0, 1]: a column per entry of ``images`` (headed by its key), a row per image of
-    each entry's batch (named by ``row_names``, if given)."""
+    each entry's batch (named by ``row_names``, if given), under ``title``."""
+    import matplotlib.pyplot as plt
+
+    fig = table_figure(images, title=title, row_names=row_names)
+    path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def table_figure(images: dict[str, torch.Tensor], *, title: str, row_names: list[str] | None = None):
+    """The matplotlib figure of ``save_table``. The title is wrapped to the figure's width (a figure of few columns
+    is narrow), and the top of the figure is kept for its lines, however many rows there are."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     columns = list(images)
     rows = images[columns[0]].shape[0]
-    height = 1.4 * rows + 0.5
-    fig, axes = plt.subplots(rows, len(columns), figsize=(1.4 * len(columns) + 0.6 * bool(row_names), height),
-                             squeeze=False)
+    width = 1.4 * len(columns) + 0.6 * bool(row_names)
+    fontsize = 10
+    # a character of the title's font is about 0.55 of its size wide; 72 points to the inch
+    lines = textwrap.wrap(title, width=max(12, int(width * 72 / (0.55 * fontsize)) - 2)) or [""]
+    title_height = 0.18 * len(lines) + 0.12
+    height = 1.4 * rows + title_height + 0.2
+    fig, axes = plt.subplots(rows, len(columns), figsize=(width, height), squeeze=False)
     for col, heading in enumerate(columns):
         for row in range(rows):
             ax = axes[row][col]
@@ -102,11 +118,9 @@ def save_table(images: dict[str, torch.Tensor], path: str | os.PathLike, *, titl
                 ax.set_title(heading, fontsize=9)
             if col == 0 and row_names:
                 ax.set_ylabel(row_names[row], fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # the top 0.3 inch for the title, however many rows
-    path = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    fig.suptitle("\n".join(lines), fontsize=fontsize)
+    fig.tight_layout(rect=(0, 0, 1, 1 - title_height / height))
+    return fig
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None) -> Path:

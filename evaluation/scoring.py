@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from evaluation import fid as fid_module
-from runtime.errors import UserError
 from evaluation.fid import FIDEvaluator, ReferenceStats, WarnsWithoutInception
+from runtime.errors import UserError
 from settings.record import RunRecord
 
 

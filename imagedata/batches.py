@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from runtime.errors import UserError
 from imagedata.files import MAX_PIXELS, UnreadableImage, decode_image
+from runtime.errors import UserError
 from runtime.memory import fits
 
 

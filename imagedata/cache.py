@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import atomic_write, atomic_write_text
 from imagedata.batches import DataWarning
-from runtime.errors import UserError
 from imagedata.files import MAX_PIXELS
+from runtime.atomic import atomic_write, atomic_write_text
+from runtime.errors import UserError
 
 PREPROCESSING = "exif/rgb-on-white/center-square/lanczos/jpeg-draft-2x/min-half-size"
 CACHE_FORMAT = 2

@@ -25,10 +25,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from imagedata.batches import DataWarning, DeviceBatches, StreamingBatches, available_cores, default_num_workers
-from runtime.errors import UserError
+from imagedata.cache import (
+    CACHE_FORMAT,
+    PREPROCESSING,
+    cache_dir_candidates,
+    cache_key,
+    cache_name,
+    pixels_key,
+    read_cache,
+    resolve_cache_dir,
+    write_cache,
+)
 from imagedata.files import CLASSES, MAX_PIXELS, Found, TooSmall, UnreadableImage, decode_image, find_images, scan
-from imagedata.cache import (CACHE_FORMAT, PREPROCESSING, read_cache, write_cache, cache_dir_candidates, cache_key,
-                         cache_name, pixels_key, resolve_cache_dir)
+from runtime.errors import UserError
 from runtime.memory import available_memory_bytes
 
 __all__ = ["CLASSES", "DataWarning", "DeviceBatches", "ImageSet", "StreamingBatches", "TrainingData",
@@ -207,12 +216,14 @@ class TrainingData:
     summary: str = ""
 
     def description(self, config) -> dict:
-        """What the data was, as a checkpoint records it: layout, folder, classes, image count, size, channels, the
-        fingerprint of the decoded pixels (when they were decoded at once) and how many of them the checkpoint
-        keeps as examples for ``--visualize`` (``config.num_vis``)."""
+        """What the data was, as a checkpoint records it: layout, folder (and the data path it lies in, resolved, which
+        a resume without ``--data_path`` reads), classes, image count, size, channels, the fingerprint of the
+        decoded pixels (when they were decoded at once) and how many of them the checkpoint keeps as examples for
+        ``--visualize`` (``config.num_vis``)."""
         found = self.found
         out = {"layout": "class folders" if self.classes else found.layout if found else "unknown",
-               "folder": found.selection if found else "", "images": len(self.image_set.images) if self.image_set is not None else self.batches.num_images,
+               "folder": found.selection if found else "", "path": str(found.root.resolve()) if found else "",
+               "images": len(self.image_set.images) if self.image_set is not None else self.batches.num_images,
                "image_size": config.image_size, "channels": config.channels}
         if self.classes:
             out["classes"] = list(self.classes)

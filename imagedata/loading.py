@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from settings.config import Config
-from runtime.errors import UserError
 from imagedata.files import has_images
+from runtime.errors import UserError
+from settings.config import Config
 
 
 def resolve_data_class(config: Config, named: set[str]) -> Config:
@@ -39,9 +39,8 @@ def needs_data(config: Config, saved) -> bool:
 def load_data(config: Config, device, ctx):
     """The training data (``dataset.TrainingData``, its batches sharded per rank); rank 0 downloads and builds the
     cache first, and prints the one line saying what it found."""
-    from imagedata import dataset
+    from imagedata import dataset, download
     from runtime import distributed
-    from imagedata import download
 
     if ctx.is_main:
         download.ensure_dataset(config.data_path, config.data_selection, download=config.download,

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from runtime.atomic import atomic_write, stale_temporaries
-from settings.config import Config, comparable, names, recorded, show
 from runtime.errors import UserError
+from settings.config import Config, comparable, names, recorded, show
 
 FORMAT = 2
 # The last commit that reads each older format, named when such a checkpoint is refused.

@@ -11,8 +11,8 @@ import contextlib
 
 import torch
 
-from settings.config import PRECISIONS
 from runtime.errors import UserError
+from settings.config import PRECISIONS
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # fp32 runs without autocast
 

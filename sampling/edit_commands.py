@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from settings.config import MASKS
-from runtime.errors import UserError
-from imagedata.files import IMAGE_EXTENSIONS, UnreadableImage, decode_image, scan
 from evaluation.figures import save_grid, save_table
+from imagedata.files import IMAGE_EXTENSIONS, UnreadableImage, decode_image, scan
+from runtime.errors import UserError
+from settings.config import MASKS
 
 STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # the columns of the strengths figure
 BATCH = 64  # images per chain

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from sampling.captured_step import ChainStep, ChainSteps
 from diffusion import Diffusion
-from sampling.editing import edit
+from evaluation.figures import save_guidance_figure
 from runtime.graphs import sample_with_graphs
 from runtime.precision import autocast
-from evaluation.figures import save_guidance_figure
+from sampling.captured_step import ChainStep, ChainSteps
+from sampling.editing import edit
 
 GUIDANCE_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)  # the columns of the guidance figure
 

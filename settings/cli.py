@@ -1,4 +1,4 @@
-"""The command line: ``main.py``'s parser, built from ``config.Config``'s fields, and README's table of flags.
+"""The command line: ``main.py``'s parser, built from ``settings.config.Config``'s fields, and docs/flags.md.
 
 Every flag's default is ``argparse.SUPPRESS``: a parse holds exactly the flags the command line names, and the
 settings it leaves out keep ``Config``'s defaults. So "which flags were typed" (what a loaded checkpoint may not
@@ -55,17 +55,27 @@ def checked(parser: Parser, base: Config | None = None, **values) -> Config:
         parser.error(str(e))
 
 
+FLAGS_INTRO = """# Flags
+
+Every flag of `main.py`, by group, as `python main.py --help` lists them. Boolean flags take both forms, `--fid`
+and `--fid True/False`; `--cuda_graph` and `--one_pass` also take `auto`. With `--load_path`, the network's flags
+(and, when training resumes, the training flags and the data's folder) that the command line does not name take
+the checkpoint's values. Generated from `settings/config.py` by `python tests/test_readme.py`.
+"""
+
+
 def flags_markdown() -> str:
-    """The table of every flag (name, default, meaning) that README.md embeds; a test keeps them equal."""
-    lines, group = [], None
+    """docs/flags.md: the table of every flag (name, default, meaning) by group; tests/test_readme.py keeps the
+    file equal to it."""
+    lines, group = [FLAGS_INTRO.rstrip("\n")], None
     for f in fields(Config):
         meta = f.metadata
         if meta["group"] != group:
             group = meta["group"]
-            lines += ["", f"**{group}**", "", "| flag | default | meaning |", "| --- | --- | --- |"]
+            lines += ["", f"## {group[0].upper()}{group[1:]}", "", "| flag | default | meaning |", "| --- | --- | --- |"]
         choices = f" (one of: {', '.join(map(str, meta['choices']))})" if meta["choices"] else ""
         lines.append(f"| `--{f.name}` | `{show(f.default)}` | {meta['help']}{choices} |")
-    return "\n".join(lines).strip() + "\n"
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

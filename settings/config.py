@@ -150,8 +150,8 @@ class Config:
                               "folder's name); all = every image under --data_path. Not given, and no cat/ there: "
                               "every image under --data_path", group=ASSIGNMENT)
     save_folder: str = setting("./results/", "where checkpoints, samples, metrics and figures go", group=ASSIGNMENT)
-    load_path: str | None = setting(None, "checkpoint to resume training from, or to visualize / sample / score",
-                                    group=ASSIGNMENT, optional=True)
+    load_path: str | None = setting(None, "a checkpoint to resume training from, or to use (--visualize, --sample, "
+                                    "--evaluate, --inpaint, --img2img)", group=ASSIGNMENT, optional=True)
     data_path: str = setting("./data/train/", "folder of the training images: any layout (flat or in sub-folders), "
                              "or one sub-folder per class", group=ASSIGNMENT)
     train_steps: int = setting(10000, "total optimizer steps (a resumed run counts its earlier steps)",
@@ -232,8 +232,8 @@ class Config:
 
     # sampling, FID and figures
     num_samples: int = setting(16, "images in each periodic sample grid", group=SAMPLING, kind=POSITIVE_INT)
-    sampler: str = setting("ddpm", "sampler of the grids, FID and --sample: the full DDPM chain, or DDIM",
-                           group=SAMPLING, choices=SAMPLERS)
+    sampler: str = setting("ddpm", "sampler of the grids, FID and the commands over a checkpoint (edits included): "
+                           "the full DDPM chain, or DDIM", group=SAMPLING, choices=SAMPLERS)
     sample_steps: int = setting(50, "DDIM steps (with --sampler ddim)", group=SAMPLING, kind=POSITIVE_INT)
     sample: int = setting(0, "with --load_path: write a grid of this many samples, then exit", group=SAMPLING,
                           kind=NON_NEGATIVE_INT)

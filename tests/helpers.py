@@ -8,10 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagedata.batches import Batch
 from diffusion import Diffusion
+from imagedata.batches import Batch
 from unet import Unet
-
 
 # main.py flags of a tiny run: 16-pixel images, a 2-level U-Net of width 8, T = 10, batches of 4, on the CPU
 TINY_FLAGS = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",

@@ -56,7 +56,9 @@ def test_a_training_row_reports_throughput_and_peak_memory(tmp_path):
     row = _row({"kind": "train", "pipeline": "synthetic", "steps": 2, "warmup": 1, "flags": TINY_FLAGS, **TINY})
     assert row["precision"] in ("bf16", "fp32")  # what the trainer chose on this CPU; fp16 is CUDA's
     assert row["images"] == 2 * 2 * 4  # the timed steps' two batches of 4 each, counted as drawn
-    assert row["seconds"] > 0
+    # the rates are of the timed steps alone (the warm-up step is neither timed nor counted)
+    assert row["steps_per_s"] == pytest.approx(2 / row["seconds"]) and row["seconds"] > 0
+    assert row["images_per_s"] == pytest.approx(row["images"] / row["seconds"])
     assert row["peak_rss_mib"] > 50  # torch alone takes more than this
 
 
@@ -140,8 +142,8 @@ def test_the_guidance_benchmarks_classifier_learns_the_real_classes_and_scores_s
 
 
 def test_the_sampler_benchmark_scores_each_sampler_from_the_checkpoint_alone(tmp_path):
-    from evaluation import fid
     from bench_samplers import parse_args, run
+    from evaluation import fid
     from helpers import TinyFeatures, tiny_run
 
     data, cache, save = tiny_run(tmp_path, 2)
@@ -207,8 +209,8 @@ def test_the_editing_benchmark_scores_inpainting_and_img2img_on_held_out_images(
 
 def test_the_editing_benchmark_translates_held_out_images_of_each_class(tmp_path):
     import bench_edits
-    from evaluation import fid
     import main
+    from evaluation import fid
     from helpers import TINY_FLAGS, TinyFeatures
 
     for cls in ("a", "b"):

@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from imagedata import dataset
 import main
+from diffusion import Diffusion
+from evaluation.scoring import ClassFIDEvaluator
+from helpers import TINY_FLAGS, TinyFeatures, lit_channel, train_colours
+from imagedata import dataset
 from imagedata.batches import Batch, DeviceBatches, StreamingBatches
+from runtime.errors import UserError
+from sampling.captured_step import ChainStep
+from sampling.ema_sampler import GUIDANCE_SCALES
 from sampling.model import load_model
 from settings.config import Config
-from sampling.captured_step import ChainStep
-from diffusion import Diffusion
-from runtime.errors import UserError
-from helpers import TINY_FLAGS, TinyFeatures, lit_channel, train_colours
-from evaluation.scoring import ClassFIDEvaluator
-from sampling.ema_sampler import GUIDANCE_SCALES
 from training.step import draw_inputs
 from unet import Unet
 

@@ -48,7 +48,8 @@ def refuse(name):
         raise AssertionError(f"a command over a trained model built {name}")
     return init
 
-for cls in (torch.optim.AdamW, torch.optim.Adam, torch.amp.GradScaler, DistributedDataParallel):
+scalers = (getattr(torch.amp, "GradScaler", None), torch.cuda.amp.GradScaler)  # torch.amp's came with torch 2.3
+for cls in (torch.optim.AdamW, torch.optim.Adam, *filter(None, scalers), DistributedDataParallel):
     cls.__init__ = refuse(cls.__name__)
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import main
@@ -152,8 +153,8 @@ def test_visualize_writes_both_figures_and_the_gif(tmp_path):
 
 
 def test_a_loaded_model_is_the_checkpoints_ema_and_samples_what_training_sampled(tiny, tmp_path):
-    from sampling.model import load_model
     from runtime.checkpoint import load_checkpoint
+    from sampling.model import load_model
 
     path = tiny["save"] / "model.pt"
     config = Config(image_size=16, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1, time_steps=10,
@@ -205,3 +206,22 @@ def test_at_most_eight_modules_at_the_root_and_every_folders_modules_in_the_docs
             if module.name != "__init__.py":
                 assert re.search(rf"\b{module.stem}\.py\b", tree), f"docs/how-it-works.md does not name {folder}/{module.name}"
         assert f"{folder}/" in tree
+
+
+@pytest.mark.parametrize("columns", [1, 3, 8])
+def test_a_figures_title_fits_inside_it_however_narrow(columns):
+    """The inpainting figure of one result per image is three columns wide; its title is longer than that."""
+    from evaluation.figures import table_figure
+
+    title = "inpainting (centre, 5 resampling(s) per step, ddpm), after 10000 training steps"
+    fig = table_figure({f"c{k}": torch.rand(2, 3, 8, 8) for k in range(columns)}, title=title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box, frame = fig.texts[0].get_window_extent(renderer), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    assert fig.texts[0].get_text().replace("\n", " ") == title
+    axes_top = max(ax.get_window_extent(renderer).y1 for ax in fig.axes)
+    assert axes_top < box.y0  # the column headings stay below the title
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -3,11 +3,11 @@ gives the eager chain's images for the same noise."""
 import pytest
 import torch
 
-from settings.config import Config
-from sampling.captured_step import ChainStep, ChainSteps
-from runtime.graphs import graph_blocker, sample_with_graphs, train_with_graphs
-from runtime.errors import UserError
 from helpers import FakeBatches, tiny_diffusion
+from runtime.errors import UserError
+from runtime.graphs import graph_blocker, sample_with_graphs, train_with_graphs
+from sampling.captured_step import ChainStep, ChainSteps
+from settings.config import Config
 
 CPU = torch.device("cpu")
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion import Diffusion
-from diffusion import cosine_alphas, extract
+from diffusion import Diffusion, cosine_alphas, extract
 
 
 class Oracle(nn.Module):

@@ -9,10 +9,20 @@ import torch
 from PIL import Image
 
 import main
-from sampling.editing import edit
-from helpers import (TINY_FLAGS, bar_kind, bar_set, colour_set, lit_channel, tiny_diffusion, tiny_run,
-                     train_colours, train_tiny)
+from helpers import (
+    TINY_FLAGS,
+    bar_kind,
+    bar_set,
+    colour_set,
+    lit_channel,
+    tiny_diffusion,
+    tiny_run,
+    train_colours,
+    train_tiny,
+)
 from imagedata.files import decode_image
+from sampling.editing import edit
+
 
 @pytest.fixture(scope="module")
 def colour_model(tmp_path_factory):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.checkpoint import load_checkpoint
 from helpers import TINY_FLAGS, make_image_folder
+from runtime.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from cleanfid import downloads_helper
+from cleanfid import features as cf_features
+from cleanfid.fid import get_folder_features, kernel_distance
+from cleanfid.inception_torchscript import InceptionV3W
 from PIL import Image
 from torchvision.utils import save_image
 
 from evaluation import distances as feature_distances
 from evaluation import fid
 from runtime.errors import UserError
-
-from cleanfid import downloads_helper, features as cf_features
-from cleanfid.fid import get_folder_features, kernel_distance
-from cleanfid.inception_torchscript import InceptionV3W
 
 WEIGHTS = "inception-2015-12-05.pt"
 

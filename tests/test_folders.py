@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime import checkpoint as ckpt_io
 import main
-from settings.config import Config, recorded
 from helpers import TINY_FLAGS, TinyFeatures
+from runtime import checkpoint as ckpt_io
+from settings.config import Config, recorded
 
 STEPS = ["--train_steps", "1", "--save_and_sample_every", "1"]
 
@@ -198,9 +198,9 @@ def test_a_checkpoint_of_an_earlier_version_keeps_its_network():
 
 
 def test_the_memory_check_says_what_to_lower():
-    from sampling.model import build_diffusion
     from runtime.errors import UserError
     from runtime.memory import activation_bytes_per_image, batch_memory
+    from sampling.model import build_diffusion
 
     config = Config(image_size=16, unet_dim=8, dim_mults=(1, 2), batch_size=32, grad_accum=2)
     diffusion = build_diffusion(config)

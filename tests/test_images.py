@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import UserError
 from imagedata.files import UnreadableImage, center_square, decode_image, find_images
+from runtime.errors import UserError
 
 
 def save(path: Path, image: Image.Image, **kwargs) -> Path:

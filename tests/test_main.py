@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import main
-from runtime.checkpoint import load_checkpoint
 from helpers import TINY_FLAGS, TinyFeatures, make_image_folder
+from runtime.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_FLAGS, "--log_every", "2"]

@@ -30,7 +30,6 @@ from IPython.core.inputtransformer2 import TransformerManager
 from PIL import Image
 
 from helpers import TINY_FLAGS, make_image_folder
-
 from settings.cli import parse as parse_flags
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,20 +1,32 @@
-"""README.md stays true: its flag table is the parser's, and its commands parse with the real parser."""
+"""README.md and the docs stay true: docs/flags.md is the parser's table, README's flags have their defaults, every
+command they show parses with the real parser, and the docs' counts are the suite's."""
 import re
 import shlex
 import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+FLAGS = README.parent / "docs" / "flags.md"
 sys.path.insert(0, str(README.parent))  # also when run as a script to refresh the table
 
 from settings.cli import build_parser, flags_markdown  # noqa: E402
+from settings.config import Config, show  # noqa: E402
 
 
-def test_flag_table_matches_the_parser():
-    text = README.read_text()
-    table = re.search(r"<!-- flags:begin.*?-->\n(.*?)<!-- flags:end -->", text, re.S)
-    assert table, "README.md lost its flags markers"
-    assert table.group(1).strip() == flags_markdown().strip(), "run: python tests/test_readme.py to refresh the table"
+def test_the_flags_page_is_the_parsers_table():
+    assert FLAGS.read_text() == flags_markdown(), "run: python tests/test_readme.py to refresh docs/flags.md"
+
+
+def test_readmes_short_flag_table_gives_each_flags_default():
+    rows = re.findall(r"^\| (`--.*?) \| (.*?) \| .*\|$", README.read_text(), re.M)
+    assert len(rows) >= 8
+    defaults = {f: show(v) for f, v in Config().to_dict().items()}
+    for flags, given in rows:
+        names = re.findall(r"`--(\w+)`", flags)
+        values = re.findall(r"`([^`]*)`", given) if given != "-" else [show(None)] * len(names)
+        assert len(names) == len(values), flags
+        for name, value in zip(names, values):
+            assert value == defaults[name], f"README says --{name} defaults to {value}, and it is {defaults[name]}"
 
 
 def test_every_readme_command_parses():
@@ -40,11 +52,22 @@ def test_every_readme_benchmark_command_parses():
             parse(shlex.split(line.split("#")[0]))
 
 
+def test_the_docs_counts_are_the_suites():
+    """docs/testing.md and docs/reliability.md say how many wrong calls and kills the suite makes."""
+    sys.path.insert(0, str(README.parent / "tests"))
+    import test_errors
+    import test_faults
+
+    testing = (README.parent / "docs" / "testing.md").read_text()
+    reliability = (README.parent / "docs" / "reliability.md").read_text()
+    calls, through, kills = len(test_errors.CASES), len(test_errors.END_TO_END), test_faults.KILL_TRIALS
+    assert f"{calls} wrong calls of `main.py`" in testing and f"{through} of them through the real command" in testing
+    assert f"{kills} `kill -9` per run" in testing and f"{kills} kills per suite run" in reliability
+    assert f"{calls} cases (`tests/test_errors.py`)" in reliability
+
+
 def refresh() -> None:
-    text = README.read_text()
-    new = re.sub(r"(<!-- flags:begin.*?-->\n).*?(<!-- flags:end -->)",
-                 lambda m: m.group(1) + "\n" + flags_markdown() + "\n" + m.group(2), text, flags=re.S)
-    README.write_text(new)
+    FLAGS.write_text(flags_markdown())
 
 
 if __name__ == "__main__":

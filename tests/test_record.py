@@ -3,9 +3,9 @@ record of a run built from its data or from a checkpoint's record."""
 import pytest
 import torch
 
-from settings.config import Config
 from imagedata.dataset import ImageSet, TrainingData
 from runtime.errors import UserError
+from settings.config import Config
 from settings.record import RunRecord
 
 CONDITIONAL = RunRecord(device="cpu", world_size=2, effective_batch_size=128, data_key="a" * 16, fid_cache_dir="/c",

@@ -5,12 +5,12 @@ import itertools
 import pytest
 import torch
 
-from training import step as train_step
-from imagedata.batches import Batch
-from training.build import ema_copy
-from settings.config import Config
 from helpers import FakeBatches, tiny_diffusion
+from imagedata.batches import Batch
 from runtime.memory import activation_bytes_per_image
+from settings.config import Config
+from training import step as train_step
+from training.build import ema_copy
 from training.step import TrainStep, use_one_pass
 
 CPU = torch.device("cpu")

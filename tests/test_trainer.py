@@ -6,12 +6,12 @@ import time
 import pytest
 import torch
 
+from helpers import FakeBatches, tiny_diffusion
 from runtime import checkpoint as ckpt_io
 from runtime.errors import UserError
-from helpers import FakeBatches, tiny_diffusion
-from training.ema import MAX_SIGMA_REL, sigma_rel_to_gamma
 from settings.config import Config
 from trainer import Trainer, TrainingDiverged
+from training.ema import MAX_SIGMA_REL, sigma_rel_to_gamma
 
 # tiny_diffusion's network, trained as plain Algorithm 1 (one batch per step, no weight decay) unless asked
 TINY = dict(image_size=16, time_steps=10, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1, grad_accum=1,

@@ -21,14 +21,13 @@ import math
 
 import torch
 
-from training import build
-from imagedata.batches import Batch
-from runtime.graphs import Captured
 from diffusion import Diffusion
-from training.ema import update_ema
-from runtime.graphs import train_with_graphs
+from imagedata.batches import Batch
+from runtime.graphs import Captured, train_with_graphs
 from runtime.memory import activation_bytes_per_image, free_bytes
 from runtime.precision import autocast
+from training import build
+from training.ema import update_ema
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as CUDA graphs need
 
