@@ -290,8 +290,9 @@ class Diffusion(nn.Module):
 
         ``classes`` ([B] labels) and ``guidance`` (w) steer a class-conditional model, as in ``predict_noise``; a
         ``step`` given here brings its own guidance scale. ``progress(f)`` is called after each network pass with
-        the fraction f of the chain done so far (1 at its end). ``return_steps``: 0-indexed timesteps whose x_t (the state
-        before the step at t, in [0, 1]) is also returned; with any given, the result is ``(images, {t: x_t})``.
+        the fraction f of the chain done so far (1 at its end). ``return_steps``: 0-indexed timesteps whose x_t
+        (the state before the step at t, in [0, 1]) is also returned; with any given, the result is
+        ``(images, {t: x_t})``.
         """
         if eta < 0:
             raise ValueError(f"DDIM eta must be non-negative, got {eta}")
@@ -317,7 +318,9 @@ class Diffusion(nn.Module):
                     ratio = self.alphas_cumprod[i] / self.alphas_cumprod[j]
                     x = ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn(x.shape, device=x.device,
                                                                             generator=generator)
-                z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if noisy and j >= 0 else None
+                z = None
+                if noisy and j >= 0:  # no noise onto x_0
+                    z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
                 x, x_start = step(x, t, t + (j - i), z, x_start, y)
                 if merge is not None:
                     x = merge(x, j)

@@ -122,8 +122,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None, *, extractor=None) -> int:
-    """Run ``argv``'s command; returns the exit code. ``extractor`` (a ``fid.FeatureExtractor``) replaces clean-fid's
-    Inception for FID, as a small stand-in network does in the tests."""
+    """Run ``argv``'s command; returns the exit code. ``extractor`` (an ``evaluation.fid.FeatureExtractor``)
+    replaces clean-fid's Inception for FID, as a small stand-in network does in the tests."""
     import warnings
 
     warnings.formatwarning = _one_line_warning

@@ -18,7 +18,7 @@ Sections (``--sections``, all by default):
   sizes; the baseline is the DDPM chain at the smallest batch size.
 - ``fid``: one periodic FID evaluation against the reference way, through ``bench/bench_fid.py`` with the
   DDPM sampling rate measured in the ``sample`` section (needs clean-fid's Inception weights: on machines without
-  internet copy them to where ``fid.weights_location("clean")`` says first).
+  internet copy them to where ``evaluation.fid.weights_location("clean")`` says first).
 
 Every measurement runs in a fresh process, so that its peak memory is its own (resident set size on the
 CPU, ``torch.cuda.max_memory_allocated`` on a GPU) and nothing from one row slows the next.
@@ -125,7 +125,7 @@ def _diffusion(spec: dict):
 
 
 class _Counted:
-    """The batches a row draws, counting their images (a batch is a ``batches.Batch`` or an images tensor)."""
+    """The batches a row draws, counting their images (a batch is a ``imagedata.batches.Batch`` or an images tensor)."""
 
     def __init__(self, batches):
         self.batches, self.images = iter(batches), 0

@@ -67,7 +67,7 @@ def _sync(device) -> None:
 
 def time_batches(batches, n: int, device) -> tuple[float, float]:
     """(seconds to the first batch, batches per second over ``n`` after 2 untimed ones), each on ``device``; the
-    package's batches are ``batches.Batch``, the reference loader's plain image tensors."""
+    package's batches are ``imagedata.batches.Batch``, the reference loader's plain image tensors."""
     start = time.perf_counter()
     stream = iter(batches)
 

@@ -102,7 +102,8 @@ class Bench:
         self.config, self.record = self.model.config, self.model.run
         self.training_images, self.extractor, self.evaluator = images, extractor, None
         self.files = input_files(args.held_out, "held_out")
-        self.inputs = read_inputs(self.files, self.model.diffusion.image_size, self.model.diffusion.channels, "held_out")
+        diffusion = self.model.diffusion
+        self.inputs = read_inputs(self.files, diffusion.image_size, diffusion.channels, "held_out")
         self.real = quantize_uint8(self.inputs)
 
     def sampler(self, **settings) -> EMASampler:

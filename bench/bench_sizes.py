@@ -6,7 +6,7 @@
 Each size is a row of ``bench.py``'s training benchmark (synthetic batches already on the device, the shipped
 defaults, mixed precision as chosen per device), measured in a process of its own so that its peak memory is its
 own: resident set size on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. Beside it, the activation
-memory of one batch as the memory check before training estimates it (``memory.batch_memory``), and the step
+memory of one batch as the memory check before training estimates it (``runtime.memory.batch_memory``), and the step
 time as a multiple of the first size's.
 """
 from __future__ import annotations

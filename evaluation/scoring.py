@@ -1,6 +1,6 @@
 """FID of a run: the evaluator its settings and data call for, and where the reference statistics live.
 
-An unconditional model is scored with one ``fid.FIDEvaluator`` against all its training images. A
+An unconditional model is scored with one ``evaluation.fid.FIDEvaluator`` against all its training images. A
 class-conditional model is scored per class and over all classes (``ClassFIDEvaluator``). The statistics are
 cached beside the decoded-image cache they are computed from; the run record names that folder, so that a
 checkpoint can be scored later without its images (``cached_reference``).

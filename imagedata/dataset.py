@@ -1,6 +1,6 @@
 """The decoded images and the batches the trainer draws from them.
 
-Each image is decoded once (``images.decode_image``) into one uint8 tensor [N, C, S, S] (values 0 ... 255; C is
+Each image is decoded once (``imagedata.files.decode_image``) into one uint8 tensor [N, C, S, S] (values 0 ... 255; C is
 3, or 1 for grayscale data), kept in the disk cache of ``image_cache`` beside the data, so a later run loads it
 in a moment. A second key hashes the decoded pixels; the FID statistics are named by it, so they survive a
 folder that is copied or re-extracted with the same images. ``DeviceBatches`` keeps that tensor on the training

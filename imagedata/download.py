@@ -55,7 +55,7 @@ def ensure_dataset(data_path: str | Path, data_class: str, *, download: str = "a
     ``download="auto"`` fetches only when the class folder(s) are missing and ``data_path`` is the default
     location (``./data/train``, beside the working directory or this package); ``"always"`` fetches and
     re-extracts wherever ``data_path`` (which must end in ``train``) points; ``"never"`` leaves it to
-    ``images.find_images`` to report what is missing. Call it from one process only (rank 0).
+    ``imagedata.files.find_images`` to report what is missing. Call it from one process only (rank 0).
     """
     if download not in DOWNLOAD_MODES:
         raise ValueError(f"download must be one of {DOWNLOAD_MODES}, got {download!r}")

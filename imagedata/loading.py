@@ -2,7 +2,7 @@
 
 ``--data_class`` not given reads ``cat/`` when ``--data_path`` has one (AFHQ's layout, the assignment's command),
 and otherwise every image under ``--data_path``; given, it names the sub-folder to read (or ``all``). A
-checkpoint records what its data was (``record.RunRecord.data``) and keeps a few of its images, so ``--sample``
+checkpoint records what its data was (``settings.record.RunRecord.data``) and keeps a few of its images, so ``--sample``
 never needs the data, ``--visualize`` only for more figure rows than the checkpoint keeps, and ``--evaluate``
 only until the FID statistics are cached.
 """
@@ -37,8 +37,8 @@ def needs_data(config: Config, saved) -> bool:
 
 
 def load_data(config: Config, device, ctx):
-    """The training data (``dataset.TrainingData``, its batches sharded per rank); rank 0 downloads and builds the
-    cache first, and prints the one line saying what it found."""
+    """The training data (``imagedata.dataset.TrainingData``, its batches sharded per rank); rank 0 downloads and
+    builds the cache first, and prints the one line saying what it found."""
     from imagedata import dataset, download
     from runtime import distributed
 

@@ -27,7 +27,8 @@ READERS = {1: "41f33d3"}
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through ``atomic.atomic_write``: the file at ``path`` is the old one or the new one, whole.
+    """``torch.save`` through ``runtime.atomic.atomic_write``: the file at ``path`` is the old one or the new one,
+    whole.
 
     Raises UserError (with the previous file intact) when the folder cannot be written. Temporary files left
     behind by an earlier process that was killed while saving ``path`` are removed after a success.

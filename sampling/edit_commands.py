@@ -1,8 +1,8 @@
 """The ``--inpaint`` and ``--img2img`` commands: read the input images and the mask, edit them with the EMA model
 in batches, and write a grid, a figure and every result as an image of its own.
 
-Inputs are cropped and resized as training images are (``images.decode_image``, at the model's size and
-channels). A mask is a named region (``config.MASKS``; ``strokes`` draws random thick strokes, other ones per
+Inputs are cropped and resized as training images are (``imagedata.files.decode_image``, at the model's size and
+channels). A mask is a named region (``settings.config.MASKS``; ``strokes`` draws random thick strokes, other ones per
 result) or a mask image, white where the model fills; a mask image must be square or the size of every input,
 and is cropped and resized as they are. Outputs, in ``--save_folder``:
 

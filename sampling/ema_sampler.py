@@ -86,7 +86,7 @@ class EMASampler:
     def edit(self, images: torch.Tensor, *, keep: torch.Tensor | None = None, strength: float = 1.0,
              classes: torch.Tensor | None = None, guidance: float | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """``editing.edit`` with this run's sampler, precision, ``--resample`` and ``guidance`` (default
+        """``sampling.editing.edit`` with this run's sampler, precision, ``--resample`` and ``guidance`` (default
         ``--guidance``) towards ``classes`` (None: "no class", unguided); the noise of offset 2 unless ``generator``
         is given."""
         cfg = self.config

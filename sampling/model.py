@@ -69,7 +69,8 @@ class LoadedModel:
     def describe(self) -> str:
         """One line: where it runs, in what precision, how large, and from which step."""
         params = sum(p.numel() for p in self.diffusion.model.parameters())
-        return f"device {self.device}, precision {self.precision}, {params:,} parameters, checkpoint at step {self.step}"
+        return (f"device {self.device}, precision {self.precision}, {params:,} parameters, "
+                f"checkpoint at step {self.step}")
 
 
 def load_model(config, *, device: torch.device | str | None = None, run: RunRecord | None = None) -> LoadedModel:

@@ -72,7 +72,8 @@ def flags_markdown() -> str:
         meta = f.metadata
         if meta["group"] != group:
             group = meta["group"]
-            lines += ["", f"## {group[0].upper()}{group[1:]}", "", "| flag | default | meaning |", "| --- | --- | --- |"]
+            heading = f"## {group[0].upper()}{group[1:]}"
+            lines += ["", heading, "", "| flag | default | meaning |", "| --- | --- | --- |"]
         choices = f" (one of: {', '.join(map(str, meta['choices']))})" if meta["choices"] else ""
         lines.append(f"| `--{f.name}` | `{show(f.default)}` | {meta['help']}{choices} |")
     return "\n".join(lines) + "\n"

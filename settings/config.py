@@ -8,7 +8,7 @@ Each field carries its name, type, default, help, flag group, validation and its
   command line names the flag, so that it goes on as it started.
 - ``run``: only how this run behaves (where files go, what to print, how fast to run).
 
-``cli.py``'s parser, the trainer's config and its defaults, what checkpoints record and adopt, README's flag
+``settings/cli.py``'s parser, the trainer's config and its defaults, what checkpoints record and adopt, the flag
 table and the checks of every value all come from these fields; adding a setting means adding a field here
 and the code that uses it. The assignment's flags (Table 1) come first, with its recommended command as their
 defaults. Boolean flags take both forms: ``--fid`` and ``--fid True/False``; ``--cuda_graph`` and

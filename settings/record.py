@@ -27,7 +27,7 @@ class RunRecord:
     classes: tuple[str, ...] = ()  # a class-conditional model's class names, by label
     class_sizes: tuple[int, ...] = ()  # images of each class
     class_data_keys: dict[str, str] = field(default_factory=dict)  # each class's own fingerprint, by name
-    data: dict = field(default_factory=dict)  # what the data was (``dataset.TrainingData.description``)
+    data: dict = field(default_factory=dict)  # what the data was (``imagedata.dataset.TrainingData.description``)
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -60,9 +60,9 @@ class RunRecord:
     @classmethod
     def of_run(cls, config, *, device, world_size: int, data=None, saved: RunRecord | None = None,
                fid_cache_dir: str | None = None) -> RunRecord:
-        """The record of this run: ``data`` (``dataset.TrainingData``) when the command reads the images, else the
-        checkpoint's record of them (``saved``). A class-conditional model keeps the classes it was trained on: a
-        resumed run must see the same ones."""
+        """The record of this run: ``data`` (``imagedata.dataset.TrainingData``) when the command reads the images,
+        else the checkpoint's record of them (``saved``). A class-conditional model keeps the classes it was trained
+        on: a resumed run must see the same ones."""
         saved = saved or cls()
         data_fields = dict(data_key=saved.data_key, fid_cache_dir=saved.fid_cache_dir,
                            class_sizes=saved.class_sizes, class_data_keys=saved.class_data_keys, data=saved.data)

@@ -1,4 +1,5 @@
-"""Every file the package writes goes through ``atomic.atomic_write``: whole or not at all, with plain permissions."""
+"""Every file the package writes goes through ``runtime.atomic.atomic_write``: whole or not at all, with plain
+permissions."""
 import os
 import stat
 

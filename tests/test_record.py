@@ -1,4 +1,4 @@
-"""What a run records of itself (``record.RunRecord``): the plain dict a checkpoint keeps, read back, and the
+"""What a run records of itself (``settings.record.RunRecord``): the plain dict a checkpoint keeps, read back, and the
 record of a run built from its data or from a checkpoint's record."""
 import pytest
 import torch

@@ -17,7 +17,7 @@ from diffusion import Diffusion
 
 
 def ema_copy(diffusion: Diffusion) -> Diffusion:
-    """The EMA's model: a frozen copy of ``diffusion`` in eval mode, which ``ema.update_ema`` moves."""
+    """The EMA's model: a frozen copy of ``diffusion`` in eval mode, which ``training.ema.update_ema`` moves."""
     return copy.deepcopy(diffusion).eval().requires_grad_(False)
 
 

@@ -1,7 +1,7 @@
 """One optimizer step: Algorithm 1 over the step's batches, clipping, AdamW and the EMA.
 
 ``TrainStep.body`` is the step's whole work and the only copy of it. It runs eagerly, or, with CUDA graphs,
-through ``cuda_graph.Captured``: warm-up calls on a side stream, one capture, then replays.
+through ``runtime.graphs.Captured``: warm-up calls on a side stream, one capture, then replays.
 
 With ``grad_accum`` k, the k batches of a step go through the network either as k passes of B images (the
 gradients added up) or as one pass of k x B images (``one_pass``): the same loss, since the loss is a mean
@@ -90,7 +90,7 @@ def draw_inputs(diffusion: Diffusion, batches: list[Batch]) -> tuple:
 class TrainStep:
     """The optimizer, the loss scaler and the step itself; ``step(batches, lr=..., ema_weight=...)`` runs one.
 
-    ``diffusion`` is trained, ``ema`` (a copy of it) follows it. ``config`` is the run's ``config.Config``;
+    ``diffusion`` is trained, ``ema`` (a copy of it) follows it. ``config`` is the run's ``settings.config.Config``;
     ``world_size`` above 1 wraps the diffusion model in DistributedDataParallel (one process per device). The
     optimizer and the wrap come from ``build``.
     """
