@@ -282,7 +282,8 @@ class Diffusion(nn.Module):
         ``start_t``); image-to-image passes the tail of a plan and a start noised to its first timestep. At each
         (t, t') the loop draws the step's noise from ``generator`` (where the sampler adds noise and t' is not
         x_0) and calls ``step`` (default: the sampler's step of ``samplers.SAMPLERS``, with ``eta``; a CUDA
-        graph's replay takes its place), which returns x at t' and the x_0 estimate.
+        graph's replay takes its place) with the previous step's x_0 estimate and its timestep; the step returns x
+        at t' and its own x_0 estimate.
 
         ``merge(x, t')``, when given, replaces x after each step (inpainting puts the kept pixels back there), and
         each step but the last then runs ``resample`` times, x noised back from t' to t in between (RePaint's
@@ -302,17 +303,18 @@ class Diffusion(nn.Module):
         plan = chain_plan(self.num_timesteps, sampler, steps=steps, start_t=start_t) if plan is None else plan
         y = self.check_classes(classes, x.shape[0])
         if step is None:
-            def step(x, t, t_next, z, x_self_cond, y):
-                return chosen.step(self, x, t, t_next, z, x_self_cond, y=y, guidance=guidance, eta=eta)
+            def step(x, t, t_next, z, x_prev, t_prev, y):
+                return chosen.step(self, x, t, t_next, z, x_prev, t_prev=t_prev, y=y, guidance=guidance, eta=eta)
         noisy = chosen.stochastic(eta)
         turns = [resample if merge is not None and j >= 0 else 1 for _, j in plan]
         passes, done = sum(turns), 0
         wanted, intermediates = set(return_steps), {}
-        x_start = torch.zeros_like(x) if self.self_condition else None  # the first step has no estimate yet
+        x_start, t_prev = torch.zeros_like(x), None  # the first step has no estimate yet: zeros, made "at t"
         for (i, j), count in zip(plan, turns):
             if i in wanted:
                 intermediates[i] = unnormalize(x)
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            t_prev = t if t_prev is None else t_prev
             for turn in range(count):
                 if turn:  # back from t' to t: x_t ~ N(sqrt(abar_t / abar_t') x_t', (1 - abar_t / abar_t') I)
                     ratio = self.alphas_cumprod[i] / self.alphas_cumprod[j]
@@ -321,7 +323,8 @@ class Diffusion(nn.Module):
                 z = None
                 if noisy and j >= 0:  # no noise onto x_0
                     z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-                x, x_start = step(x, t, t + (j - i), z, x_start, y)
+                x, x_start = step(x, t, t + (j - i), z, x_start, t_prev, y)
+                t_prev = t
                 if merge is not None:
                     x = merge(x, j)
                 done += 1

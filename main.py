@@ -22,7 +22,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 from settings.cli import build_parser, checked, parse
-from settings.config import CLASS_FLAGS, Config, comparable, recorded, show
+from settings.config import CLASS_FLAGS, EVERY_TIMESTEP, SAMPLERS, Config, comparable, recorded, show
 
 
 def check_torch_numpy() -> None:
@@ -54,6 +54,15 @@ def check_class_flags(config: Config, named: set[str]) -> None:
     if config.sample_class is not None and not (config.sample or config.img2img or config.inpaint):
         raise UserError("--sample_class names the class that --sample draws or --img2img turns images into; add "
                         "--sample 16")
+
+
+def check_sampler_flags(config: Config, named: set[str]) -> None:
+    """Refuse, in one line, a --sample_steps that the sampler cannot take: DDPM visits every timestep."""
+    if "sample_steps" in named and config.sampler in EVERY_TIMESTEP and config.sample_steps != config.time_steps:
+        raise UserError(f"--sampler {config.sampler} visits every one of the --time_steps {config.time_steps} "
+                        f"timesteps, so it cannot take --sample_steps {config.sample_steps}; drop --sample_steps, or "
+                        f"pass a sampler that takes fewer steps: "
+                        f"{', '.join(s for s in SAMPLERS if s not in EVERY_TIMESTEP)}")
 
 
 def check_save_folder(folder: str) -> None:
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None, *, extractor=None) -> int:
                 print(f"from {config.load_path}: " + " ".join(f"--{k} {show(v)}" for k, v in adopted.items())
                       + " (name a flag to change it)")
         check_class_flags(config, named)
+        check_sampler_flags(config, named)
         config = resolve_data_class(config, named | set(adopted if config.load_path else ()))
         run(config, ctx, saved, extractor=extractor)
         # every rank reaches the teardown together: gloo aborts a rank whose peer has already closed its connections

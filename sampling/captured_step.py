@@ -26,6 +26,7 @@ class ChainStep:
         device = diffusion.device
         self.x = torch.zeros(shape, device=device)  # the chain's state x_t
         self.x_start = torch.zeros(shape, device=device)  # the previous step's x_0 estimate
+        self.t_prev = torch.zeros(shape[0], dtype=torch.long, device=device)  # where it was made
         self.z = torch.zeros(shape, device=device)  # the step's noise
         self.t = torch.zeros(shape[0], dtype=torch.long, device=device)
         self.t_next = torch.zeros(shape[0], dtype=torch.long, device=device)
@@ -33,16 +34,15 @@ class ChainStep:
         self.captured = Captured(self._body, device, warmup=1, capture=capture)
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
-        estimate = self.x_start if self.diffusion.self_condition else None
         y = self.y if self.diffusion.num_classes else None
         x, x_start = self.sampler.step(self.diffusion, self.x, self.t, self.t_next,
-                                       self.z if self.uses_noise else None, estimate, y=y, guidance=self.guidance,
-                                       eta=self.eta)
+                                       self.z if self.uses_noise else None, self.x_start, t_prev=self.t_prev, y=y,
+                                       guidance=self.guidance, eta=self.eta)
         self.x.copy_(x)
         self.x_start.copy_(x_start)
         return self.x, self.x_start
 
-    def __call__(self, x, t, t_next, z, x_self_cond, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x, t, t_next, z, x_prev, t_prev, y=None) -> tuple[torch.Tensor, torch.Tensor]:
         self.x.copy_(x)
         if self.diffusion.num_classes:
             self.y.copy_(y) if y is not None else self.y.fill_(self.diffusion.null_class)
@@ -50,8 +50,8 @@ class ChainStep:
         self.t_next.copy_(t_next)
         if self.uses_noise:
             self.z.copy_(z) if z is not None else self.z.zero_()  # DDIM's last step draws none: sigma is 0
-        if x_self_cond is not None:
-            self.x_start.copy_(x_self_cond)
+        self.x_start.copy_(x_prev)
+        self.t_prev.copy_(t_prev)
         return self.captured()
 
 

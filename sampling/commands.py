@@ -123,10 +123,9 @@ def evaluate(model: LoadedModel, image_set, extractor=None) -> dict:
     evaluator = build_evaluator(config, model.device, image_set, model.run, required=True, extractor=extractor)
     with model.sampler.progress(evaluator.num_samples, "FID samples"):
         result = evaluator.evaluate(model.sampler.fid_sample_fn())
-    sampler = config.sampler + (f" ({config.sample_steps} steps)" if config.sampler == "ddim" else "")
     guided = f", guidance {config.guidance:g}" if model.classes else ""
-    print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, {sampler} "
-          f"sampler{guided}, clean-fid mode {config.fid_mode}, step {model.step}, {result['seconds']:.0f} s)")
+    print(f"FID {result['fid']:.2f}  KID {result['kid']:.5f}  ({result['fid_samples']} samples, sampler "
+          f"{config.sampler_name}{guided}, clean-fid mode {config.fid_mode}, step {model.step}, {result['seconds']:.0f} s)")
     for name in model.classes:
         print(f"  {name}: FID {result[f'fid/{name}']:.2f}  KID {result[f'kid/{name}']:.5f}  "
               f"({result[f'fid_samples/{name}']} samples)")

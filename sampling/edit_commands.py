@@ -152,7 +152,7 @@ def inpaint_command(model, label: int | None) -> list[Path]:
     columns.update({f"result {k + 1}": results[k::config.edits][:shown] for k in range(config.edits)})
     figure = save_table(columns, Path(config.save_folder) / f"{name}-figure.png",
                         title=f"inpainting ({config.mask}, {config.resample} resampling(s) per step, "
-                              f"{config.sampler}), after {step} training steps")
+                              f"{config.sampler_name}), after {step} training steps")
     return [grid, figure, _write_each(results, files, config.edits, Path(config.save_folder) / name)]
 
 
@@ -188,6 +188,6 @@ def img2img_command(model, label: int | None) -> list[Path]:
     grid = save_grid(rows, Path(config.save_folder) / f"{name}.png", nrow=config.edits + 1)
     target = f" towards {classes_of[label]} at w = {config.guidance:g}" if label is not None else ""
     figure = save_table(columns, Path(config.save_folder) / f"img2img-strengths-{step}.png",
-                        row_names=row_names, title=f"image-to-image at each strength{target} ({config.sampler}), "
+                        row_names=row_names, title=f"image-to-image at each strength{target} ({config.sampler_name}), "
                                                    f"after {step} training steps")
     return [grid, figure, _write_each(results, files, config.edits, Path(config.save_folder) / name)]

@@ -122,6 +122,6 @@ class EMASampler:
         images = {w: self.sample(len(labels), classes=labels, guidance=w) for w in GUIDANCE_SCALES}
         names = [self.classes[label] for label in labels.tolist()]
         cfg = self.config
-        sampler = cfg.sampler + (f", {cfg.sample_steps} steps" if cfg.sampler == "ddim" else "")
         return save_guidance_figure(images, names, path,
-                                    title=f"classifier-free guidance scale w ({sampler}), after {step} training steps")
+                                    title=f"classifier-free guidance scale w ({cfg.sampler_name}), after {step} training "
+                                          f"steps")

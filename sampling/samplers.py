@@ -3,13 +3,15 @@
 Every sampler runs in the one loop of ``Diffusion.run_chain``, which visits the (from, to) timesteps of a plan
 (``chain_plan``), draws each step's noise and calls the sampler's step:
 
-    step(diffusion, x, t, t_next, z, x_self_cond, *, y=None, guidance=0.0, eta=0.0) -> (x_next, x_start)
+    step(diffusion, x, t, t_next, z, x_prev, *, t_prev, y=None, guidance=0.0, eta=0.0) -> (x_next, x_start)
 
 ``x`` is the chain's state at the 0-indexed timesteps ``t`` ([B] long), ``t_next`` where the step lands (-1 is
 x_0), ``z`` the step's N(0, I) noise (None where the sampler adds none: at the last step, or a deterministic
-sampler; a zero tensor must act as None, as a captured CUDA graph hands zeros), ``x_self_cond`` the previous
-step's x_0 estimate (zeros at the first step), ``y`` and ``guidance`` the class labels and guidance scale of
-``Diffusion.predict_noise``, ``eta`` DDIM's noise level. It returns the next state and the clamped x_0 estimate.
+sampler; a zero tensor must act as None, as a captured CUDA graph hands zeros). ``x_prev`` is the previous step's
+clamped x_0 estimate, made at ``t_prev`` (zeros, and ``t_prev`` = ``t``, at the first step: no estimate yet); it
+is a self-conditioned network's input, and a multistep sampler's history. ``y`` and ``guidance`` are the class
+labels and guidance scale of ``Diffusion.predict_noise``, ``eta`` DDIM's noise level. It returns the next state
+and the clamped x_0 estimate. All of it is tensor arithmetic without host reads, so a CUDA graph can hold it.
 
 A step uses only ``Diffusion``'s public mathematics (``predict_start``, ``alpha_bar``, ``reverse_step``), so a new
 sampler is one function here and one entry in ``SAMPLERS``.
@@ -32,26 +34,65 @@ class Sampler:
     every_timestep: bool = False
 
 
-def ddpm_step(diffusion, x, t, t_next, z, x_self_cond, *, y=None, guidance=0.0, eta=0.0):
+def ddpm_step(diffusion, x, t, t_next, z, x_prev, *, t_prev=None, y=None, guidance=0.0, eta=0.0):
     """Algorithm 2, lines 4 to 9, from t to t - 1 (``t_next``): the posterior mean of Eq. (18) at the clamped x_0
     estimate, plus the posterior's standard deviation times ``z``."""
-    return diffusion.reverse_step(x, t, z, x_self_cond, y, guidance)
+    return diffusion.reverse_step(x, t, z, x_prev, y, guidance)
 
 
-def ddim_step(diffusion, x, t, t_next, z, x_self_cond, *, y=None, guidance=0.0, eta=0.0):
+def ddim_step(diffusion, x, t, t_next, z, x_prev, *, t_prev=None, y=None, guidance=0.0, eta=0.0):
     """DDIM (Song et al. 2021, Eq. 12) from t to ``t_next``, any distance apart: x_0 estimated and clamped, the noise
     recomputed from the clamped estimate, sigma * ``z`` added when eta > 0 (sigma of their Eq. 16)."""
     abar, abar_next = diffusion.alpha_bar(t, x.shape), diffusion.alpha_bar(t_next, x.shape)
     sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
-    x_start = diffusion.predict_start(x, t, x_self_cond, y, guidance)
+    x_start = diffusion.predict_start(x, t, x_prev, y, guidance)
     eps = (x - abar.sqrt() * x_start) / (1.0 - abar).sqrt()
     x = abar_next.sqrt() * x_start + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
     return (x if z is None else x + sigma * z), x_start
 
 
+def _dpm_solver_pp_2m(diffusion, x, t, t_next, z, x_prev, t_prev, y, guidance, *, noise: bool):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), and with ``noise`` its SDE variant (their Eq. 18's second
+    order, the midpoint form), on the clamped x_0 estimate. In log-SNR time lambda = log(alpha / sigma), with
+    h = lambda' - lambda and the previous estimate's r = h_last / h:
+
+        D = x_0 + (x_0 - x_prev) / (2 r)                       (first order, D = x_0: no estimate yet, or t' is x_0)
+        ODE: x' = (sigma' / sigma) x + alpha' (1 - e^-h) D
+        SDE: x' = (sigma' / sigma) e^-h x + alpha' (1 - e^-2h) D + sigma' sqrt(1 - e^-2h) z
+
+    e^-h is computed as the ratio of sigma / alpha at t' and at t, so that the last step (sigma' = 0) is finite."""
+    abar, abar_next = diffusion.alpha_bar(t, x.shape), diffusion.alpha_bar(t_next, x.shape)
+    abar_prev = diffusion.alpha_bar(t_prev, x.shape)
+    ratio = lambda a: ((1 - a) / a).sqrt()  # noqa: E731  sigma / alpha = e^-lambda
+    x_start = diffusion.predict_start(x, t, x_prev, y, guidance)
+    last, first = (t_next < 0).view(-1, 1, 1, 1), (t_prev == t).view(-1, 1, 1, 1)
+    decay = ratio(abar_next) / ratio(abar)  # e^-h
+    h = -torch.log(torch.where(last, torch.full_like(decay, 0.5), decay))  # any finite value where t' is x_0
+    h_last = torch.log(ratio(abar_prev) / ratio(abar))
+    r = torch.where(first | last, torch.ones_like(h), h_last / h)
+    d = torch.where(first | last, x_start, x_start + (x_start - x_prev) / (2 * r))
+    sigma, sigma_next, alpha_next = (1 - abar).sqrt(), (1 - abar_next).sqrt(), abar_next.sqrt()
+    if not noise:
+        return (sigma_next / sigma) * x + alpha_next * (1 - decay) * d, x_start
+    x = (sigma_next / sigma) * decay * x + alpha_next * (1 - decay ** 2) * d
+    return (x if z is None else x + sigma_next * (1 - decay ** 2).sqrt() * z), x_start
+
+
+def dpmpp_2m_step(diffusion, x, t, t_next, z, x_prev, *, t_prev, y=None, guidance=0.0, eta=0.0):
+    """DPM-Solver++(2M): the probability-flow ODE, second order from the previous step's estimate."""
+    return _dpm_solver_pp_2m(diffusion, x, t, t_next, z, x_prev, t_prev, y, guidance, noise=False)
+
+
+def dpmpp_2m_sde_step(diffusion, x, t, t_next, z, x_prev, *, t_prev, y=None, guidance=0.0, eta=0.0):
+    """DPM-Solver++(2M) SDE: the reverse SDE, second order from the previous step's estimate, fresh noise each step."""
+    return _dpm_solver_pp_2m(diffusion, x, t, t_next, z, x_prev, t_prev, y, guidance, noise=True)
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm_step, stochastic=lambda eta: True, every_timestep=True),
     "ddim": Sampler(ddim_step, stochastic=lambda eta: eta > 0),
+    "dpmpp_2m": Sampler(dpmpp_2m_step, stochastic=lambda eta: False),
+    "dpmpp_2m_sde": Sampler(dpmpp_2m_sde_step, stochastic=lambda eta: True),
 }
 
 

@@ -28,7 +28,8 @@ ROLES = ("network", "training", "run")
 # mathematics imports no settings: it owns its own tables (``diffusion.LOSSES``, ``sampling.samplers.SAMPLERS``),
 # and these two name the same entries (tests/test_commands.py keeps them equal).
 LOSSES = ("l1", "l2", "huber")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+EVERY_TIMESTEP = ("ddpm",)  # the samplers that visit every timestep, whatever --sample_steps says
 DOWNLOAD_MODES = ("auto", "always", "never")
 DOWNLOAD_SOURCES = ("v2", "v1", "cmu")  # the AFHQ archives of ``imagedata.download.AFHQ_URLS``
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -234,7 +235,8 @@ class Config:
     num_samples: int = setting(16, "images in each periodic sample grid", group=SAMPLING, kind=POSITIVE_INT)
     sampler: str = setting("ddpm", "sampler of the grids, FID and the commands over a checkpoint (edits included): "
                            "the full DDPM chain, or DDIM", group=SAMPLING, choices=SAMPLERS)
-    sample_steps: int = setting(50, "DDIM steps (with --sampler ddim)", group=SAMPLING, kind=POSITIVE_INT)
+    sample_steps: int = setting(50, "steps (network evaluations) of the samplers other than ddpm, which visits every "
+                                "timestep", group=SAMPLING, kind=POSITIVE_INT)
     sample: int = setting(0, "with --load_path: write a grid of this many samples, then exit", group=SAMPLING,
                           kind=NON_NEGATIVE_INT)
     num_vis: int = setting(8, "images (rows) in the --visualize figures", group=SAMPLING, kind=POSITIVE_INT)
@@ -306,7 +308,7 @@ class Config:
         if any(level >= len(self.dim_mults) for level in levels):
             raise ValueError(f"--attention_levels {show(levels)} must be below the number of --dim_mults "
                              f"({len(self.dim_mults)})")
-        if self.sampler == "ddim" and self.sample_steps > self.time_steps:
+        if self.sampler not in EVERY_TIMESTEP and self.sample_steps > self.time_steps:
             raise ValueError(f"--sample_steps {self.sample_steps} is more than --time_steps {self.time_steps}; lower it")
 
     def replace(self, **changes) -> "Config":
@@ -319,6 +321,11 @@ class Config:
     def data_selection(self) -> str:
         """The class folders the data is read from (``--data_class``): every one for a class-conditional model."""
         return "all" if self.class_conditional else self.data_class
+
+    @property
+    def sampler_name(self) -> str:
+        """The sampler as figures and reports name it: ``ddpm``, or ``ddim, 25 steps``."""
+        return self.sampler if self.sampler in EVERY_TIMESTEP else f"{self.sampler}, {self.sample_steps} steps"
 
     @property
     def trains(self) -> bool:

@@ -105,7 +105,7 @@ def test_labels_and_guidance_are_checked_before_any_sampling():
         Diffusion(Unet(8, (1, 2), num_res_blocks=1), image_size=16, timesteps=10).sample(2, classes=torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0)])
 def test_the_static_chain_step_gives_the_eager_guided_images(sampler, eta):
     d = conditional_diffusion()
     y = torch.tensor([2, 0, 1])

@@ -56,7 +56,8 @@ def test_sampling_asks_its_own_question():
 
 
 @pytest.mark.parametrize("self_condition", [False, True])
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 5, 0.0), ("ddim", 5, 0.5)])
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 5, 0.0), ("ddim", 5, 0.5),
+                                                 ("dpmpp_2m", 5, 0.0), ("dpmpp_2m_sde", 5, 0.0)])
 def test_the_static_step_samples_what_the_eager_chain_samples(self_condition, sampler, steps, eta):
     d = trained_looking(self_condition)
     step = ChainStep(d, (3, 3, 16, 16), sampler=sampler, eta=eta, capture=False)
@@ -114,7 +115,7 @@ def test_with_cuda_graphs_the_trainer_samples_grids_fid_images_and_figures_throu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 5)])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 5), ("dpmpp_2m", 5), ("dpmpp_2m_sde", 5)])
 def test_the_captured_step_samples_what_the_eager_chain_samples_on_a_gpu(sampler, steps):
     d = trained_looking(True, "cuda")
     step = ChainStep(d, (4, 3, 16, 16), sampler=sampler)

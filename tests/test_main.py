@@ -246,7 +246,7 @@ def test_fid_curve_and_standalone_score(data_path, tmp_path, stand_in_inception,
     assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 6,
                           "--cache_dir", cache), extractor=stand_in_inception) == 0
     out = capsys.readouterr().out
-    assert "FID " in out and "KID " in out and "(6 samples, ddpm sampler" in out
+    assert "FID " in out and "KID " in out and "(6 samples, sampler ddpm," in out
 
 
 def test_fid_statistics_survive_a_re_extracted_data_folder(tmp_path, stand_in_inception):
