@@ -372,8 +372,8 @@ class Diffusion(nn.Module):
                generator: torch.Generator | None = None, progress: Callable[[float], None] | None = None,
                classes: torch.Tensor | None = None, guidance: float = 0.0, step=None) -> torch.Tensor:
         """``batch_size`` new images in [0, 1], [B, C, S, S]: the full DDPM chain (Algorithm 2), or another
-        sampler of ``samplers.SAMPLERS`` over ``steps`` timesteps (default min(50, T)); ``eta``, ``progress``,
-        ``classes`` ([B] labels), ``guidance`` and ``step`` as in ``run_chain``."""
+        sampler of ``samplers.SAMPLERS`` over ``steps`` timesteps (default min(``samplers.DEFAULT_STEPS``, T));
+        ``eta``, ``progress``, ``classes`` ([B] labels), ``guidance`` and ``step`` as in ``run_chain``."""
         chain_plan(self.num_timesteps, sampler, steps=steps)  # a bad sampler or step count fails before any noise
         self.check_classes(classes, batch_size)
         return self.run_chain(self.noise(batch_size, generator), sampler=sampler, steps=steps, eta=eta,

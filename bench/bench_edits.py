@@ -5,7 +5,7 @@ replacement and a mean fill), image-to-image at each strength, and class transla
         --held_out ./data/cats-held-out --every 17                  # every 17th cat (304) is held out
     python main.py --data_path ./data/cats-train --train_steps 2000 --save_folder runs/held-out
     python bench/bench_edits.py inpaint --load_path runs/held-out/model.pt --data_path ./data/cats-train \
-        --held_out ./data/cats-held-out --masks centre bottom --resample 1 2 5
+        --held_out ./data/cats-held-out --masks centre bottom --resample 1 2 5 --samplers ancestral:10 ddpm
     python bench/bench_edits.py img2img --load_path runs/held-out/model.pt --data_path ./data/cats-train \
         --held_out ./data/cats-held-out --strengths 0 0.25 0.5 0.75 1
     python bench/bench_edits.py translate --load_path runs/digits/model.pt --data_path ./data/digits-train \
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_guidance import share_classified, train_classifier  # noqa: E402
-from bench_samplers import load_checkpoint  # noqa: E402
+from bench_samplers import load_checkpoint, parse_spec  # noqa: E402
 from evaluation.fid import quantize_uint8  # noqa: E402
 from evaluation.scoring import build_evaluator  # noqa: E402
 from imagedata.dataset import class_labels  # noqa: E402
@@ -160,13 +160,15 @@ def inpaint(args, *, extractor=None) -> list[dict]:
             return row
 
         rows.append(scored("mean fill", quantize_uint8(mean_fill(inputs, mask))))
-        for u in args.resample:
-            sampler = bench.sampler(resample=u)
+        for spec, u in ((spec, u) for spec in args.samplers for u in args.resample):
+            chosen = parse_spec(spec)
+            sampler = bench.sampler(resample=u, sampler=chosen["sampler"], sample_steps=chosen["steps"])
             edited, seconds = bench.timed(lambda a, b, g: sampler.edit(inputs[a:b], keep=1 - mask, generator=g),
                                           len(inputs))
             unchanged = torch.equal(edited * (1 - hole).to(torch.uint8), bench.real * (1 - hole).to(torch.uint8))
             assert unchanged, "kept pixels changed"
-            rows.append(scored("replacement" if u == 1 else f"RePaint, {u} resamplings", edited, seconds))
+            method = "replacement" if u == 1 else f"RePaint, {u} resamplings"
+            rows.append(scored(f"{method} ({sampler.config.sampler_name})", edited, seconds))
     return rows
 
 
@@ -236,6 +238,8 @@ def parse_args(argv=None):
         if name == "inpaint":
             p.add_argument("--masks", nargs="+", default=["centre"])
             p.add_argument("--resample", type=int, nargs="+", default=[1, 2, 5])
+            p.add_argument("--samplers", nargs="+", default=["ancestral:10"],
+                           help="NAME[:STEPS] of each sampler the inpainting rows run (bench_samplers' rows)")
         else:
             p.add_argument("--strengths", type=float, nargs="+",
                            default=[0.0, 0.25, 0.5, 0.75, 1.0] if name == "img2img" else [0.5, 0.75])

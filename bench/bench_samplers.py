@@ -2,7 +2,7 @@
 
     python bench/bench_samplers.py --load_path results/model.pt --data_path ./data/train
     python bench/bench_samplers.py --load_path results/model.pt --data_path ./data/train \
-        --samplers ddpm ddim:10 ddim:50:eta=0.5 ddim_unclipped:50 --fid_samples 1000 --json samplers.json
+        --samplers ddpm ancestral:5 ancestral:10 ddim:50:eta=0.5 ddim_unclipped:50 --json samplers.json
 
 A row is ``NAME[:STEPS][:eta=E]``: a sampler of ``sampling.samplers.SAMPLERS``, or one of ``EXPERIMENTS`` below
 (variants measured here, not shipped), over STEPS timesteps (default: the sampler's) with DDIM's noise level E.
@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--load_path", required=True, help="the checkpoint to score")
     p.add_argument("--data_path", default="./data/train/", help="the training images (for FID's statistics)")
     p.add_argument("--cache_dir", default=None, help="where the decoded images and FID statistics are cached")
-    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim:10", "ddim:25", "ddim:50"],
+    p.add_argument("--samplers", nargs="+", default=["ddpm", "ancestral:10", "ancestral:20", "ddim:10",
+                                                      "dpmpp_2m_sde:10"],
                    help="rows: NAME[:STEPS][:eta=E], NAME a sampler of the package or of EXPERIMENTS")
     p.add_argument("--fid_samples", type=int, default=1000)
     p.add_argument("--device", default="auto")

@@ -77,7 +77,7 @@ class EMASampler:
         cfg = self.config
         w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
         with autocast(self.device, self.precision):
-            images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.sample_steps,
+            images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.chain_length,
                                      generator=generator or self.generator(), classes=classes, guidance=w,
                                      step=self.chain_step(n, cfg.sampler, w), progress=self.chain_progress(n))
         return images.float()
@@ -93,7 +93,7 @@ class EMASampler:
         w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
-                        steps=cfg.sample_steps, generator=generator or self.generator(2), classes=classes,
+                        steps=cfg.chain_length, generator=generator or self.generator(2), classes=classes,
                         guidance=w, step=self.chain_step(len(images), cfg.sampler, w),
                         progress=self.chain_progress(len(images)))
 

@@ -51,6 +51,14 @@ def ddim_step(diffusion, x, t, t_next, z, x_prev, *, t_prev=None, y=None, guidan
     return (x if z is None else x + sigma * z), x_start
 
 
+def ancestral_step(diffusion, x, t, t_next, z, x_prev, *, t_prev=None, y=None, guidance=0.0, eta=0.0):
+    """DDPM's ancestral step from t to ``t_next``, any distance apart: a draw from the posterior q(x_t' | x_t, x_0)
+    of the chain respaced onto the visited timesteps (beta' = 1 - alpha-bar_t / alpha-bar_t'; Nichol & Dhariwal
+    2021, Sec. 4) at the clamped x_0 estimate. It is DDIM at eta = 1 (Song et al. 2021, Eq. 16), and ``ddpm_step``
+    where t' = t - 1."""
+    return ddim_step(diffusion, x, t, t_next, z, x_prev, t_prev=t_prev, y=y, guidance=guidance, eta=1.0)
+
+
 def _dpm_solver_pp_2m(diffusion, x, t, t_next, z, x_prev, t_prev, y, guidance, *, noise: bool):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), and with ``noise`` its SDE variant (their Eq. 18's second
     order, the midpoint form), on the clamped x_0 estimate. In log-SNR time lambda = log(alpha / sigma), with
@@ -88,7 +96,12 @@ def dpmpp_2m_sde_step(diffusion, x, t, t_next, z, x_prev, *, t_prev, y=None, gui
     return _dpm_solver_pp_2m(diffusion, x, t, t_next, z, x_prev, t_prev, y, guidance, noise=True)
 
 
+# The steps of a sampler that does not visit every timestep, unless asked (or T where T is fewer): at 10 the
+# ancestral sampler scores the 50-step DDPM chain's FID (docs/sampling.md).
+DEFAULT_STEPS = 10
+
 SAMPLERS: dict[str, Sampler] = {
+    "ancestral": Sampler(ancestral_step, stochastic=lambda eta: True),
     "ddpm": Sampler(ddpm_step, stochastic=lambda eta: True, every_timestep=True),
     "ddim": Sampler(ddim_step, stochastic=lambda eta: eta > 0),
     "dpmpp_2m": Sampler(dpmpp_2m_step, stochastic=lambda eta: False),
@@ -106,11 +119,11 @@ def sampler_named(name: str) -> Sampler:
 def chain_plan(timesteps: int, sampler: str, *, steps: int | None = None,
                start_t: int | None = None) -> list[tuple[int, int]]:
     """The (from, to) 0-indexed timesteps of a reverse chain over T = ``timesteps``, to = -1 being x_0: ``steps``
-    (default min(50, T); T for a sampler that visits every timestep) evenly spaced timesteps from T-1 down to 0,
-    those above ``start_t`` (default T-1) left out."""
+    (default min(``DEFAULT_STEPS``, T); T for a sampler that visits every timestep) evenly spaced timesteps from
+    T-1 down to 0, those above ``start_t`` (default T-1) left out."""
     if sampler_named(sampler).every_timestep:
         steps = timesteps
-    steps = min(50, timesteps) if steps is None else steps
+    steps = min(DEFAULT_STEPS, timesteps) if steps is None else steps
     if not 1 <= steps <= timesteps:
         raise ValueError(f"{sampler.upper()} steps must be in [1, {timesteps}] (T), got {steps}")
     start_t = timesteps - 1 if start_t is None else start_t

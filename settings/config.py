@@ -28,8 +28,9 @@ ROLES = ("network", "training", "run")
 # mathematics imports no settings: it owns its own tables (``diffusion.LOSSES``, ``sampling.samplers.SAMPLERS``),
 # and these two name the same entries (tests/test_commands.py keeps them equal).
 LOSSES = ("l1", "l2", "huber")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+SAMPLERS = ("ancestral", "ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 EVERY_TIMESTEP = ("ddpm",)  # the samplers that visit every timestep, whatever --sample_steps says
+SAMPLE_STEPS = 10  # ``sampling.samplers.DEFAULT_STEPS``: the other samplers' steps unless --sample_steps names them
 DOWNLOAD_MODES = ("auto", "always", "never")
 DOWNLOAD_SOURCES = ("v2", "v1", "cmu")  # the AFHQ archives of ``imagedata.download.AFHQ_URLS``
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -233,10 +234,13 @@ class Config:
 
     # sampling, FID and figures
     num_samples: int = setting(16, "images in each periodic sample grid", group=SAMPLING, kind=POSITIVE_INT)
-    sampler: str = setting("ddpm", "sampler of the grids, FID and the commands over a checkpoint (edits included): "
-                           "the full DDPM chain, or DDIM", group=SAMPLING, choices=SAMPLERS)
-    sample_steps: int = setting(50, "steps (network evaluations) of the samplers other than ddpm, which visits every "
-                                "timestep", group=SAMPLING, kind=POSITIVE_INT)
+    sampler: str = setting("ancestral", "sampler of the grids, FID and the commands over a checkpoint (edits "
+                           "included): ancestral = DDPM's step over --sample_steps of the T timesteps, ddpm = the "
+                           "assignment's chain over all T (--visualize always draws it)", group=SAMPLING,
+                           choices=SAMPLERS)
+    sample_steps: int | None = setting(None, f"steps (network evaluations) of the samplers other than ddpm, which "
+                                       f"visits every timestep; default {SAMPLE_STEPS}, or T where T is fewer",
+                                       group=SAMPLING, kind=POSITIVE_INT, optional=True)
     sample: int = setting(0, "with --load_path: write a grid of this many samples, then exit", group=SAMPLING,
                           kind=NON_NEGATIVE_INT)
     num_vis: int = setting(8, "images (rows) in the --visualize figures", group=SAMPLING, kind=POSITIVE_INT)
@@ -308,7 +312,7 @@ class Config:
         if any(level >= len(self.dim_mults) for level in levels):
             raise ValueError(f"--attention_levels {show(levels)} must be below the number of --dim_mults "
                              f"({len(self.dim_mults)})")
-        if self.sampler not in EVERY_TIMESTEP and self.sample_steps > self.time_steps:
+        if self.sampler not in EVERY_TIMESTEP and (self.sample_steps or 0) > self.time_steps:
             raise ValueError(f"--sample_steps {self.sample_steps} is more than --time_steps {self.time_steps}; lower it")
 
     def replace(self, **changes) -> "Config":
@@ -323,9 +327,17 @@ class Config:
         return "all" if self.class_conditional else self.data_class
 
     @property
+    def chain_length(self) -> int:
+        """The steps (network evaluations) of one reverse chain of ``--sampler``: T for DDPM, else ``--sample_steps``
+        (default ``SAMPLE_STEPS``, or T where T is fewer)."""
+        if self.sampler in EVERY_TIMESTEP:
+            return self.time_steps
+        return self.sample_steps if self.sample_steps is not None else min(SAMPLE_STEPS, self.time_steps)
+
+    @property
     def sampler_name(self) -> str:
-        """The sampler as figures and reports name it: ``ddpm``, or ``ddim, 25 steps``."""
-        return self.sampler if self.sampler in EVERY_TIMESTEP else f"{self.sampler}, {self.sample_steps} steps"
+        """The sampler as figures and reports name it: ``ddpm``, or ``ancestral, 10 steps``."""
+        return self.sampler if self.sampler in EVERY_TIMESTEP else f"{self.sampler}, {self.chain_length} steps"
 
     @property
     def trains(self) -> bool:

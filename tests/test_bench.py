@@ -157,6 +157,29 @@ def test_the_sampler_benchmark_scores_each_sampler_from_the_checkpoint_alone(tmp
 
 
 
+def test_the_chain_profile_times_each_sampler_in_turn_and_finds_the_network(tmp_path, monkeypatch):
+    import profile_chain
+    from helpers import tiny_run
+
+    _, _, save = tiny_run(tmp_path, 2)
+    passes = []
+    loaded = profile_chain.load
+
+    def counting(load_path, device):
+        model = loaded(load_path, device)
+        model.diffusion.model.register_forward_hook(lambda *_: passes.append(1))
+        return model
+
+    monkeypatch.setattr(profile_chain, "load", counting)
+    args = profile_chain.parse_args(["--load_path", str(save / "model.pt"), "--samplers", "ddpm", "ancestral:4",
+                                     "--batch", "2", "--rounds", "2", "--profile", "1", "--device", "cpu"])
+    result = profile_chain.run(args)
+    assert {row: len(seconds) for row, seconds in result["times"].items()} == {"ddpm": 2, "ancestral:4": 2}
+    assert len(passes) == 3 + 2 * (10 + 4) + 10  # the warm-up, two rounds of both rows, one profiled ddpm chain
+    assert list(result["tables"]) == ["ddpm"] and "convolution" in result["tables"]["ddpm"]
+    assert 0.0 < result["network_share"]["ddpm"] <= 1.0
+
+
 def test_the_size_benchmark_measures_each_size_with_its_own_network(capsys):
     import bench_sizes
 
@@ -192,9 +215,11 @@ def test_the_editing_benchmark_scores_inpainting_and_img2img_on_held_out_images(
               "--cache_dir", str(cache), "--device", "cpu"]
     extractor = fid.FeatureExtractor(model=TinyFeatures().eval())
     rows = bench_edits.inpaint(bench_edits.parse_args(["inpaint", *common, "--masks", "centre", "left",
-                                                       "--resample", "1", "3"]), extractor=extractor)
+                                                       "--resample", "1", "3", "--samplers", "ancestral:3", "ddpm"]),
+                               extractor=extractor)
     assert [row["method"] for row in rows] == ["held-out images", "plain sampling"] + 2 * [
-        "mean fill", "replacement", "RePaint, 3 resamplings"]
+        "mean fill", "replacement (ancestral, 3 steps)", "RePaint, 3 resamplings (ancestral, 3 steps)",
+        "replacement (ddpm)", "RePaint, 3 resamplings (ddpm)"]
     filled = rows[2:]
     assert all(row["hole_rmse"] > 0 and row["seam"] >= 0 and row["fid"] >= 0 for row in filled)
     assert len({row["seam_of_originals"] for row in filled}) == 2  # one per mask

@@ -267,9 +267,9 @@ def test_sampling_by_class_name_needs_no_data(conditional_run, tmp_path, capsys)
     gone = tmp_path / "no-data"
     base = ["--load_path", save / "model.pt"]
     assert main.main(tiny_args(gone, out, *base, "--sample", 4, "--sample_class", "green", "--guidance", 3)) == 0
-    assert grid_shape(out / "samples-4-ddpm-green-w3.png") == (2, 2)
+    assert grid_shape(out / "samples-4-ancestral-green-w3.png") == (2, 2)
     assert main.main(tiny_args(gone, out, *base, "--sample", 3)) == 0
-    assert grid_shape(out / "samples-4-ddpm-all-w1.png") == (3, 3)  # every class, a row each
+    assert grid_shape(out / "samples-4-ancestral-all-w1.png") == (3, 3)  # every class, a row each
     assert "error" not in capsys.readouterr().err
 
 

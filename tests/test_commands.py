@@ -75,8 +75,8 @@ def test_the_commands_over_a_trained_model_build_no_optimizer_import_no_training
     assert not modules & {"trainer", "training.step", "training.build", "training.ema", "training.launch"}, modules
     for flags, bar in COMMANDS.values():
         assert bar in result.stderr, (flags, result.stderr[-2000:])
-    assert {p.name for p in tmp_path.glob("*.png")} >= {"forward_process.png", "backward_process.png",
-                                                         "samples-2-ddpm.png", "inpaint-2.png", "img2img-2-s0.5.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} >= {"forward_process.png", "backward_process.png", "inpaint-2.png",
+                                                         "samples-2-ancestral.png", "img2img-2-s0.5.png"}
 
 
 def test_importing_the_diffusion_model_imports_no_settings_files_downloads_or_logging():
@@ -88,13 +88,14 @@ def test_importing_the_diffusion_model_imports_no_settings_files_downloads_or_lo
     assert eval(result.stdout) == ["sampling", "sampling.samplers"]  # the samplers the chain runs, nothing else
 
 
-def test_the_settings_offer_the_samplers_losses_and_archives_their_modules_have():
+def test_the_settings_offer_the_samplers_steps_losses_and_archives_their_modules_have():
     """The command line is built without importing torch, so the settings name these choices themselves."""
     import diffusion
     from imagedata.download import AFHQ_URLS
-    from settings.config import DOWNLOAD_SOURCES, LOSSES
+    from settings.config import DOWNLOAD_SOURCES, LOSSES, SAMPLE_STEPS
 
     assert tuple(samplers.SAMPLERS) == SAMPLERS
+    assert samplers.DEFAULT_STEPS == SAMPLE_STEPS
     assert tuple(diffusion.LOSSES) == LOSSES
     assert tuple(AFHQ_URLS) == DOWNLOAD_SOURCES
 
@@ -130,7 +131,7 @@ def test_a_sampler_added_to_the_table_runs_in_sampling_and_in_both_edits(monkeyp
 def test_an_unknown_sampler_is_refused_before_any_noise_is_drawn():
     d = tiny_diffusion(size=16, T=10)
     state = torch.get_rng_state()
-    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim', .*\), got 'euler'"):
+    with pytest.raises(ValueError, match=r"sampler must be one of \('ancestral', 'ddpm', .*\), got 'euler'"):
         d.sample(2, sampler="euler")
     assert torch.equal(torch.get_rng_state(), state)
 

@@ -58,7 +58,7 @@ def test_a_checkpoint_hands_on_its_network_and_with_a_resume_its_training_settin
     (dict(batch_size=True), "--batch_size True is not valid"),
     (dict(learning_rate=0.0), "--learning_rate 0.0 is not valid: expected a learning rate in (0, 1]"),
     (dict(learning_rate=float("nan")), "--learning_rate nan is not valid"),
-    (dict(sampler="euler"), "--sampler euler is not valid: expected one of ddpm, ddim"),
+    (dict(sampler="euler"), "--sampler euler is not valid: expected one of ancestral, ddpm, ddim"),
     (dict(dim_mults=()), "--dim_mults  is not valid"),
     (dict(one_pass="sometimes"), "--one_pass sometimes is not valid: expected auto, True or False"),
     (dict(attention_levels=(4,)), "--attention_levels 4 must be below the number of --dim_mults (4)"),

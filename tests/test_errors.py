@@ -65,9 +65,9 @@ CASES = [
     (["--cuda_graph"], "--cuda_graph True: CUDA graphs need a CUDA GPU, and this run is on the CPU; pass "
                        "--cuda_graph auto or False"),
     (["--sampler", "euler"], "--sampler: invalid choice: 'euler'"),
-    (["--sample_steps", "5"], "--sampler ddpm visits every one of the --time_steps 10 timesteps, so it cannot take "
-                              "--sample_steps 5; drop --sample_steps, or pass a sampler that takes fewer steps: ddim, "
-                              "dpmpp_2m, dpmpp_2m_sde"),
+    (["--sampler", "ddpm", "--sample_steps", "5"], "--sampler ddpm visits every one of the --time_steps 10 timesteps, "
+     "so it cannot take --sample_steps 5; drop --sample_steps, or pass a sampler that takes fewer steps: ancestral, "
+     "ddim, dpmpp_2m, dpmpp_2m_sde"),
     (["--sampler", "dpmpp_2m", "--sample_steps", "11"], "--sample_steps 11 is more than --time_steps 10; lower it"),
 ]
 

@@ -145,7 +145,7 @@ def test_grayscale_trains_a_one_channel_network_writes_grey_samples_and_scores_t
         assert grid.mode == "L"
     assert main.main([*TINY_FLAGS, "--load_path", str(tmp_path / "run" / "model.pt"), "--sample", "4",
                       "--save_folder", str(tmp_path / "run")]) == 0  # --channels 1 comes from the checkpoint
-    with Image.open(tmp_path / "run" / "samples-1-ddpm.png") as grid:
+    with Image.open(tmp_path / "run" / "samples-1-ancestral.png") as grid:
         assert grid.mode == "L"
 
 

@@ -69,7 +69,7 @@ def test_visualize_writes_figures_and_gif(data_path, tmp_path):
     for name in ("forward_process.png", "backward_process.png", "backward_process.gif"):
         assert (save / name).stat().st_size > 0, name
     assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--sample", 4, "--learning_rate", 0.01)) == 0
-    assert (save / "samples-2-ddpm.png").exists()
+    assert (save / "samples-2-ancestral.png").exists()
     for name in ("forward_process.png", "samples-2-ddim.png"):
         (save / name).unlink(missing_ok=True)
     # both modes in one command: each runs
@@ -200,7 +200,7 @@ def test_a_checkpoint_is_enough_to_sample_and_to_score_once_the_statistics_are_c
         name.unlink()  # and their decoded cache: only the FID statistics are left
     gone = tmp_path / "nowhere" / "train"
     assert run(args(gone, save, "--load_path", save / "model.pt", "--sample", 4)) == 0
-    assert (save / "samples-2-ddpm.png").exists()
+    assert (save / "samples-2-ancestral.png").exists()
     capsys.readouterr()
     assert run(args(gone, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 4)) == 0
     assert "FID " in capsys.readouterr().out  # found through the folder the checkpoint records
@@ -246,7 +246,7 @@ def test_fid_curve_and_standalone_score(data_path, tmp_path, stand_in_inception,
     assert main.main(args(data_path, save, "--load_path", save / "model.pt", "--evaluate", "--fid_samples", 6,
                           "--cache_dir", cache), extractor=stand_in_inception) == 0
     out = capsys.readouterr().out
-    assert "FID " in out and "KID " in out and "(6 samples, sampler ddpm," in out
+    assert "FID " in out and "KID " in out and "(6 samples, sampler ancestral, 10 steps," in out
 
 
 def test_fid_statistics_survive_a_re_extracted_data_folder(tmp_path, stand_in_inception):

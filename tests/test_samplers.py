@@ -1,7 +1,8 @@
 """The samplers against independent implementations, in float64 on a small network with weights that make every
-layer matter: DDIM at eta = 1 over every timestep is DDPM; DDIM at eta = 0 is Euler's method on the probability
-flow ODE in the variance-exploding form (x / alpha against sigma / alpha, as k-diffusion writes its samplers);
-DPM-Solver++(2M) and its SDE variant match their variance-exploding forms step for step, with the same noise."""
+layer matter: DDIM at eta = 1 over every timestep is DDPM; the ancestral sampler is DDPM on the respaced chain;
+DDIM at eta = 0 is Euler's method on the probability flow ODE in the variance-exploding form (x / alpha against
+sigma / alpha, as k-diffusion writes its samplers); DPM-Solver++(2M) and its SDE variant match their
+variance-exploding forms step for step, with the same noise."""
 from __future__ import annotations
 
 import math
@@ -61,6 +62,33 @@ def test_ddim_at_eta_0_is_euler_on_the_probability_flow(model, steps):
         x_ve, previous = x_ve + slope * (ve_sigma(model, j) - ve_sigma(model, i)), estimate
     expected = ((x_ve + 1) / 2).clamp(0, 1)  # at sigma = 0, x_ve is x_0
     torch.testing.assert_close(model.run_chain(start(), sampler="ddim", steps=steps), expected, rtol=0, atol=1e-10)
+
+
+def respaced_ddpm(model, steps: int, noise: torch.Generator) -> torch.Tensor:
+    """Algorithm 2 on the chain respaced onto the visited timesteps (Nichol & Dhariwal 2021, Sec. 4): each pair
+    t > t' gets beta' = 1 - abar_t / abar_t', and the step draws from that chain's posterior, Eq. (18) and (19)
+    with beta' in place of beta_t."""
+    x, previous = start(), torch.zeros(3, 3, 16, 16).double()
+    for i, j in chain_plan(T, "ancestral", steps=steps):
+        abar, abar_next = float(model.alphas_cumprod[i]), 1.0 if j < 0 else float(model.alphas_cumprod[j])
+        beta = 1 - abar / abar_next
+        estimate = model.predict_start(x, torch.full((len(x),), i), previous)
+        mean = (math.sqrt(abar_next) * beta * estimate + math.sqrt(1 - beta) * (1 - abar_next) * x) / (1 - abar)
+        x, previous = mean, estimate
+        if j >= 0:
+            x = mean + math.sqrt(beta * (1 - abar_next) / (1 - abar)) * torch.randn(
+                x.shape, dtype=x.dtype, generator=noise)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@pytest.mark.parametrize("steps", [T, 5, 2])
+def test_ancestral_is_ddpm_on_the_respaced_chain(model, steps):
+    got = model.run_chain(start(), sampler="ancestral", steps=steps, generator=torch.Generator().manual_seed(7))
+    expected = respaced_ddpm(model, steps, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    if steps == T:  # over every timestep it is the assignment's chain itself
+        ddpm = model.run_chain(start(), sampler="ddpm", generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(got, ddpm, rtol=0, atol=1e-10)
 
 
 def dpm_solver_pp_2m_ve(model, steps: int, *, noise: torch.Generator | None = None) -> torch.Tensor:
