@@ -81,8 +81,8 @@ def run(config: Config, ctx, saved, *, extractor=None) -> None:
     the loaded checkpoint's ``RunRecord`` (an empty one without a checkpoint), ``extractor`` the FID feature network
     (default: clean-fid's Inception)."""
     if not config.trains and ctx.enabled:
-        raise UserError("--visualize, --sample, --evaluate, --inpaint and --img2img run in one process; start them "
-                        "without torchrun")
+        raise UserError("--visualize, --sample, --evaluate, --inpaint, --img2img and --serve run in one process; "
+                        "start them without torchrun")
     if ctx.is_main:
         check_save_folder(config.save_folder)
     if config.trains:

@@ -1,4 +1,5 @@
-"""The commands over a trained model: ``--visualize``, ``--sample``, ``--evaluate``, ``--inpaint`` and ``--img2img``.
+"""The commands over a trained model: ``--visualize``, ``--sample``, ``--evaluate``, ``--inpaint``, ``--img2img`` and
+``--serve`` (the page, ``serving/page.py``).
 
 ``run_commands`` reads what data the commands need (none, most often: ``imagedata.loading.needs_data``), loads the
 checkpoint's EMA model once (``sampling.model.load_model``) and runs each command asked for, in that order, as a
@@ -58,6 +59,12 @@ def run_commands(config, saved: RunRecord, *, extractor=None) -> None:
             report(inpaint_command(model, label), logger, model.step)
         if config.img2img:
             report(img2img_command(model, label), logger, model.step)
+        if config.serve:
+            import sys
+
+            from serving.page import serve
+
+            serve(model, config, block="ipykernel" not in sys.modules)  # a notebook shows the page and goes on
     finally:
         logger.close()
 

@@ -6,7 +6,9 @@ runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,6 +59,13 @@ class EMASampler:
         start = bar.n
         return lambda done: bar.update(start + done * batch_size - bar.n)
 
+    def using(self, **settings) -> EMASampler:
+        """This sampler with other sampling settings (``sampler``, ``sample_steps``, ``resample``, ...; checked as
+        ``Config.replace`` checks them): the same model, noise streams and captured steps."""
+        other = copy.copy(self)
+        other.config = self.config.replace(**settings)
+        return other
+
     def chain_step(self, batch_size: int, sampler: str, guidance: float = 0.0) -> ChainStep | None:
         """The captured reverse step for these batches, or None to run the chain eagerly."""
         return self.chain_steps.get(batch_size, sampler, guidance) if self.chain_steps is not None else None
@@ -67,9 +76,10 @@ class EMASampler:
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, classes: torch.Tensor | None = None,
-               guidance: float | None = None) -> torch.Tensor:
+               guidance: float | None = None, progress: Callable[[float], None] | None = None) -> torch.Tensor:
         """``n`` images in [0, 1]; a class-conditional model draws the labels ``classes`` ([n]; None: "no class",
-        unguided) at ``guidance`` (default ``--guidance``).
+        unguided) at ``guidance`` (default ``--guidance``). ``progress`` (as in ``Diffusion.run_chain``) replaces
+        the shown bar's.
 
         Defaults to the fixed noise of the previews, so that grids are comparable across steps and sampling never
         shifts the training RNG.
@@ -79,23 +89,25 @@ class EMASampler:
         with autocast(self.device, self.precision):
             images = self.ema.sample(n, sampler=cfg.sampler, steps=cfg.chain_length,
                                      generator=generator or self.generator(), classes=classes, guidance=w,
-                                     step=self.chain_step(n, cfg.sampler, w), progress=self.chain_progress(n))
+                                     step=self.chain_step(n, cfg.sampler, w),
+                                     progress=progress or self.chain_progress(n))
         return images.float()
 
     @torch.no_grad()
     def edit(self, images: torch.Tensor, *, keep: torch.Tensor | None = None, strength: float = 1.0,
              classes: torch.Tensor | None = None, guidance: float | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, progress: Callable[[float], None] | None = None
+             ) -> torch.Tensor:
         """``sampling.editing.edit`` with this run's sampler, precision, ``--resample`` and ``guidance`` (default
         ``--guidance``) towards ``classes`` (None: "no class", unguided); the noise of offset 2 unless ``generator``
-        is given."""
+        is given; ``progress`` as in ``sample``."""
         cfg = self.config
         w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.chain_length, generator=generator or self.generator(2), classes=classes,
                         guidance=w, step=self.chain_step(len(images), cfg.sampler, w),
-                        progress=self.chain_progress(len(images)))
+                        progress=progress or self.chain_progress(len(images)))
 
     def fid_sample_fn(self):
         """``(n, labels) -> n images in [0, 1]``, of the classes ``labels`` ([n], or None for an unconditional

@@ -131,9 +131,10 @@ def setting(default, help: str, *, group: str, role: str = "run", kind: Kind = T
     return field(default=default, metadata=meta)
 
 
-ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, EDITING, CLASSES_GROUP, LOGGING = (
+ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, EDITING, PAGE, CLASSES_GROUP, LOGGING = (
     "the assignment's flags (Table 1)", "model", "training", "data", "sampling, FID and figures",
-    "editing images with a trained model", "classes and classifier-free guidance", "logging")
+    "editing images with a trained model", "the page (--serve)", "classes and classifier-free guidance", "logging")
+PAGE_EXTRA = "pip install -r requirements-page.txt"  # what --serve needs beyond requirements.txt
 MASKS = ("centre", "left", "right", "top", "bottom", "strokes")  # the named regions --inpaint fills
 CLASS_FLAGS = ("class_dropout", "guidance", "sample_class")  # what only a class-conditional model takes
 
@@ -262,6 +263,16 @@ class Config:
                               group=EDITING, kind=FRACTION)
     edits: int = setting(4, "results per input image of --inpaint and --img2img", group=EDITING, kind=POSITIVE_INT)
 
+    # the page
+    serve: bool = setting(False, f"with --load_path: serve a page to sample, inpaint and redraw with the model, until "
+                          f"stopped (needs Gradio: {PAGE_EXTRA})", group=PAGE, kind=BOOL)
+    host: str = setting("127.0.0.1", "the address --serve listens on: 127.0.0.1 answers this machine only, 0.0.0.0 "
+                        "every network it is on", group=PAGE)
+    port: int | None = setting(None, "the port --serve listens on (default: the first free one from 7860)",
+                               group=PAGE, kind=_number(int, "a port in [1, 65535]", 1, 65535), optional=True)
+    share: bool = setting(False, "--serve also through a public gradio.live link: anyone with the link can use the "
+                          "model (needs the internet)", group=PAGE, kind=BOOL)
+
     # classes and classifier-free guidance
     class_conditional: bool = setting(False, "train on every class folder under --data_path, with the folder's "
                                       "name as each image's class", group=CLASSES_GROUP,
@@ -294,7 +305,7 @@ class Config:
                     meta["kind"].valid(v) and (not meta["choices"] or v in meta["choices"]) for v in items):
                 expected = f"one of {', '.join(map(str, meta['choices']))}" if meta["choices"] else meta["kind"].what
                 raise ValueError(f"--{f.name} {show(value)} is not valid: expected {expected}")
-        for mode in ("visualize", "sample", "evaluate", "inpaint", "img2img"):
+        for mode in ("visualize", "sample", "evaluate", "inpaint", "img2img", "serve"):
             if getattr(self, mode) and not self.load_path:
                 raise ValueError(f"--{mode} needs a trained model: add --load_path results/model.pt "
                                  f"(the model.pt that training wrote)")
@@ -342,7 +353,7 @@ class Config:
     @property
     def trains(self) -> bool:
         """Whether the command trains (rather than visualizing, sampling or scoring a checkpoint)."""
-        return not (self.visualize or self.sample or self.evaluate or self.inpaint or self.img2img)
+        return not (self.visualize or self.sample or self.evaluate or self.inpaint or self.img2img or self.serve)
 
 
 def names(*roles: str) -> tuple[str, ...]:

@@ -2,6 +2,12 @@
 made with PIL."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +17,8 @@ from PIL import Image
 from diffusion import Diffusion
 from imagedata.batches import Batch
 from unet import Unet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # main.py flags of a tiny run: 16-pixel images, a 2-level U-Net of width 8, T = 10, batches of 4, on the CPU
 TINY_FLAGS = ["--image_size", "16", "--unet_dim", "8", "--dim_mults", "1", "2", "--num_res_blocks", "1",
@@ -145,3 +153,31 @@ def train_tiny(folder: Path, images: torch.Tensor, labels: torch.Tensor | None, 
                       run=RunRecord(classes=classes))
     trainer.train()
     return trainer.sampler
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_page(load_path: Path, save: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``python main.py --serve`` on a free port; returns the process and the page's address once it answers."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "main.py", "--load_path", str(load_path), "--serve", "--port",
+                                str(port), "--save_folder", str(save), "--wandb", "disabled", *flags],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if line.startswith("page: http"):
+            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+            return process, f"http://127.0.0.1:{port}/"
+    process.kill()
+    raise AssertionError("the page did not start:\n" + "".join(lines[-30:]))

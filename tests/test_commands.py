@@ -201,7 +201,7 @@ def test_at_most_eight_modules_at_the_root_and_every_folders_modules_in_the_docs
     assert root == ["diffusion.py", "main.py", "trainer.py", "unet.py"], root
     tree = (ROOT / "docs" / "how-it-works.md").read_text()
     folders = sorted({p.parent.name for p in ROOT.glob("*/__init__.py")})
-    assert folders == ["evaluation", "imagedata", "runtime", "sampling", "settings", "training"]
+    assert folders == ["evaluation", "imagedata", "runtime", "sampling", "serving", "settings", "training"]
     for folder in folders:
         for module in sorted((ROOT / folder).glob("*.py")):
             if module.name != "__init__.py":

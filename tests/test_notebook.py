@@ -48,6 +48,7 @@ DEFAULT_COMMANDS = [
     "--save_folder results/steps1k",
     "python main.py --train_steps 10000 --save_and_sample_every 1000 --fid False --data_path ./data/train "
     "--save_folder results/steps10k",
+    "python -m pip install -q -r requirements-page.txt",
 ]
 
 
@@ -161,6 +162,7 @@ DRIVE_COMMANDS = [
     f"--save_folder {DRIVE}/results/steps1k --cache_dir {DRIVE}/cache",
     f"python main.py --train_steps 10000 --save_and_sample_every 1000 --fid False --data_path ./data/train "
     f"--save_folder {DRIVE}/results/steps10k --cache_dir {DRIVE}/cache",
+    DEFAULT_COMMANDS[-1],  # the page's extra
 ]
 SHOWN = ["steps1k/loss.png", "fid1k/fid.png", "steps1k/forward_process.png", "steps1k/backward_process.png",
          "steps10k/sample-10000.png"]  # the figures the notebook shows, in each run's folder
