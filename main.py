@@ -22,7 +22,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 from settings.cli import build_parser, checked, parse
-from settings.config import CLASS_FLAGS, EVERY_TIMESTEP, SAMPLERS, Config, comparable, recorded, show
+from settings.config import CLASS_FLAGS, COMMANDS, EVERY_TIMESTEP, SAMPLERS, Config, comparable, recorded, show
 
 
 def check_torch_numpy() -> None:
@@ -81,8 +81,7 @@ def run(config: Config, ctx, saved, *, extractor=None) -> None:
     the loaded checkpoint's ``RunRecord`` (an empty one without a checkpoint), ``extractor`` the FID feature network
     (default: clean-fid's Inception)."""
     if not config.trains and ctx.enabled:
-        raise UserError("--visualize, --sample, --evaluate, --inpaint, --img2img and --serve run in one process; "
-                        "start them without torchrun")
+        raise UserError(f"{', '.join(f'--{c}' for c in COMMANDS)} run in one process; start them without torchrun")
     if ctx.is_main:
         check_save_folder(config.save_folder)
     if config.trains:

@@ -96,8 +96,8 @@ def dpmpp_2m_sde_step(diffusion, x, t, t_next, z, x_prev, *, t_prev, y=None, gui
     return _dpm_solver_pp_2m(diffusion, x, t, t_next, z, x_prev, t_prev, y, guidance, noise=True)
 
 
-# The steps of a sampler that does not visit every timestep, unless asked (or T where T is fewer): at 10 the
-# ancestral sampler scores the 50-step DDPM chain's FID (docs/sampling.md).
+# The steps of a sampler that does not visit every timestep, unless asked (or T where T is fewer); chosen by
+# measurement, docs/sampling.md.
 DEFAULT_STEPS = 10
 
 SAMPLERS: dict[str, Sampler] = {

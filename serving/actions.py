@@ -29,6 +29,11 @@ from settings.config import EVERY_TIMESTEP, SAMPLERS
 MAX_IMAGES = 64  # images a request may ask for: one chain's batch
 
 
+def whole(value):
+    """A page's number as an int where it is a whole float (a slider sends 4.0), else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class PageError(Exception):
     """Input the page refuses; the message says what is wrong and how to fix it, in one line."""
 
@@ -86,7 +91,7 @@ class Actions:
                           progress, cancelled)
         return self.write(images, "sample", seed, grid=True)
 
-    def inpaint(self, image: str | Path, mask: np.ndarray | Image.Image, results: int, seed: int, resample: int,
+    def inpaint(self, image: str | Path, mask: np.ndarray | None, results: int, seed: int, resample: int,
                 sampler: str, steps: int | None, class_name: str | None = None, guidance: float | None = None, *,
                 progress: Callable[[float], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> tuple[Path, list[Path]]:
@@ -94,6 +99,7 @@ class Actions:
         results, as one grid and each result as a PNG file. Outside the region the results are the input's
         pixels (at the model's size) exactly."""
         results = self.checked_count(results, "results")
+        resample = whole(resample)
         if not isinstance(resample, int) or resample < 1:
             raise PageError(f"resamplings must be a whole number of at least 1, got {resample}")
         runner = self.runner(sampler, steps, resample=resample)
@@ -130,8 +136,7 @@ class Actions:
     # checks and conversions
     @staticmethod
     def checked_count(value, what: str) -> int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
+        value = whole(value)
         if not isinstance(value, int) or not 1 <= value <= MAX_IMAGES:
             raise PageError(f"the number of {what} must be a whole number from 1 to {MAX_IMAGES}, got {value}")
         return value
@@ -141,16 +146,13 @@ class Actions:
         they cannot be."""
         if sampler not in SAMPLERS:
             raise PageError(f"there is no sampler {sampler!r}; pick one of {', '.join(SAMPLERS)}")
-        if isinstance(steps, float) and steps.is_integer():
-            steps = int(steps)
+        steps = whole(steps)
         if sampler in EVERY_TIMESTEP:
             if steps not in (None, self.timesteps):
                 raise PageError(f"the {sampler} sampler visits every one of the T = {self.timesteps} timesteps, so "
                                 f"it cannot take {steps} steps; pick another sampler for fewer")
             steps = None
-        elif steps is not None and (not isinstance(steps, int) or not 1 <= steps <= self.timesteps):
-            raise PageError(f"steps must be a whole number from 1 to T = {self.timesteps}, got {steps}")
-        try:
+        try:  # the settings' own checks: a step count of at least 1 and at most T
             return self.model.sampler.using(sampler=sampler, sample_steps=steps, **settings)
         except ValueError as e:
             raise PageError(str(e)) from None
@@ -173,8 +175,7 @@ class Actions:
         return float(guidance)
 
     def generator(self, seed) -> torch.Generator:
-        if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)
+        seed = whole(seed)
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise PageError(f"the seed must be a whole number from 0, got {seed}")
         return torch.Generator(self.model.device).manual_seed(seed)
@@ -192,15 +193,13 @@ class Actions:
             raise PageError(f"the file cannot be read as an image ({e}); upload a PNG, JPEG or WebP image") from None
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None].float() / 255
 
-    def mask(self, painted: np.ndarray | Image.Image | None, image: str | Path) -> torch.Tensor:
-        """The painted region as a [1, S, S] mask (1: fill), cropped and resized with the image it was painted
-        on; refused when it is empty or covers the whole image at the model's size."""
+    def mask(self, painted: np.ndarray | None, image: str | Path) -> torch.Tensor:
+        """The painted region (a bool [H, W] array, True where painted) as a [1, S, S] mask (1: fill), cropped and
+        resized with the image it was painted on; refused when it is empty or covers the whole image at the
+        model's size."""
         if painted is None:
             raise PageError("no mask: paint over the region to fill")
-        alpha = np.asarray(painted)
-        if alpha.ndim == 3:
-            alpha = alpha[:, :, -1] if alpha.shape[2] in (2, 4) else alpha.max(axis=2)
-        region = Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8), "L")
+        region = Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
         with Image.open(image) as im:
             if region.size != im.size:  # painted on a canvas of another size: back onto the image's pixels
                 region = region.resize(im.size, Image.Resampling.NEAREST)

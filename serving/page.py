@@ -174,8 +174,6 @@ def build_page(actions: Actions):
             def inpaint(editor, results, seed, resample, sampler, steps, name, guidance, request: gr.Request,
                         progress=gr.Progress()):
                 background = path_of((editor or {}).get("background"))
-                if isinstance(resample, float) and resample.is_integer():
-                    resample = int(resample)
                 return call(actions.inpaint, request, progress, background, painted_region(editor), results, seed,
                             resample, sampler, steps, class_or_none(name), guidance)
 

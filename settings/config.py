@@ -135,6 +135,7 @@ ASSIGNMENT, MODEL, TRAINING, DATA, SAMPLING, EDITING, PAGE, CLASSES_GROUP, LOGGI
     "the assignment's flags (Table 1)", "model", "training", "data", "sampling, FID and figures",
     "editing images with a trained model", "the page (--serve)", "classes and classifier-free guidance", "logging")
 PAGE_EXTRA = "pip install -r requirements-page.txt"  # what --serve needs beyond requirements.txt
+COMMANDS = ("visualize", "sample", "evaluate", "inpaint", "img2img", "serve")  # the commands over a trained model
 MASKS = ("centre", "left", "right", "top", "bottom", "strokes")  # the named regions --inpaint fills
 CLASS_FLAGS = ("class_dropout", "guidance", "sample_class")  # what only a class-conditional model takes
 
@@ -305,7 +306,7 @@ class Config:
                     meta["kind"].valid(v) and (not meta["choices"] or v in meta["choices"]) for v in items):
                 expected = f"one of {', '.join(map(str, meta['choices']))}" if meta["choices"] else meta["kind"].what
                 raise ValueError(f"--{f.name} {show(value)} is not valid: expected {expected}")
-        for mode in ("visualize", "sample", "evaluate", "inpaint", "img2img", "serve"):
+        for mode in COMMANDS:
             if getattr(self, mode) and not self.load_path:
                 raise ValueError(f"--{mode} needs a trained model: add --load_path results/model.pt "
                                  f"(the model.pt that training wrote)")
@@ -353,7 +354,7 @@ class Config:
     @property
     def trains(self) -> bool:
         """Whether the command trains (rather than visualizing, sampling or scoring a checkpoint)."""
-        return not (self.visualize or self.sample or self.evaluate or self.inpaint or self.img2img or self.serve)
+        return not any(getattr(self, command) for command in COMMANDS)
 
 
 def names(*roles: str) -> tuple[str, ...]:
