@@ -406,6 +406,16 @@ def execute(work: Path, site: list[Path], **parameters):
             progress_bar=False, execution_timeout=300, parameters=parameters)
 
 
+def test_the_stand_in_inception_replaces_the_fid_modules_network_in_a_new_python():
+    """SITE's sitecustomize.py hooks the FID module by its name: a python started as the notebook's are builds the
+    stand-in network, not clean-fid's Inception (which would be downloaded, and fail offline)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [SITE, SITE.parent]))}
+    code = ("import evaluation.fid as f, helpers; "
+            "print(type(f._build_inception('clean', 'cpu')) is helpers.TinyFeatures)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"]
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """The notebook run top to bottom off Colab, on a snapshot of the working tree and 12 made-up cats; FID

@@ -1,13 +1,15 @@
 """Offline FID for the notebook test: put on PYTHONPATH (with tests/) by ``test_notebook.py``.
 
 Python imports this at start-up in the notebook's kernel and in every ``python main.py`` it runs. The project
-folder is not yet on ``sys.path`` then, so a finder on ``sys.meta_path`` waits for ``fid`` to be imported and
+folder is not yet on ``sys.path`` then, so a finder on ``sys.meta_path`` waits for ``evaluation.fid`` to be imported and
 replaces its ``_build_inception`` with ``helpers.TinyFeatures``, as the FID tests do with monkeypatch. Nothing
 is downloaded and clean-fid's weights file is never touched.
 """
 import importlib.abc
 import importlib.machinery
 import sys
+
+FID_MODULE = "evaluation.fid"  # tests/test_notebook.py checks that this module defines _build_inception
 
 
 class _StandInInception(importlib.abc.Loader):
@@ -28,7 +30,7 @@ class _StandInInception(importlib.abc.Loader):
 
 class _FidFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "fid":
+        if name != FID_MODULE:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
