@@ -94,17 +94,20 @@ def mean_fill(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Bench:
-    """The checkpoint's model, its FID evaluator and the held-out images, with timed, batched editing."""
+    """The checkpoint's model, its FID evaluator and the held-out images (where ``args`` names them), with timed,
+    batched editing."""
 
-    def __init__(self, args, *, extractor=None):
-        flags = ["--device", args.device, *(["--cache_dir", args.cache_dir] if args.cache_dir else [])]
-        self.model, self.parser, images = load_checkpoint(args.load_path, args.data_path, flags)
+    def __init__(self, args, *, extractor=None, load_path: str | None = None):
+        flags = ["--device", args.device, *(["--cache_dir", args.cache_dir] if args.cache_dir else []),
+                 *(["--data_class", args.data_class] if getattr(args, "data_class", None) else [])]
+        self.model, self.parser, images = load_checkpoint(load_path or args.load_path, args.data_path, flags)
         self.config, self.record = self.model.config, self.model.run
         self.training_images, self.extractor, self.evaluator = images, extractor, None
-        self.files = input_files(args.held_out, "held_out")
-        diffusion = self.model.diffusion
-        self.inputs = read_inputs(self.files, diffusion.image_size, diffusion.channels, "held_out")
-        self.real = quantize_uint8(self.inputs)
+        if getattr(args, "held_out", None):
+            self.files = input_files(args.held_out, "held_out")
+            diffusion = self.model.diffusion
+            self.inputs = read_inputs(self.files, diffusion.image_size, diffusion.channels, "held_out")
+            self.real = quantize_uint8(self.inputs)
 
     def sampler(self, **settings) -> EMASampler:
         return EMASampler(self.model.diffusion, checked(self.parser, self.config, **settings), device=self.model.device,

@@ -74,10 +74,14 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, classes: int, *
 
 
 @torch.no_grad()
+def classify(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The class ``net`` assigns to each of ``images`` (float in [0, 1]), long [N]."""
+    return torch.cat([net(chunk).argmax(1) for chunk in images.split(500)])
+
+
 def share_classified(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """The share of ``images`` (float in [0, 1]) that ``net`` assigns to ``labels``."""
-    predicted = torch.cat([net(chunk).argmax(1) for chunk in images.split(500)])
-    return (predicted == labels).float().mean().item()
+    return (classify(net, images) == labels).float().mean().item()
 
 
 def quality(args) -> dict:

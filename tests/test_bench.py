@@ -255,3 +255,61 @@ def test_the_editing_benchmark_translates_held_out_images_of_each_class(tmp_path
         assert row["distance"] == 0.0 and row["kept_source"] == head["classifier_on_held_out"]
         assert row["to_target"] + row["kept_source"] == pytest.approx(1.0)  # two classes: the target is the other one
     assert all(0.0 <= row["to_target"] <= 1.0 and row["distance"] > 0 for row in rows[3:])
+
+
+def shape_digits(root: Path, counts: dict[str, int], seed: int) -> Path:
+    """Grey 16-px class folders under ``root``: class "a" a vertical bar, "b" a diagonal, on noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            array = rng.integers(0, 40, size=(16, 16))
+            if name == "a":
+                array[:, 6:10] = 220
+            else:
+                array[np.eye(16, dtype=bool) | np.eye(16, k=1, dtype=bool)] = 220
+            Image.fromarray(array.astype(np.uint8), "L").save(root / name / f"{i:02d}.png")
+    return root
+
+
+def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_samples(tmp_path):
+    import bench_digits
+    import main
+    from helpers import TINY_FLAGS
+
+    data = shape_digits(tmp_path / "train", {"a": 80, "b": 40}, seed=0)
+    held = shape_digits(tmp_path / "held", {"a": 4, "b": 4}, seed=1)
+    save, cache = tmp_path / "run", tmp_path / "cache"
+    train = [*TINY_FLAGS, "--data_path", str(data), "--data_class", "all", "--save_folder", str(save),
+             "--cache_dir", str(cache)]
+    assert main.main([*train, "--channels", "1", "--flip", "False", "--train_steps", "2"]) == 0
+    common = ["--data_path", str(data), "--cache_dir", str(cache), "--device", "cpu"]
+    head, whole, *rows = bench_digits.complete(bench_digits.parse_args(
+        ["complete", "--load_path", str(save / "model.pt"), *common, "--held_out", str(held), "--masks", "bottom",
+         "right", "--resample", "1", "2", "--samplers", "ancestral:3"]))
+    assert head["held_out"] == 8 and whole["named_right"] == 1.0
+    assert [(row["mask"], row["method"]) for row in rows] == [(mask, method) for mask in ("bottom", "right") for method in (
+        "mean fill", "retrieval", "replacement (ancestral, 3 steps)", "RePaint, 2 resamplings (ancestral, 3 steps)")]
+    retrieval = rows[1]  # the kept top half shows the stroke, so the nearest training image is of the same class
+    assert retrieval["named_right"] == 1.0 and retrieval["per_class"] == {"a": 1.0, "b": 1.0}
+    assert all(0.0 <= row["named_right"] <= 1.0 and row["s_per_image"] >= 0 for row in rows)
+    floors = bench_digits.complete(bench_digits.parse_args(  # no model: the same floors, from the folders alone
+        ["complete", *common, "--held_out", str(held), "--masks", "bottom", "right", "--image_size", "16"]))
+    without_time = [{k: v for k, v in row.items() if k != "s_per_image"} for row in (head, whole, *rows)]
+    assert [{k: v for k, v in row.items() if k != "s_per_image"} for row in floors] == [
+        row for row in without_time if "ancestral" not in row.get("method", "")]
+
+    (save / "model.pt").rename(save / "first.pt")
+    assert main.main([*train, "--load_path", str(save / "first.pt"), "--train_steps", "4"]) == 0
+    head, *checkpoints = bench_digits.balance(bench_digits.parse_args(
+        ["balance", "--load_path", str(save / "model.pt"), str(save / "first.pt"), *common, "--samples", "6"]))
+    assert head["data"] == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    assert [row["step"] for row in checkpoints] == [4, 2]
+    for row in checkpoints:
+        assert sum(row["samples"].values()) == pytest.approx(1.0)
+        gap = {c: 100 * (row["samples"][c] - head["data"][c]) for c in "ab"}
+        assert row["largest_gap_points"] == pytest.approx(gap[row["class_of_largest_gap"]])
+        assert abs(row["largest_gap_points"]) == pytest.approx(max(map(abs, gap.values())))

@@ -1,0 +1,181 @@
+"""Whether a model's fill agrees with what is kept, and whether it draws each class as often as the data holds it,
+judged by a classifier on labelled real images (class folders; the model itself need not be class-conditional):
+
+    python bench/class_data.py --out ./data/digits/all --grey           # 5,000 MNIST digits, a folder per digit
+    python bench/bench_edits.py split --source ./data/digits/all --train ./data/digits/train \\
+        --held_out ./data/digits/held --every 17                        # every 17th of each digit (300) held out
+    python main.py --data_path ./data/digits/train --data_class all --channels 1 --flip False \\
+        --train_steps 1500 --save_folder runs/digits                    # an unconditional grey model
+    python bench/bench_digits.py complete --load_path runs/digits/model.pt --data_path ./data/digits/train \\
+        --held_out ./data/digits/held --masks bottom --resample 1 5
+    python bench/bench_digits.py balance --load_path runs/digits/model.pt --data_path ./data/digits/train
+
+A small CNN (``bench_guidance.train_classifier``) is fitted to ``--data_path``'s images, never to the held-out ones.
+
+``complete`` hides each mask's region of every held-out image and fills it in turn with: the training images'
+mean there (mean fill); that region of the training image whose kept part is nearest (retrieval: least squared
+distance over the kept pixels); the model's inpainting, for each sampler and resampling count. Each row gives
+the share the classifier names as the image's own class, overall and per class, and the seconds per image; the
+held-out images whole give the classifier's ceiling. The floors take no model (leave out ``--load_path``): a fill
+that is named right less often than retrieval continues what is kept worse than a lookup does.
+
+``balance`` draws ``--samples`` images from each checkpoint given (its sampler, one noise seed) and compares the
+share of each class the classifier names with the data's own; the largest gap, in points, is the row's summary.
+Several checkpoints of one run (saved along its training) give the balance over training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_edits import Bench, report  # noqa: E402
+from bench_guidance import classify, train_classifier  # noqa: E402
+from bench_samplers import parse_spec  # noqa: E402
+from imagedata.dataset import class_labels, load_images  # noqa: E402
+from sampling.edit_commands import input_files, named_mask, read_inputs  # noqa: E402
+
+
+def labelled_training(images, data_path: str):
+    """The training images (uint8) with their classes, refusing a folder without class folders."""
+    if len(images.classes) < 2:
+        raise SystemExit(f"{data_path} has no class folders; the classifier needs one folder per class "
+                         f"(python bench/class_data.py writes digits so)")
+    return images
+
+
+def floors_data(args):
+    """Without a model: the training images and the held-out ones at ``--image_size`` and ``--channels``."""
+    images = load_images(args.data_path, args.data_class, args.image_size, cache_dir=args.cache_dir,
+                         channels=args.channels)
+    files = input_files(args.held_out, "held_out")
+    return images, files, read_inputs(files, args.image_size, args.channels, "held_out")
+
+
+def shares(predicted: torch.Tensor, truth: torch.Tensor, classes: tuple[str, ...]) -> dict:
+    """The share of ``predicted`` equal to ``truth``, over all and within each true class."""
+    right = (predicted == truth).float()
+    return {"named_right": right.mean().item(),
+            "per_class": {name: right[truth == c].mean().item() for c, name in enumerate(classes) if (truth == c).any()}}
+
+
+def retrieval_fill(inputs: torch.Tensor, training: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each image's hole filled from the training image whose kept pixels are nearest (least squares)."""
+    keep = 1 - mask
+    distances = torch.cdist((inputs * keep).flatten(1), (training * keep).flatten(1))  # [N, N_train]
+    nearest = distances.argmin(dim=1)
+    return inputs * keep + training[nearest] * mask
+
+
+def complete(args) -> list[dict]:
+    bench = Bench(args) if args.load_path else None
+    training, files, inputs = (bench.training_images, bench.files, bench.inputs) if bench else floors_data(args)
+    classes = labelled_training(training, args.data_path).classes
+    found, truth = class_labels(files, Path(args.held_out))
+    if found != classes:
+        raise SystemExit(f"{args.held_out} holds the classes {found}, {args.data_path} {classes}")
+    classifier, accuracy = train_classifier(training.images, training.labels, len(classes))
+    size = inputs.shape[-1]
+    train_x = training.images.float() / 255
+    ceiling = {"method": "held-out images, whole", **shares(classify(classifier, inputs), truth, classes)}
+    print(f"classifier: {accuracy:.1%} of its own held-out tenth of the training images right", flush=True)
+    report(ceiling)
+    rows = [{"classifier_accuracy": accuracy, "held_out": len(inputs)}, ceiling]
+
+    def scored(mask_name: str, method: str, filled: torch.Tensor, seconds: float) -> None:
+        row = {"mask": mask_name, "method": method, **shares(classify(classifier, filled), truth, classes),
+               "s_per_image": seconds}
+        report(row)
+        rows.append(row)
+
+    for name in args.masks:
+        mask = named_mask(name, size, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        filled = inputs * (1 - mask) + train_x.mean(dim=0) * mask
+        scored(name, "mean fill", filled, (time.perf_counter() - start) / len(inputs))
+        start = time.perf_counter()
+        filled = retrieval_fill(inputs, train_x, mask)
+        scored(name, "retrieval", filled, (time.perf_counter() - start) / len(inputs))
+        for spec, u in ((spec, u) for spec in args.samplers for u in args.resample if bench):
+            chosen = parse_spec(spec)
+            sampler = bench.sampler(resample=u, sampler=chosen["sampler"], sample_steps=chosen["steps"])
+            edited, seconds = bench.timed(lambda a, b, g: sampler.edit(inputs[a:b], keep=1 - mask, generator=g),
+                                          len(inputs))
+            method = "replacement" if u == 1 else f"RePaint, {u} resamplings"
+            scored(name, f"{method} ({sampler.config.sampler_name})", edited.float() / 255, seconds)
+    return rows
+
+
+def balance(args) -> list[dict]:
+    rows, classifier = [], None
+    for path in args.load_path:
+        bench = Bench(args, load_path=path)
+        training = labelled_training(bench.training_images, args.data_path)
+        classes = training.classes
+        if classifier is None:
+            classifier, accuracy = train_classifier(training.images, training.labels, len(classes))
+            data = (training.labels.bincount(minlength=len(classes)).float() / len(training.labels)).tolist()
+            print(f"classifier: {accuracy:.1%} of its own held-out tenth of the training images right", flush=True)
+            rows.append({"classifier_accuracy": accuracy, "data": dict(zip(classes, data))})
+        sampler = bench.sampler()
+        drawn, seconds = bench.timed(lambda a, b, g: sampler.sample(b - a, generator=g), args.samples)
+        named = classify(classifier, drawn.float() / 255).bincount(minlength=len(classes)).float() / args.samples
+        gaps = [100 * (s - d) for s, d in zip(named.tolist(), data)]
+        row = {"load_path": path, "step": bench.model.step, "sampler": sampler.config.sampler_name,
+               "samples": dict(zip(classes, named.tolist())), "largest_gap_points": max(gaps, key=abs),
+               "class_of_largest_gap": classes[max(range(len(gaps)), key=lambda c: abs(gaps[c]))],
+               "s_per_image": seconds}
+        report(row)
+        rows.append(row)
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    for name, helps in (("complete", "each mask: the share of held-out images whose fill the classifier names "
+                                     "right, for the floors and the model's inpainting"),
+                        ("balance", "each checkpoint: the share of its samples in each class against the data's")):
+        p = sub.add_parser(name, help=helps)
+        if name == "balance":
+            p.add_argument("--load_path", required=True, nargs="+", help="checkpoints of a model trained on "
+                           "--data_path")
+        else:
+            p.add_argument("--load_path", default=None, help="a checkpoint of a model trained on --data_path; "
+                           "without one, the floors alone (at --image_size and --channels)")
+            p.add_argument("--image_size", type=int, default=32, help="without --load_path: the images' side")
+            p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="without --load_path")
+        p.add_argument("--data_path", required=True, help="the class folders the model was trained on")
+        p.add_argument("--data_class", default="all", help="the sub-folder of --data_path the model was trained on")
+        p.add_argument("--cache_dir", default=None)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+        if name == "complete":
+            p.add_argument("--held_out", required=True, help="class folders of images kept out of training")
+            p.add_argument("--masks", nargs="+", default=["bottom"])
+            p.add_argument("--resample", type=int, nargs="+", default=[1, 5])
+            p.add_argument("--samplers", nargs="+", default=["ancestral:10"],
+                           help="NAME[:STEPS] of each sampler the inpainting rows run (bench_samplers' rows)")
+        else:
+            p.add_argument("--samples", type=int, default=1000, help="images drawn from each checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = {"complete": complete, "balance": balance}[args.part](args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
