@@ -187,7 +187,7 @@ def test_the_size_benchmark_measures_each_size_with_its_own_network(capsys):
                                    "--flags", "--unet_dim", "8", "--batch_size", "2", "--time_steps", "5"])
     rows = bench_sizes.run(args)
     assert [row["size"] for row in rows] == [32, 64]
-    assert [row["dim_mults"] for row in rows] == [[1, 2, 4, 8], [1, 1, 2, 4, 8]]
+    assert [row["dim_mults"] for row in rows] == [[1, 2, 4, 8], [1, 2, 4, 8, 8]]
     assert all(row["images"] == 2 * 2 and row["estimate_gib"] > 0 for row in rows)  # one step of two batches of 2
     assert rows[0]["step_ratio"] == 1.0 and rows[1]["step_ratio"] > 0
     assert capsys.readouterr().out.count("steps/s") == 2
