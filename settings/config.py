@@ -47,6 +47,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 SIZE_NETWORKS = {32: ((1, 2, 4, 8), (3,)), 64: ((1, 2, 4, 8, 8), (3,)), 128: ((1, 1, 2, 2, 4, 8), (4, 5))}
 
 
+def _by_size(describe) -> str:
+    """``SIZE_NETWORKS`` as help text: each size with ``describe(size, dim_mults, attention_levels)``."""
+    return ", ".join(f"{size} px: {describe(size, *net)}" for size, net in sorted(SIZE_NETWORKS.items()))
+
+
 def size_network(image_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (dim_mults, attention_levels) of ``SIZE_NETWORKS`` that ``image_size`` takes."""
     return SIZE_NETWORKS[next((s for s in sorted(SIZE_NETWORKS) if image_size <= s), max(SIZE_NETWORKS))]
@@ -176,13 +181,14 @@ class Config:
 
     # the network
     dim_mults: tuple[int, ...] | None = setting(
-        None, "channel multiplier of each U-Net level, highest resolution first; default: by --image_size (32 px: "
-        "1 2 4 8, 64 px: 1 2 4 8 8, 128 px: 1 1 2 2 4 8)", group=MODEL, role="network", kind=POSITIVE_INT, nargs="+",
-        optional=True)
+        None, "channel multiplier of each U-Net level, highest resolution first; default: by --image_size ("
+        + _by_size(lambda size, mults, levels: " ".join(map(str, mults))) + ")", group=MODEL, role="network",
+        kind=POSITIVE_INT, nargs="+", optional=True)
     num_res_blocks: int = setting(2, "residual blocks per U-Net level", group=MODEL, role="network", kind=POSITIVE_INT)
     attention_levels: tuple[int, ...] | None = setting(
-        None, "U-Net levels (0 = highest resolution) with self-attention; default: the 8 x 8 level at 64 px, the 8 "
-        "x 8 and 4 x 4 levels at 128 px, the lowest only at 32 px or with --dim_mults given", group=MODEL,
+        None, "U-Net levels (0 = highest resolution) with self-attention; default: by --image_size (the levels at "
+        + _by_size(lambda size, mults, levels: " and ".join(f"{size // 2 ** i} x {size // 2 ** i}" for i in levels))
+        + "), the lowest only with --dim_mults given", group=MODEL,
         role="network", kind=NON_NEGATIVE_INT, nargs="*", optional=True)
     dropout: float = setting(0.0, "dropout inside the residual blocks", group=MODEL, role="training",
                              kind=_number(float, "a dropout rate in [0, 0.99]", 0.0, 0.99))
