@@ -7,7 +7,8 @@
 Every flag of the assignment's Table 1 keeps its name, meaning and recommended value as its default. With
 ``--load_path``, the flags the command line does not name that shape the network (and, when training resumes,
 that say how it was trained) take the checkpoint's values, and its images are read from the folder it records
-unless ``--data_path`` names another. Training is ``training/launch.py``'s; the commands over a trained model
+unless ``--data_path`` names another; a resumed run writes to the checkpoint's folder unless ``--save_folder`` is
+named. Training is ``training/launch.py``'s; the commands over a trained model
 (``--visualize``, ``--sample``, ``--evaluate``, ``--inpaint``, ``--img2img``) are ``sampling/commands.py``'s, on
 the model ``sampling/model.py`` loads, without a trainer. A checkpoint is all that ``--sample`` needs; ``--evaluate``
 needs the training images only until their FID statistics are cached, ``--visualize`` only for more figure rows
@@ -97,8 +98,9 @@ def run(config: Config, ctx, saved, *, extractor=None) -> None:
 def adopt_checkpoint_settings(config: Config, named: set[str], parser):
     """Give ``config`` the checkpoint's value of every network setting (and, when training resumes, of every
     training setting) that the command line does not name, and the checkpoint's data (``data_location``) unless
-    ``--data_path`` is named. Returns the new config, the settings that changed, and the checkpoint's
-    ``RunRecord``. A named flag that contradicts the network is refused here, before any data is read."""
+    ``--data_path`` is named; a resumed run writes to the checkpoint's folder unless ``--save_folder`` is named.
+    Returns the new config, the settings that changed, and the checkpoint's ``RunRecord``. A named flag that
+    contradicts the network is refused here, before any data is read."""
     from runtime import checkpoint as ckpt_io
     from settings.record import RunRecord
 
@@ -106,6 +108,9 @@ def adopt_checkpoint_settings(config: Config, named: set[str], parser):
     ckpt = ckpt_io.load_checkpoint(config.load_path, mmap=True)
     run = RunRecord.from_dict(ckpt.get("run"))
     saved = {**recorded(ckpt["config"], training=config.trains), **data_location(ckpt["config"], run, named)}
+    folder = Path(config.load_path).parent
+    if config.trains and "save_folder" not in named and folder.resolve() != Path(config.save_folder).resolve():
+        saved["save_folder"] = str(folder)  # a resumed run goes on in its own folder
     adopted = {k: v for k, v in saved.items() if k not in named and comparable(getattr(config, k)) != v}
     config = checked(parser, config, **adopted)
     ckpt_io.check_architecture(ckpt["config"], config, config.load_path)  # before any data is read

@@ -60,7 +60,8 @@ FLAGS_INTRO = """# Flags
 Every flag of `main.py`, by group, as `python main.py --help` lists them. Boolean flags take both forms, `--fid`
 and `--fid True/False`; `--cuda_graph` and `--one_pass` also take `auto`. With `--load_path`, the network's flags
 (and, when training resumes, the training flags and the data's folder) that the command line does not name take
-the checkpoint's values. Generated from `settings/config.py` by `python tests/test_readme.py`.
+the checkpoint's values, and a resumed run writes to the checkpoint's folder unless `--save_folder` is named.
+Generated from `settings/config.py` by `python tests/test_readme.py`.
 """
 
 

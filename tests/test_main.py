@@ -60,6 +60,20 @@ def test_resume_through_the_command_matches_an_uninterrupted_run(data_path, tmp_
     assert steps == [2, 4]  # the curve continues from the checkpoint
 
 
+def test_a_resumed_run_goes_on_in_its_checkpoints_folder_unless_told_otherwise(data_path, tmp_path, monkeypatch,
+                                                                               capsys):
+    monkeypatch.chdir(tmp_path)  # where the default ./results/ would be
+    run = tmp_path / "runs" / "a"
+    assert main.main(args(data_path, run, "--train_steps", 2, "--save_and_sample_every", 2)) == 0
+    capsys.readouterr()
+    assert main.main([*TINY, "--load_path", str(run / "model.pt"), "--train_steps", "4"]) == 0
+    assert f"--save_folder {run}" in capsys.readouterr().out  # said, with the other settings it adopts
+    assert load_checkpoint(run / "model.pt")["step"] == 4 and not (tmp_path / "results").exists()
+    elsewhere = tmp_path / "b"
+    assert main.main(args(data_path, elsewhere, "--train_steps", 6, "--load_path", run / "model.pt")) == 0
+    assert load_checkpoint(elsewhere / "model.pt")["step"] == 6 and load_checkpoint(run / "model.pt")["step"] == 4
+
+
 def test_visualize_writes_figures_and_gif(data_path, tmp_path):
     save = tmp_path / "run"
     assert main.main(args(data_path, save, "--train_steps", 2, "--save_and_sample_every", 2)) == 0
