@@ -299,13 +299,10 @@ class Diffusion(nn.Module):
             raise ValueError(f"DDIM eta must be non-negative, got {eta}")
         if resample < 1:
             raise ValueError(f"resample must be at least 1, got {resample}")
-        chosen = sampler_named(sampler)
         plan = chain_plan(self.num_timesteps, sampler, steps=steps, start_t=start_t) if plan is None else plan
         y = self.check_classes(classes, x.shape[0])
-        if step is None:
-            def step(x, t, t_next, z, x_prev, t_prev, y):
-                return chosen.step(self, x, t, t_next, z, x_prev, t_prev=t_prev, y=y, guidance=guidance, eta=eta)
-        noisy = chosen.stochastic(eta)
+        step = self.sampler_step(sampler, guidance=guidance, eta=eta) if step is None else step
+        noisy = sampler_named(sampler).stochastic(eta)
         turns = [resample if merge is not None and j >= 0 else 1 for _, j in plan]
         passes, done = sum(turns), 0
         wanted, intermediates = set(return_steps), {}
@@ -332,6 +329,15 @@ class Diffusion(nn.Module):
                     progress(done / passes)
         images = unnormalize(x)
         return (images, intermediates) if wanted else images
+
+    def sampler_step(self, sampler: str, *, guidance: float = 0.0, eta: float = 0.0):
+        """``sampler``'s reverse step on this model as ``run_chain`` calls it, ``step(x, t, t_next, z, x_prev, t_prev,
+        y) -> (x at t_next, clamped x_0 estimate)``, at classifier-free ``guidance`` and DDIM's ``eta``."""
+        chosen = sampler_named(sampler)
+
+        def step(x, t, t_next, z, x_prev, t_prev, y):
+            return chosen.step(self, x, t, t_next, z, x_prev, t_prev=t_prev, y=y, guidance=guidance, eta=eta)
+        return step
 
     def check_classes(self, classes: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
         """The labels of a chain over ``batch_size`` images as a long tensor on the model's device, after checking

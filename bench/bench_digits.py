@@ -36,9 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_edits import Bench, report  # noqa: E402
+from bench_edits import KEPT_GUIDANCE, Bench, inpainting_samplers, report  # noqa: E402
 from bench_guidance import classify, train_classifier  # noqa: E402
-from bench_samplers import parse_spec  # noqa: E402
 from imagedata.dataset import class_labels, load_images  # noqa: E402
 from sampling.edit_commands import input_files, named_mask, read_inputs  # noqa: E402
 
@@ -103,13 +102,10 @@ def complete(args) -> list[dict]:
         start = time.perf_counter()
         filled = retrieval_fill(inputs, train_x, mask)
         scored(name, "retrieval", filled, (time.perf_counter() - start) / len(inputs))
-        for spec, u in ((spec, u) for spec in args.samplers for u in args.resample if bench):
-            chosen = parse_spec(spec)
-            sampler = bench.sampler(resample=u, sampler=chosen["sampler"], sample_steps=chosen["steps"])
+        for method, sampler in inpainting_samplers(bench, args) if bench else ():
             edited, seconds = bench.timed(lambda a, b, g: sampler.edit(inputs[a:b], keep=1 - mask, generator=g),
                                           len(inputs))
-            method = "replacement" if u == 1 else f"RePaint, {u} resamplings"
-            scored(name, f"{method} ({sampler.config.sampler_name})", edited.float() / 255, seconds)
+            scored(name, method, edited.float() / 255, seconds)
     return rows
 
 
@@ -162,6 +158,8 @@ def parse_args(argv=None):
             p.add_argument("--held_out", required=True, help="class folders of images kept out of training")
             p.add_argument("--masks", nargs="+", default=["bottom"])
             p.add_argument("--resample", type=int, nargs="+", default=[1, 5])
+            p.add_argument("--kept_guidance", type=float, nargs="+", default=[0.0, KEPT_GUIDANCE],
+                           help="each --kept_guidance the inpainting rows run (0: replacement and RePaint alone)")
             p.add_argument("--samplers", nargs="+", default=["ancestral:10"],
                            help="NAME[:STEPS] of each sampler the inpainting rows run (bench_samplers' rows)")
         else:

@@ -5,7 +5,8 @@ replacement and a mean fill), image-to-image at each strength, and class transla
         --held_out ./data/cats-held-out --every 17                  # every 17th cat (304) is held out
     python main.py --data_path ./data/cats-train --train_steps 2000 --save_folder runs/held-out
     python bench/bench_edits.py inpaint --load_path runs/held-out/model.pt --data_path ./data/cats-train \
-        --held_out ./data/cats-held-out --masks centre bottom --resample 1 2 5 --samplers ancestral:10 ddpm
+        --held_out ./data/cats-held-out --masks centre bottom --resample 1 2 5 --kept_guidance 0 10 \
+        --samplers ancestral:10 ddpm
     python bench/bench_edits.py img2img --load_path runs/held-out/model.pt --data_path ./data/cats-train \
         --held_out ./data/cats-held-out --strengths 0 0.25 0.5 0.75 1
     python bench/bench_edits.py translate --load_path runs/digits/model.pt --data_path ./data/digits-train \
@@ -46,6 +47,9 @@ from imagedata.files import scan  # noqa: E402
 from sampling.edit_commands import BATCH, input_files, named_mask, read_inputs  # noqa: E402
 from sampling.ema_sampler import EMASampler  # noqa: E402
 from settings.cli import checked  # noqa: E402
+from settings.config import Config  # noqa: E402
+
+KEPT_GUIDANCE = Config().kept_guidance  # the inpainting rows run it and 0 unless told otherwise
 
 
 def split(source: Path, train: Path, held_out: Path, every: int) -> tuple[int, int]:
@@ -163,16 +167,25 @@ def inpaint(args, *, extractor=None) -> list[dict]:
             return row
 
         rows.append(scored("mean fill", quantize_uint8(mean_fill(inputs, mask))))
-        for spec, u in ((spec, u) for spec in args.samplers for u in args.resample):
-            chosen = parse_spec(spec)
-            sampler = bench.sampler(resample=u, sampler=chosen["sampler"], sample_steps=chosen["steps"])
+        for method, sampler in inpainting_samplers(bench, args):
             edited, seconds = bench.timed(lambda a, b, g: sampler.edit(inputs[a:b], keep=1 - mask, generator=g),
                                           len(inputs))
             unchanged = torch.equal(edited * (1 - hole).to(torch.uint8), bench.real * (1 - hole).to(torch.uint8))
             assert unchanged, "kept pixels changed"
-            method = "replacement" if u == 1 else f"RePaint, {u} resamplings"
-            rows.append(scored(f"{method} ({sampler.config.sampler_name})", edited, seconds))
+            rows.append(scored(method, edited, seconds))
     return rows
+
+
+def inpainting_samplers(bench: Bench, args):
+    """(row name, sampler) for each of ``args.samplers``, ``args.resample`` and ``args.kept_guidance`` (the pull
+    acts on resampled steps only, so plain replacement runs once)."""
+    for spec, u, pull in ((spec, u, pull) for spec in args.samplers for u in args.resample
+                          for pull in (args.kept_guidance if u > 1 else [0.0])):
+        chosen = parse_spec(spec)
+        sampler = bench.sampler(resample=u, kept_guidance=pull, sampler=chosen["sampler"], sample_steps=chosen["steps"])
+        method = "replacement" if u == 1 else f"RePaint, {u} resamplings"
+        pulled = f", pulled to the kept pixels at {pull:g}" if pull else ""
+        yield f"{method}{pulled} ({sampler.config.sampler_name})", sampler
 
 
 def img2img(args, *, extractor=None) -> list[dict]:
@@ -241,6 +254,8 @@ def parse_args(argv=None):
         if name == "inpaint":
             p.add_argument("--masks", nargs="+", default=["centre"])
             p.add_argument("--resample", type=int, nargs="+", default=[1, 2, 5])
+            p.add_argument("--kept_guidance", type=float, nargs="+", default=[0.0, KEPT_GUIDANCE],
+                           help="each --kept_guidance the inpainting rows run (0: replacement and RePaint alone)")
             p.add_argument("--samplers", nargs="+", default=["ancestral:10"],
                            help="NAME[:STEPS] of each sampler the inpainting rows run (bench_samplers' rows)")
         else:

@@ -8,7 +8,13 @@ any sampler of ``samplers.SAMPLERS``; this module only chooses where the chain s
   them; the output keeps the input's pixels exactly where ``keep`` is 1. With ``resample`` U > 1, each step is
   repeated U times, the merged x_{t'} being noised back to t in between (q(x_t | x_t'), one forward jump), as
   RePaint does (Lugmayr et al. 2022): the model's part then has U chances to agree with the kept part, at U
-  times the cost. U = 1 is plain replacement.
+  times the cost. U = 1 is plain replacement. With ``kept_guidance`` zeta > 0, each step is also pulled towards
+  agreeing with the kept pixels, as diffusion posterior sampling does (Chung et al. 2023, their Algorithm 1): x_t'
+  moves by -zeta times the gradient, with respect to x_t, of the distance ||keep * (x_0 - x_0 estimate)|| over
+  the kept pixels. Replacement shows the model the kept pixels only through the noise; the pull tells it, through
+  the network, which content of the hole makes its estimate of them right. It costs one backward pass through the
+  network per step, and acts only with resampling (U > 1): on plain replacement it lowers the fill's agreement
+  with the kept pixels instead (docs/editing.md).
 - **Image-to-image** (SDEdit, Meng et al. 2022) at strength s in [0, 1]: x_0 noised to the chain's step s * T
   and denoised from there, optionally towards a class (a class-conditional model's ``classes`` and
   ``guidance``). s = 0 returns the input; s = 1 starts from pure noise, the same draw as plain sampling.
@@ -21,6 +27,21 @@ import torch
 
 from diffusion import Diffusion
 from sampling.samplers import chain_plan
+
+
+def pulled_to_kept(step, x0: torch.Tensor, keep: torch.Tensor, scale: float):
+    """``step`` (``Diffusion.run_chain``'s signature) followed by diffusion posterior sampling's pull: x at t' moves
+    by -``scale`` times the gradient, with respect to x at t, of each image's distance between ``x0`` and the step's
+    x_0 estimate over the ``keep`` pixels. Not at the last step, which returns the image itself."""
+    def step_and_pull(x, t, t_next, z, x_prev, t_prev, y):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            x_next, x_start = step(x_in, t, t_next, z, x_prev, t_prev, y)
+            distance = (keep * (x0 - x_start.float())).flatten(1).norm(dim=1).sum()
+            (gradient,) = torch.autograd.grad(distance, x_in)
+        last = (t_next < 0).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(last, x_next.detach(), x_next.detach() - scale * gradient), x_start.detach()
+    return step_and_pull
 
 
 def start_of(diffusion: Diffusion, strength: float, plan: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -36,12 +57,15 @@ def start_of(diffusion: Diffusion, strength: float, plan: list[tuple[int, int]])
 def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | None = None, strength: float = 1.0,
          resample: int = 1, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
          generator: torch.Generator | None = None, classes: torch.Tensor | None = None, guidance: float = 0.0,
-         step=None, progress: Callable[[float], None] | None = None) -> torch.Tensor:
+         kept_guidance: float = 0.0, step=None, progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Inpaint (``keep`` given) or redraw at ``strength`` the ``images`` ([B, C, S, S] in [0, 1]); returns images
     in [0, 1]. ``sampler``, ``steps``, ``eta``, ``classes``, ``guidance``, ``step`` and ``progress`` as in
-    ``Diffusion.run_chain``."""
+    ``Diffusion.run_chain``; ``kept_guidance`` as above (inpainting with ``resample`` > 1 only; ``step`` must
+    then be eager, not a captured graph)."""
     if resample < 1:
         raise ValueError(f"resample must be at least 1, got {resample}")
+    if kept_guidance < 0:
+        raise ValueError(f"kept_guidance must be non-negative, got {kept_guidance}")
     x0 = images.to(diffusion.device, torch.float32) * 2 - 1
     plan = chain_plan(diffusion.num_timesteps, sampler, steps=steps)
     if keep is None:
@@ -61,6 +85,9 @@ def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | Non
                                                       torch.randn(x.shape, device=x.device, generator=generator))
         return keep * known + (1 - keep) * x
 
+    if keep is not None and kept_guidance > 0 and resample > 1:
+        step = pulled_to_kept(step or diffusion.sampler_step(sampler, guidance=guidance, eta=eta), x0, keep,
+                              kept_guidance)
     out = diffusion.run_chain(x, sampler=sampler, plan=plan, eta=eta, generator=generator, classes=classes,
                               guidance=guidance, step=step, merge=None if keep is None else merge,
                               resample=resample, progress=progress).float()

@@ -98,15 +98,17 @@ class EMASampler:
              classes: torch.Tensor | None = None, guidance: float | None = None,
              generator: torch.Generator | None = None, progress: Callable[[float], None] | None = None
              ) -> torch.Tensor:
-        """``sampling.editing.edit`` with this run's sampler, precision, ``--resample`` and ``guidance`` (default
-        ``--guidance``) towards ``classes`` (None: "no class", unguided); the noise of offset 2 unless ``generator``
-        is given; ``progress`` as in ``sample``."""
+        """``sampling.editing.edit`` with this run's sampler, precision, ``--resample``, ``--kept_guidance`` and
+        ``guidance`` (default ``--guidance``) towards ``classes`` (None: "no class", unguided); the noise of offset
+        2 unless ``generator`` is given; ``progress`` as in ``sample``."""
         cfg = self.config
         w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
+        pulled = keep is not None and cfg.kept_guidance > 0 and cfg.resample > 1  # a backward pass: no graph
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.chain_length, generator=generator or self.generator(2), classes=classes,
-                        guidance=w, step=self.chain_step(len(images), cfg.sampler, w),
+                        guidance=w, kept_guidance=cfg.kept_guidance if pulled else 0.0,
+                        step=None if pulled else self.chain_step(len(images), cfg.sampler, w),
                         progress=progress or self.chain_progress(len(images)))
 
     def fid_sample_fn(self):

@@ -215,7 +215,8 @@ def test_the_editing_benchmark_scores_inpainting_and_img2img_on_held_out_images(
               "--cache_dir", str(cache), "--device", "cpu"]
     extractor = fid.FeatureExtractor(model=TinyFeatures().eval())
     rows = bench_edits.inpaint(bench_edits.parse_args(["inpaint", *common, "--masks", "centre", "left",
-                                                       "--resample", "1", "3", "--samplers", "ancestral:3", "ddpm"]),
+                                                       "--resample", "1", "3", "--kept_guidance", "0",
+                                                       "--samplers", "ancestral:3", "ddpm"]),
                                extractor=extractor)
     assert [row["method"] for row in rows] == ["held-out images", "plain sampling"] + 2 * [
         "mean fill", "replacement (ancestral, 3 steps)", "RePaint, 3 resamplings (ancestral, 3 steps)",
@@ -289,10 +290,11 @@ def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_
     common = ["--data_path", str(data), "--cache_dir", str(cache), "--device", "cpu"]
     head, whole, *rows = bench_digits.complete(bench_digits.parse_args(
         ["complete", "--load_path", str(save / "model.pt"), *common, "--held_out", str(held), "--masks", "bottom",
-         "right", "--resample", "1", "2", "--samplers", "ancestral:3"]))
+         "right", "--resample", "1", "2", "--kept_guidance", "0", "2", "--samplers", "ancestral:3"]))
     assert head["held_out"] == 8 and whole["named_right"] == 1.0
     assert [(row["mask"], row["method"]) for row in rows] == [(mask, method) for mask in ("bottom", "right") for method in (
-        "mean fill", "retrieval", "replacement (ancestral, 3 steps)", "RePaint, 2 resamplings (ancestral, 3 steps)")]
+        "mean fill", "retrieval", "replacement (ancestral, 3 steps)", "RePaint, 2 resamplings (ancestral, 3 steps)",
+        "RePaint, 2 resamplings, pulled to the kept pixels at 2 (ancestral, 3 steps)")]
     retrieval = rows[1]  # the kept top half shows the stroke, so the nearest training image is of the same class
     assert retrieval["named_right"] == 1.0 and retrieval["per_class"] == {"a": 1.0, "b": 1.0}
     assert all(0.0 <= row["named_right"] <= 1.0 and row["s_per_image"] >= 0 for row in rows)

@@ -21,7 +21,7 @@ from helpers import (
     train_tiny,
 )
 from imagedata.files import decode_image
-from sampling.editing import edit
+from sampling.editing import edit, pulled_to_kept
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +63,60 @@ def test_inpainting_keeps_every_kept_pixel(sampler, steps, resample):
 
 def test_a_trained_model_fills_half_an_image_in_the_colour_of_the_other_half(colour_model):
     """The left half hidden: the fill's colour (its lit channel) is the kept half's far more often than a fill with
-    the data's mean colour, with RePaint's resampling and with plain replacement."""
+    the data's mean colour, with RePaint's resampling and with plain replacement, each with and without the pull
+    towards the kept pixels."""
     images, colours = colour_set(per_class=12)
     images = images.float() / 255
     keep = torch.ones(1, 1, 16, 16)
     keep[..., :8] = 0
     agree = {}
-    for resample in (1, 3):
-        out = edit(colour_model, images, keep=keep, resample=resample, generator=torch.Generator().manual_seed(0))
-        agree[resample] = float((lit_channel(out[..., :8]) == colours).float().mean())
+    for resample, pull in ((1, 0.0), (3, 0.0), (1, 10.0), (3, 10.0)):
+        out = edit(colour_model, images, keep=keep, resample=resample, kept_guidance=pull,
+                   generator=torch.Generator().manual_seed(0))
+        agree[resample, pull] = float((lit_channel(out[..., :8]) == colours).float().mean())
     mean_fill = torch.where(keep.bool(), images, images.mean(dim=(0, 2, 3))[None, :, None, None])
     agree["mean fill"] = float((lit_channel(mean_fill[..., :8]) == colours).float().mean())
-    assert agree[1] >= 0.8 and agree[3] >= 0.8 and agree["mean fill"] <= 0.4, agree
+    assert min(v for k, v in agree.items() if k != "mean fill") >= 0.8 and agree["mean fill"] <= 0.4, agree
+
+
+def test_the_pull_is_minus_the_scale_times_the_gradient_of_the_kept_pixels_distance():
+    """A step whose x_0 estimate is x / 2 and whose next state is 0.9 x: the distance's gradient is known, the hole
+    gets none of it, the pull lowers the distance, and the last step (to x_0) is not pulled."""
+    def step(x, t, t_next, z, x_prev, t_prev, y):
+        return 0.9 * x, x / 2
+
+    x, x0 = torch.randn(2, 1, 8, 8), torch.rand(2, 1, 8, 8) * 2 - 1
+    keep = torch.ones(2, 1, 8, 8)
+    keep[..., 4:, :] = 0
+    t = torch.full((2,), 5)
+    pulled, estimate = pulled_to_kept(step, x0, keep, 0.1)(x, t, t - 1, None, None, t, None)
+    residual = keep * (x0 - x / 2)
+    gradient = -0.5 * residual / residual.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(pulled, 0.9 * x - 0.1 * gradient)
+    torch.testing.assert_close(estimate, x / 2)
+    assert torch.equal(pulled[..., 4:, :], 0.9 * x[..., 4:, :])  # the hole: moved by the step alone
+    distance = lambda state: (keep * (x0 - state / 2)).flatten(1).norm(dim=1)  # noqa: E731
+    assert bool((distance(pulled) < distance(0.9 * x)).all())
+    last, _ = pulled_to_kept(step, x0, keep, 0.1)(x, t, torch.full((2,), -1), None, None, t, None)
+    assert torch.equal(last, 0.9 * x)
+
+
+def test_kept_guidance_changes_the_fill_keeps_the_kept_pixels_and_is_off_at_0(colour_model):
+    diffusion = colour_model  # trained: a freshly built network's x_0 estimates are clamped, and so flat, everywhere
+    images = torch.rand(2, 3, 16, 16)
+    keep = torch.ones(2, 1, 16, 16)
+    keep[..., 8:, :] = 0
+    run = lambda pull, **kw: edit(diffusion, images, keep=keep, resample=2, sampler="ancestral", steps=4,  # noqa: E731
+                                  kept_guidance=pull, generator=torch.Generator().manual_seed(3), **kw)
+    plain, pulled = run(0.0), run(10.0)
+    assert torch.equal(plain, run(0.0, step=diffusion.sampler_step("ancestral")))  # 0: the chain as before
+    kept = keep.bool().expand_as(images)
+    assert torch.equal(pulled[kept], images[kept]) and not torch.equal(pulled[~kept], plain[~kept])
+    replaced = lambda pull: edit(diffusion, images, keep=keep, sampler="ancestral", steps=4,  # noqa: E731
+                                 kept_guidance=pull, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(replaced(10.0), replaced(0.0))  # no pull on plain replacement
+    with pytest.raises(ValueError, match="kept_guidance must be non-negative"):
+        run(-1.0)
 
 
 def test_a_conditional_model_turns_images_into_the_target_class_at_guidance(bar_model):
