@@ -45,6 +45,7 @@ from evaluation.scoring import build_evaluator  # noqa: E402
 from imagedata.dataset import class_labels  # noqa: E402
 from imagedata.files import scan  # noqa: E402
 from sampling.edit_commands import BATCH, input_files, named_mask, read_inputs  # noqa: E402
+from sampling.editing import pull_applies  # noqa: E402
 from sampling.ema_sampler import EMASampler  # noqa: E402
 from settings.cli import checked  # noqa: E402
 from settings.config import Config  # noqa: E402
@@ -177,10 +178,10 @@ def inpaint(args, *, extractor=None) -> list[dict]:
 
 
 def inpainting_samplers(bench: Bench, args):
-    """(row name, sampler) for each of ``args.samplers``, ``args.resample`` and ``args.kept_guidance`` (the pull
-    acts on resampled steps only, so plain replacement runs once)."""
+    """(row name, sampler) for each of ``args.samplers``, ``args.resample`` and ``args.kept_guidance`` (a scale that
+    does not apply, as on plain replacement, is the row without a pull)."""
     for spec, u, pull in ((spec, u, pull) for spec in args.samplers for u in args.resample
-                          for pull in (args.kept_guidance if u > 1 else [0.0])):
+                          for pull in sorted({p if pull_applies(p, u) else 0.0 for p in args.kept_guidance})):
         chosen = parse_spec(spec)
         sampler = bench.sampler(resample=u, kept_guidance=pull, sampler=chosen["sampler"], sample_steps=chosen["steps"])
         method = "replacement" if u == 1 else f"RePaint, {u} resamplings"

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from evaluation.figures import save_grid, save_table
 from imagedata.files import IMAGE_EXTENSIONS, UnreadableImage, decode_image, scan
 from runtime.errors import UserError
+from sampling.editing import pull_applies
 from settings.config import MASKS
 
 STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # the columns of the strengths figure
@@ -148,10 +149,11 @@ def inpaint_command(model, label: int | None) -> list[Path]:
                       for i in range(len(inputs))])
     grid = save_grid(rows, Path(config.save_folder) / f"{name}.png", nrow=config.edits + 2)
     shown = min(len(inputs), config.num_vis)
+    pull = f", pulled at {config.kept_guidance:g}" if pull_applies(config.kept_guidance, config.resample) else ""
     columns = {"input": inputs[:shown], "masked": masked[::config.edits][:shown]}
     columns.update({f"result {k + 1}": results[k::config.edits][:shown] for k in range(config.edits)})
     figure = save_table(columns, Path(config.save_folder) / f"{name}-figure.png",
-                        title=f"inpainting ({config.mask}, {config.resample} resampling(s) per step, "
+                        title=f"inpainting ({config.mask}, {config.resample} resampling(s) per step{pull}, "
                               f"{config.sampler_name}), after {step} training steps")
     return [grid, figure, _write_each(results, files, config.edits, Path(config.save_folder) / name)]
 

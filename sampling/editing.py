@@ -29,6 +29,11 @@ from diffusion import Diffusion
 from sampling.samplers import chain_plan
 
 
+def pull_applies(kept_guidance: float, resample: int) -> bool:
+    """Whether inpainting pulls its steps towards the kept pixels: a positive scale, on resampled steps only."""
+    return kept_guidance > 0 and resample > 1
+
+
 def pulled_to_kept(step, x0: torch.Tensor, keep: torch.Tensor, scale: float):
     """``step`` (``Diffusion.run_chain``'s signature) followed by diffusion posterior sampling's pull: x at t' moves
     by -``scale`` times the gradient, with respect to x at t, of each image's distance between ``x0`` and the step's
@@ -85,7 +90,7 @@ def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | Non
                                                       torch.randn(x.shape, device=x.device, generator=generator))
         return keep * known + (1 - keep) * x
 
-    if keep is not None and kept_guidance > 0 and resample > 1:
+    if keep is not None and pull_applies(kept_guidance, resample):
         step = pulled_to_kept(step or diffusion.sampler_step(sampler, guidance=guidance, eta=eta), x0, keep,
                               kept_guidance)
     out = diffusion.run_chain(x, sampler=sampler, plan=plan, eta=eta, generator=generator, classes=classes,

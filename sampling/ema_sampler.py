@@ -18,7 +18,7 @@ from evaluation.figures import save_guidance_figure
 from runtime.graphs import sample_with_graphs
 from runtime.precision import autocast
 from sampling.captured_step import ChainStep, ChainSteps
-from sampling.editing import edit
+from sampling.editing import edit, pull_applies
 
 GUIDANCE_SCALES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)  # the columns of the guidance figure
 
@@ -103,7 +103,7 @@ class EMASampler:
         2 unless ``generator`` is given; ``progress`` as in ``sample``."""
         cfg = self.config
         w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
-        pulled = keep is not None and cfg.kept_guidance > 0 and cfg.resample > 1  # a backward pass: no graph
+        pulled = keep is not None and pull_applies(cfg.kept_guidance, cfg.resample)  # backward passes: no graph
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.chain_length, generator=generator or self.generator(2), classes=classes,
