@@ -107,7 +107,7 @@ class EMASampler:
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.chain_length, generator=generator or self.generator(2), classes=classes,
-                        guidance=w, kept_guidance=cfg.kept_guidance if pulled else 0.0,
+                        guidance=w, kept_guidance=cfg.kept_guidance,
                         step=None if pulled else self.chain_step(len(images), cfg.sampler, w),
                         progress=progress or self.chain_progress(len(images)))
 
