@@ -118,10 +118,10 @@ class Bench:
         return EMASampler(self.model.diffusion, checked(self.parser, self.config, **settings), device=self.model.device,
                           precision=self.model.precision, classes=self.model.classes)
 
-    def timed(self, fn, count: int) -> tuple[torch.Tensor, float]:
+    def timed(self, fn, count: int, seed: int = 0) -> tuple[torch.Tensor, float]:
         """``fn(start, stop, generator)`` over ``count`` images in batches of the commands' size, from one noise
         seed; the uint8 results and the seconds per image."""
-        generator = torch.Generator(self.model.device).manual_seed(0)
+        generator = torch.Generator(self.model.device).manual_seed(seed)
         start = time.perf_counter()
         out = torch.cat([fn(a, min(a + BATCH, count), generator).cpu() for a in range(0, count, BATCH)])
         return quantize_uint8(out), (time.perf_counter() - start) / count

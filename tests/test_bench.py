@@ -276,6 +276,16 @@ def shape_digits(root: Path, counts: dict[str, int], seed: int) -> Path:
     return root
 
 
+def test_a_fills_lead_over_retrieval_is_paired_over_the_images():
+    import bench_digits
+
+    right, retrieval = torch.tensor([1.0, 0.5, 0.0, 1.0]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    lead = bench_digits.lead_over(right, retrieval)  # differences 0, -50, 0, 100 points
+    assert lead["lead_over_retrieval_points"] == pytest.approx(12.5)
+    assert lead["lead_95_half_width"] == pytest.approx(1.96 * torch.tensor([0.0, -50, 0, 100]).std().item() / 2)
+    assert bench_digits.lead_over(retrieval, retrieval) == {"lead_over_retrieval_points": 0.0, "lead_95_half_width": 0.0}
+
+
 def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_samples(tmp_path):
     import bench_digits
     import main
@@ -290,7 +300,7 @@ def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_
     common = ["--data_path", str(data), "--cache_dir", str(cache), "--device", "cpu"]
     head, whole, *rows = bench_digits.complete(bench_digits.parse_args(
         ["complete", "--load_path", str(save / "model.pt"), *common, "--held_out", str(held), "--masks", "bottom",
-         "right", "--resample", "1", "2", "--kept_guidance", "0", "2", "--samplers", "ancestral:3"]))
+         "right", "--resample", "1", "2", "--kept_guidance", "0", "2", "--samplers", "ancestral:3", "--fills", "2"]))
     assert head["held_out"] == 8 and whole["named_right"] == 1.0
     assert [(row["mask"], row["method"]) for row in rows] == [(mask, method) for mask in ("bottom", "right") for method in (
         "mean fill", "retrieval", "replacement (ancestral, 3 steps)", "RePaint, 2 resamplings (ancestral, 3 steps)",
@@ -298,6 +308,13 @@ def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_
     retrieval = rows[1]  # the kept top half shows the stroke, so the nearest training image is of the same class
     assert retrieval["named_right"] == 1.0 and retrieval["per_class"] == {"a": 1.0, "b": 1.0}
     assert all(0.0 <= row["named_right"] <= 1.0 and row["s_per_image"] >= 0 for row in rows)
+    for mask in range(2):  # the model's rows: two fills of each of the 8 images, set against retrieval's
+        retrieval, models = rows[5 * mask + 1], rows[5 * mask + 2:5 * mask + 5]
+        for row in models:
+            assert (16 * row["named_right"]) == pytest.approx(round(16 * row["named_right"]))
+            assert row["lead_over_retrieval_points"] == pytest.approx(100 * (row["named_right"] - retrieval["named_right"]))
+            assert row["lead_95_half_width"] >= 0
+        assert "lead_over_retrieval_points" not in rows[5 * mask] and "lead_over_retrieval_points" not in retrieval
     floors = bench_digits.complete(bench_digits.parse_args(  # no model: the same floors, from the folders alone
         ["complete", *common, "--held_out", str(held), "--masks", "bottom", "right", "--image_size", "16"]))
     without_time = [{k: v for k, v in row.items() if k != "s_per_image"} for row in (head, whole, *rows)]
