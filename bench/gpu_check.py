@@ -5,6 +5,11 @@ time summary it prints. Ends with a markdown table and, with ``--json``, the fig
 
     python bench/gpu_check.py --data_path ./data/train --json bench/out/gpu_check.json
     python bench/gpu_check.py --data_path ./data/train --scale 0.1   # about 8 minutes on a lent GPU
+    python bench/gpu_check.py --data_path ./data/train --parts networks --json bench/out/networks.json
+
+The ``networks`` part (not run unless named) chooses a size's network by measurement, as docs/quality.md
+chose the 64-px one: each ``--networks`` candidate trains ``--network_steps`` steps at ``--network_size`` with
+the shipped defaults and FID at the end (1,000 samples), and the table gives its steps/s and FID.
 
 ``--scale`` multiplies the report commands' steps (10,000, and 1,000 with FID every 100) and the benchmark's
 timed steps, and samples at one batch size. On a machine without CUDA it runs what a CPU can (the benchmark's
@@ -25,6 +30,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CUDA_TESTS = ["tests/test_train_step.py", "tests/test_cuda_graph.py"]
+# The 128-px candidates: the network 128 px has now, one with its 16 x 16 and 8 x 8 levels twice as wide and
+# attention at 8 x 8 only (the 64-px network's pattern), and the 32-px network at 128 px.
+NETWORKS = ["1 1 2 2 4 8:4 5", "1 1 2 4 8 8:4", "1 2 4 8:3"]
 SUMMARY = re.compile(r"trained: (\d+) steps in ([\d.]+) s: training ([\d.]+) s, checkpoints and sample grids "
                      r"([\d.]+) s, FID ([\d.]+) s")
 
@@ -35,9 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_path", default="./data/train", help="folder holding cat/")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the full run's steps (0.1: about 8 "
                    "minutes on a GPU)")
-    p.add_argument("--parts", nargs="+", default=["tests", "bench", "commands"], choices=["tests", "bench", "commands"])
+    p.add_argument("--parts", nargs="+", default=["tests", "bench", "commands"],
+                   choices=["tests", "bench", "commands", "networks"])
+    p.add_argument("--networks", nargs="+", default=NETWORKS, metavar="MULTS:LEVELS",
+                   help="each candidate of the networks part: its --dim_mults and --attention_levels, e.g. '1 2 4 8:3'")
+    p.add_argument("--network_size", type=int, default=128, help="the networks part's --image_size")
+    p.add_argument("--network_steps", type=int, default=1000, help="the networks part's training steps")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for spec in args.networks:
+        mults, _, levels = spec.partition(":")
+        numbers = (mults + " " + levels).split()
+        if not (mults.split() and levels.split() and all(n.isdigit() for n in numbers)):
+            p.error(f"--networks takes 'DIM_MULTS:ATTENTION_LEVELS' with whole numbers, e.g. '1 2 4 8:3'; got {spec!r}")
+    return args
 
 
 def time_summary(output: str) -> dict | None:
@@ -115,6 +134,43 @@ def check_commands(args, cuda: bool, tmp: Path, log) -> list[dict]:
     return rows
 
 
+def network_commands(args) -> list[tuple[str, list[str]]]:
+    """(name, main.py flags) of each ``--networks`` candidate: trained ``--network_steps`` steps with FID at the end."""
+    commands = []
+    for spec in args.networks:
+        mults, _, levels = spec.partition(":")
+        flags = ["--image_size", str(args.network_size), "--train_steps", str(args.network_steps),
+                 "--save_and_sample_every", str(args.network_steps), "--fid", "--dim_mults", *mults.split(),
+                 "--attention_levels", *levels.split()]
+        commands.append((f"{' '.join(mults.split())}, attention {' '.join(levels.split())}", flags))
+    return commands
+
+
+def last_fid(metrics: Path) -> dict:
+    """The last FID and KID a run's ``metrics.jsonl`` records (empty when it scored none)."""
+    if not metrics.exists():
+        return {}
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    scored = [r for r in records if "fid" in r]
+    return {"fid": scored[-1]["fid"], "kid": scored[-1].get("kid")} if scored else {}
+
+
+def check_networks(args, tmp: Path, log) -> list[dict]:
+    rows = []
+    for i, (name, flags) in enumerate(network_commands(args)):
+        folder = tmp / f"network{i}"
+        command = [sys.executable, "main.py", "--data_path", args.data_path, "--save_folder", str(folder),
+                   "--wandb", "disabled", *flags]
+        result = run(command, log)
+        summary = time_summary(result.stdout)
+        row = {"name": name, "command": " ".join(["python", *command[1:]]), "exit": result.returncode,
+               "summary": summary, **last_fid(folder / "metrics.jsonl")}
+        rows.append(row)
+        speed = f"{summary['steps'] / summary['training_s']:.2f} steps/s" if summary and summary["training_s"] else "-"
+        log(f"  {name}: {speed}" + (f", FID {row['fid']:.2f}" if "fid" in row else ", no FID"))
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = [f"{results['device']}, torch {results['torch']}, {results['date']}, scale {results['scale']}", ""]
     tests = results.get("tests")
@@ -143,6 +199,15 @@ def markdown(results: dict) -> str:
             s = r["summary"] or {}
             lines.append(f"| {r['name']} | {r['exit']} | {s.get('training_s', '-')} | {s.get('periodic_s', '-')} | "
                          f"{s.get('fid_s', '-')} |")
+        lines.append("")
+    if results.get("networks"):
+        lines += ["| network (--dim_mults, attention levels) | exit | steps/s | FID | KID |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in results["networks"]:
+            s = r["summary"]
+            speed = f"{s['steps'] / s['training_s']:.2f}" if s and s["training_s"] else "-"
+            fid = f"{r['fid']:.2f} | {r['kid']:.4f}" if "fid" in r else "- | -"
+            lines.append(f"| {r['name']} | {r['exit']} | {speed} | {fid} |")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -165,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             results["bench"] = check_bench(args, cuda, Path(tmp), log)
         if "commands" in args.parts:
             results["commands"] = check_commands(args, cuda, Path(tmp), log)
+        if "networks" in args.parts:
+            results["networks"] = check_networks(args, Path(tmp), log)
     table = markdown(results)
     print("\n" + table, end="")
     if args.json:
@@ -173,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.with_suffix(".md").write_text(table)
         print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     failed = any(part.get("exit") for part in [results.get("tests") or {}, results.get("bench") or {},
-                                                *(results.get("commands") or [])])
+                                                *(results.get("commands") or []), *(results.get("networks") or [])])
     return 1 if failed else 0
 
 

@@ -117,6 +117,38 @@ def test_the_gpu_check_scales_the_report_commands_and_runs_graphs_only_on_cuda()
         parse(flags)  # every command is one main.py takes
 
 
+def test_the_gpu_checks_networks_part_trains_each_candidate_and_reads_its_last_fid(tmp_path):
+    import gpu_check
+    from settings.cli import parse
+
+    args = gpu_check.parse_args(["--parts", "networks", "--network_steps", "500"])
+    commands = gpu_check.network_commands(args)
+    assert [name for name, _ in commands] == ["1 1 2 2 4 8, attention 4 5", "1 1 2 4 8 8, attention 4",
+                                              "1 2 4 8, attention 3"]
+    configs = [parse(flags)[0] for _, flags in commands]  # every command is one main.py takes
+    assert [(c.dim_mults, c.attention_levels) for c in configs] == [
+        ((1, 1, 2, 2, 4, 8), (4, 5)), ((1, 1, 2, 4, 8, 8), (4,)), ((1, 2, 4, 8), (3,))]
+    assert all(c.image_size == 128 and c.train_steps == c.save_and_sample_every == 500 and c.fid for c in configs)
+    assert [flags for _, flags in gpu_check.network_commands(gpu_check.parse_args(["--networks", "1 2: 1"]))] == [
+        ["--image_size", "128", "--train_steps", "1000", "--save_and_sample_every", "1000", "--fid", "--dim_mults",
+         "1", "2", "--attention_levels", "1"]]
+    for bad in ("1 2 4 8", "1 two:3", ":3", "1 2:"):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(["--networks", bad])
+
+    metrics = tmp_path / "metrics.jsonl"
+    assert gpu_check.last_fid(metrics) == {}
+    metrics.write_text('{"step": 10, "loss": 0.5}\n{"step": 500, "fid": 90.5, "kid": 0.07}\n'
+                       '{"step": 510, "loss": 0.4}\n{"step": 1000, "fid": 70.25, "kid": 0.05}\n')
+    assert gpu_check.last_fid(metrics) == {"fid": 70.25, "kid": 0.05}
+    summary = {"steps": 1000, "total_s": 60.0, "training_s": 50.0, "periodic_s": 2.0, "fid_s": 8.0}
+    table = gpu_check.markdown({"device": "cpu", "torch": "2", "date": "d", "scale": 1.0, "networks": [
+        {"name": "1 2 4 8, attention 3", "exit": 0, "summary": summary, "fid": 70.25, "kid": 0.05},
+        {"name": "1 2, attention 1", "exit": 1, "summary": None}]})
+    assert "| 1 2 4 8, attention 3 | 0 | 20.00 | 70.25 | 0.0500 |" in table
+    assert "| 1 2, attention 1 | 1 | - | - | - |" in table
+
+
 def test_the_gpu_check_refuses_a_missing_data_folder(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--data_path", str(tmp_path)],
                             capture_output=True, text=True, cwd=ROOT)
