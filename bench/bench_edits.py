@@ -119,8 +119,8 @@ class Bench:
                           precision=self.model.precision, classes=self.model.classes)
 
     def timed(self, fn, count: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-        """``fn(start, stop, generator)`` over ``count`` images in batches of the commands' size, from one noise
-        seed; the uint8 results and the seconds per image."""
+        """``fn(start, stop, generator)`` over ``count`` images in batches of the commands' size, from the noise
+        seed ``seed``; the uint8 results and the seconds per image."""
         generator = torch.Generator(self.model.device).manual_seed(seed)
         start = time.perf_counter()
         out = torch.cat([fn(a, min(a + BATCH, count), generator).cpu() for a in range(0, count, BATCH)])

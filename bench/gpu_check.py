@@ -29,10 +29,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from settings.config import SIZE_NETWORKS  # noqa: E402
+
 CUDA_TESTS = ["tests/test_train_step.py", "tests/test_cuda_graph.py"]
+
+
+def network_spec(dim_mults, attention_levels) -> str:
+    """A network as ``--networks`` takes it: 'DIM_MULTS:ATTENTION_LEVELS'."""
+    return f"{' '.join(map(str, dim_mults))}:{' '.join(map(str, attention_levels))}"
+
+
 # The 128-px candidates: the network 128 px has now, one with its 16 x 16 and 8 x 8 levels twice as wide and
 # attention at 8 x 8 only (the 64-px network's pattern), and the 32-px network at 128 px.
-NETWORKS = ["1 1 2 2 4 8:4 5", "1 1 2 4 8 8:4", "1 2 4 8:3"]
+NETWORKS = [network_spec(*SIZE_NETWORKS[128]), "1 1 2 4 8 8:4", network_spec(*SIZE_NETWORKS[32])]
 SUMMARY = re.compile(r"trained: (\d+) steps in ([\d.]+) s: training ([\d.]+) s, checkpoints and sample grids "
                      r"([\d.]+) s, FID ([\d.]+) s")
 
@@ -69,6 +80,11 @@ def time_summary(output: str) -> dict | None:
             "periodic_s": float(periodic), "fid_s": float(fid)}
 
 
+def steps_per_s(summary: dict | None) -> float | None:
+    """Training steps per second of a time summary (None without one, or without training time)."""
+    return summary["steps"] / summary["training_s"] if summary and summary["training_s"] else None
+
+
 def pytest_counts(output: str) -> dict:
     """pytest's closing counts (passed, failed, skipped, ...) as numbers."""
     return {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
@@ -80,6 +96,15 @@ def run(command: list[str], log) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     log(f"  exit {result.returncode} after {time.perf_counter() - started:.0f} s")
     return result
+
+
+def run_main(args, folder: Path, flags: list[str], log) -> tuple[str, subprocess.CompletedProcess, dict | None]:
+    """``main.py`` on ``--data_path`` into ``folder`` with ``flags`` (wandb off): the command as a user types it, its
+    result and its time summary."""
+    command = [sys.executable, "main.py", "--data_path", args.data_path, "--save_folder", str(folder),
+               "--wandb", "disabled", *flags]
+    result = run(command, log)
+    return " ".join(["python", *command[1:]]), result, time_summary(result.stdout)
 
 
 def check_tests(cuda: bool, log) -> dict:
@@ -120,13 +145,10 @@ def report_commands(args, cuda: bool) -> list[tuple[str, list[str]]]:
 def check_commands(args, cuda: bool, tmp: Path, log) -> list[dict]:
     rows = []
     for i, (name, flags) in enumerate(report_commands(args, cuda)):
-        command = [sys.executable, "main.py", "--data_path", args.data_path, "--save_folder", str(tmp / f"run{i}"),
-                   "--wandb", "disabled", *flags]
-        result = run(command, log)
-        summary = time_summary(result.stdout)
+        command, result, summary = run_main(args, tmp / f"run{i}", flags, log)
         warnings = [line for line in result.stderr.splitlines() if line.startswith(("warning:", "error:"))]
-        rows.append({"name": name, "command": " ".join(["python", *command[1:]]), "exit": result.returncode,
-                     "summary": summary, "notes": warnings[:3]})
+        rows.append({"name": name, "command": command, "exit": result.returncode, "summary": summary,
+                     "notes": warnings[:3]})
         log(f"  {name}: " + (f"training {summary['training_s']:.1f} s, periodic {summary['periodic_s']:.1f} s, "
                              f"FID {summary['fid_s']:.1f} s" if summary else "no time summary"))
     if not cuda:
@@ -159,15 +181,13 @@ def check_networks(args, tmp: Path, log) -> list[dict]:
     rows = []
     for i, (name, flags) in enumerate(network_commands(args)):
         folder = tmp / f"network{i}"
-        command = [sys.executable, "main.py", "--data_path", args.data_path, "--save_folder", str(folder),
-                   "--wandb", "disabled", *flags]
-        result = run(command, log)
-        summary = time_summary(result.stdout)
-        row = {"name": name, "command": " ".join(["python", *command[1:]]), "exit": result.returncode,
-               "summary": summary, **last_fid(folder / "metrics.jsonl")}
+        command, result, summary = run_main(args, folder, flags, log)
+        speed = steps_per_s(summary)
+        row = {"name": name, "command": command, "exit": result.returncode, "summary": summary,
+               "steps_per_s": speed, **last_fid(folder / "metrics.jsonl")}
         rows.append(row)
-        speed = f"{summary['steps'] / summary['training_s']:.2f} steps/s" if summary and summary["training_s"] else "-"
-        log(f"  {name}: {speed}" + (f", FID {row['fid']:.2f}" if "fid" in row else ", no FID"))
+        log(f"  {name}: " + ("-" if speed is None else f"{speed:.2f} steps/s")
+            + (f", FID {row['fid']:.2f}" if "fid" in row else ", no FID"))
     return rows
 
 
@@ -204,8 +224,7 @@ def markdown(results: dict) -> str:
         lines += ["| network (--dim_mults, attention levels) | exit | steps/s | FID | KID |",
                   "| --- | --- | --- | --- | --- |"]
         for r in results["networks"]:
-            s = r["summary"]
-            speed = f"{s['steps'] / s['training_s']:.2f}" if s and s["training_s"] else "-"
+            speed = "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.2f}"
             fid = f"{r['fid']:.2f} | {r['kid']:.4f}" if "fid" in r else "- | -"
             lines.append(f"| {r['name']} | {r['exit']} | {speed} | {fid} |")
     return "\n".join(lines).rstrip() + "\n"

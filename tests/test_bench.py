@@ -142,9 +142,11 @@ def test_the_gpu_checks_networks_part_trains_each_candidate_and_reads_its_last_f
                        '{"step": 510, "loss": 0.4}\n{"step": 1000, "fid": 70.25, "kid": 0.05}\n')
     assert gpu_check.last_fid(metrics) == {"fid": 70.25, "kid": 0.05}
     summary = {"steps": 1000, "total_s": 60.0, "training_s": 50.0, "periodic_s": 2.0, "fid_s": 8.0}
+    assert gpu_check.steps_per_s(summary) == 20.0
+    assert gpu_check.steps_per_s(None) is None and gpu_check.steps_per_s({**summary, "training_s": 0.0}) is None
     table = gpu_check.markdown({"device": "cpu", "torch": "2", "date": "d", "scale": 1.0, "networks": [
-        {"name": "1 2 4 8, attention 3", "exit": 0, "summary": summary, "fid": 70.25, "kid": 0.05},
-        {"name": "1 2, attention 1", "exit": 1, "summary": None}]})
+        {"name": "1 2 4 8, attention 3", "exit": 0, "steps_per_s": 20.0, "fid": 70.25, "kid": 0.05},
+        {"name": "1 2, attention 1", "exit": 1, "steps_per_s": None}]})
     assert "| 1 2 4 8, attention 3 | 0 | 20.00 | 70.25 | 0.0500 |" in table
     assert "| 1 2, attention 1 | 1 | - | - | - |" in table
 
