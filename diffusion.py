@@ -15,6 +15,7 @@ This module imports torch and the samplers only: no settings, files, downloads o
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -68,6 +69,13 @@ def coefficients(timesteps: int) -> dict[str, torch.Tensor]:
     }
 
 
+def kept_input(x0: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """What a mask-conditional network is given of an image to inpaint: ``x0`` ([B, C, H, W] in [-1, 1]) with the
+    hole zeroed, and ``keep`` ([B, 1, H, W], 1 where kept); [B, C + 1, H, W]."""
+    keep = keep.to(x0.dtype)
+    return torch.cat([x0 * keep, keep], dim=1)
+
+
 class Diffusion(nn.Module):
     """Wraps a noise-prediction network ``model(x_t, t) -> eps`` with the forward and reverse processes.
 
@@ -89,6 +97,10 @@ class Diffusion(nn.Module):
         eps = (1 + w) eps(x_t, c) - w eps(x_t, none),
 
     w = 0 being the plain conditional model; both predictions come from one pass over a doubled batch.
+
+    A ``model`` whose ``mask_conditional`` attribute is true also takes the kept pixels of an image to inpaint
+    (``kept_input``; zeros: nothing kept). ``seeing(x0, keep)`` is the model given them for every prediction;
+    training gives each image a random hole (``training.masks``), so one network both samples and inpaints.
     """
 
     def __init__(self, model: nn.Module, *, image_size: int, channels: int = 3, timesteps: int = 1000,
@@ -105,6 +117,8 @@ class Diffusion(nn.Module):
         self.model = model
         self.self_condition = bool(getattr(model, "self_condition", False))
         self.num_classes = int(getattr(model, "num_classes", 0))
+        self.mask_conditional = bool(getattr(model, "mask_conditional", False))
+        self.kept: torch.Tensor | None = None  # what a mask-conditional model sees of the image (``seeing``)
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
         self.class_dropout = class_dropout
@@ -132,23 +146,38 @@ class Diffusion(nn.Module):
         batch twice (the conditional half, then the "no class" half).
         """
         if not guidance:
-            return self._network(x_t, t, x_self_cond, y)
+            return self._network(x_t, t, x_self_cond, y, self.kept)
         if guidance < 0:
             raise ValueError(f"the guidance scale must be non-negative, got {guidance}")
         if y is None or not self.num_classes:
             raise ValueError("classifier-free guidance needs a class-conditional model and class labels")
         twice = (lambda v: None if v is None else torch.cat([v, v]))
-        eps = self._network(twice(x_t), twice(t), twice(x_self_cond), torch.cat([y, torch.full_like(y, self.null_class)]))
+        eps = self._network(twice(x_t), twice(t), twice(x_self_cond), torch.cat([y, torch.full_like(y, self.null_class)]),
+                            twice(self.kept))
         conditional, unconditional = eps.chunk(2)
         return conditional + guidance * (conditional - unconditional)
 
-    def _network(self, x_t, t, x_self_cond, y) -> torch.Tensor:
+    def _network(self, x_t, t, x_self_cond, y, kept) -> torch.Tensor:
         args = (x_t, t, x_self_cond) if self.self_condition else (x_t, t)
+        extra = {"kept": kept} if self.mask_conditional else {}
         if self.num_classes:
-            return self.model(*args, y=y)
+            return self.model(*args, y=y, **extra)
         if y is not None:
             raise ValueError("class labels were given to a model that is not class-conditional")
-        return self.model(*args)
+        return self.model(*args, **extra)
+
+    def seeing(self, x0: torch.Tensor, keep: torch.Tensor) -> Diffusion:
+        """This mask-conditional model given the pixels of ``x0`` ([B, C, H, W] in [-1, 1]) where ``keep`` ([B, 1 or
+        C, H, W]) is 1, for every prediction over those B images: a shallow copy that shares the network and the
+        schedule, made for one chain or one training batch."""
+        if not self.mask_conditional:
+            raise ValueError("only a mask-conditional model can be given kept pixels (train with --mask_conditional)")
+        return self._given(kept_input(x0, keep[:, :1]))
+
+    def _given(self, kept: torch.Tensor | None) -> Diffusion:
+        view = copy.copy(self)
+        view.kept = kept
+        return view
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """Training labels with each replaced by "no class" with probability ``class_dropout`` (one uniform draw
@@ -168,32 +197,35 @@ class Diffusion(nn.Module):
 
     def p_loss(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, *,
                loss_type: str | None = None, conditioned: int | None = None,
-               y: torch.Tensor | None = None) -> torch.Tensor:
+               y: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The loss between the true noise and eps_theta(x_t, t), Algorithm 1 line 6 (L1 by default); a scalar.
 
         ``conditioned``: how many leading images a self-conditioned network gets its own x_0 estimate for
         (``self_condition_estimate``; by default half the batch). ``y``: the class labels of a class-conditional
-        model, as the network is to see them (label dropout already applied)."""
+        model, as the network is to see them (label dropout already applied). ``keep``: the pixels a
+        mask-conditional model is given of each image ([B, 1, H, W], 1 where kept; None: none)."""
         loss_type = loss_type or self.loss_type
         if noise is None:
             noise = torch.randn_like(x_start)
+        model = self if keep is None else self.seeing(x_start, keep)
         x_t = self.q_sample(x_start, t, noise)
-        x_self_cond = self.self_condition_estimate(x_t, t, conditioned, y) if self.self_condition else None
+        x_self_cond = model.self_condition_estimate(x_t, t, conditioned, y) if self.self_condition else None
         if loss_type not in LOSSES:
             raise ValueError(f"loss_type must be one of {tuple(LOSSES)}, got {loss_type!r}")
-        return LOSSES[loss_type](self.predict_noise(x_t, t, x_self_cond, y), noise)
+        return LOSSES[loss_type](model.predict_noise(x_t, t, x_self_cond, y), noise)
 
     def forward(self, x_start: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                conditioned: int | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+                conditioned: int | None = None, y: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """Algorithm 1 for a batch x_0 in [-1, 1]: t ~ Uniform({0 ... T-1}) and eps ~ N(0, I) (drawn in that
-        order unless given); returns the loss. ``conditioned`` and ``y`` as in ``p_loss``."""
+        order unless given); returns the loss. ``conditioned``, ``y`` and ``keep`` as in ``p_loss``."""
         b, c, h, w = x_start.shape
         if (c, h, w) != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape [B, {self.channels}, {self.image_size}, {self.image_size}], "
                              f"got {list(x_start.shape)}")
         if t is None:
             t = self.sample_timesteps(b, x_start.device)
-        return self.p_loss(x_start, t, noise, conditioned=conditioned, y=y)
+        return self.p_loss(x_start, t, noise, conditioned=conditioned, y=y, keep=keep)
 
     def self_condition_estimate(self, x_t: torch.Tensor, t: torch.Tensor, conditioned: int | None = None,
                                 y: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,7 +244,8 @@ class Diffusion(nn.Module):
             with torch.no_grad():
                 x_h = x_t[:half]
                 y_h = None if y is None else y[:half]
-                estimate[:half] = self.predict_start(x_h, t[:half], torch.zeros_like(x_h), y_h).to(estimate.dtype)
+                part = self if self.kept is None else self._given(self.kept[:half])
+                estimate[:half] = part.predict_start(x_h, t[:half], torch.zeros_like(x_h), y_h).to(estimate.dtype)
         return estimate
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:

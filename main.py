@@ -114,6 +114,9 @@ def adopt_checkpoint_settings(config: Config, named: set[str], parser):
     adopted = {k: v for k, v in saved.items() if k not in named and comparable(getattr(config, k)) != v}
     config = checked(parser, config, **adopted)
     ckpt_io.check_architecture(ckpt["config"], config, config.load_path)  # before any data is read
+    if ckpt_io.grows_mask_conditioning(ckpt["config"], config) and Path(config.save_folder).resolve() == folder.resolve():
+        raise UserError(f"--mask_conditional True grows {config.load_path} into a new model; name a --save_folder "
+                        f"other than {folder}, so that the model there stays as it is")
     return config, adopted, run
 
 

@@ -238,14 +238,18 @@ class Trainer:
         """Load weights (and, with ``resume``, optimizer, scaler, step, RNG, data position and history)."""
         ckpt = ckpt_io.load_checkpoint(path, map_location=self.device)
         ckpt_io.check_architecture(ckpt["config"], self.config, path)
-        ckpt_io.load_state_strict(self.diffusion.model, ckpt["model"], "model", path)
-        ckpt_io.load_state_strict(self.ema.model, ckpt.get("ema", ckpt["model"]), "EMA model", path)
+        grows = ckpt_io.grows_mask_conditioning(ckpt["config"], self.config)
+        for module, state, what in ((self.diffusion.model, ckpt["model"], "model"),
+                                    (self.ema.model, ckpt.get("ema", ckpt["model"]), "EMA model")):
+            ckpt_io.load_state_strict(module, ckpt_io.add_kept_channels(state, module) if grows else state, what, path)
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
         self.best_fid = float(ckpt.get("best_fid", math.inf))
         self.examples = ckpt.get("examples")
         if resume:
             self.stepper.load_state_dict(ckpt)
+            if grows:  # the widened input convolution's moments start afresh (Adam's own first steps)
+                self.stepper.forget_moments(self.diffusion.model.input_conv.weight)
             if ckpt.get("rng"):
                 ckpt_io.set_rng_state(ckpt["rng"])
             if ckpt.get("data") and hasattr(self.batches, "load_state_dict"):

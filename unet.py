@@ -19,6 +19,11 @@ With ``self_condition`` the network also takes an estimate of x_0 (the sampler's
 previous step, or zeros), concatenated to x_t as extra input channels: the self-conditioning of Chen et al.
 (2023, "Analog Bits"); ``Diffusion`` supplies the estimate in training and sampling.
 
+With ``mask_conditional`` the network also sees the pixels an inpainting keeps: the image with its hole zeroed and
+the keep mask (1 where kept), ``channels + 1`` more input channels after the others (all zeros: nothing kept, a
+plain sample). Trained on random holes, it fills a hole from what is kept in one plain reverse chain, as the
+inpainting models of Saharia et al. (2022, "Palette") and Rombach et al. (2022) do.
+
 Timesteps are 0-indexed integers (0 ... T-1) or floats on the same scale; the network does not know T.
 """
 from __future__ import annotations
@@ -125,12 +130,14 @@ class Unet(nn.Module):
         image_size: if given, checked at construction (see ``check_image_size``).
         num_classes: K > 0 makes the network class-conditional, ``forward(x, t, x_self_cond, y)`` with labels
             ``y`` in 0 ... K (K = ``null_class``, "no class").
+        mask_conditional: take the kept pixels as a further input, ``forward(..., kept=...)``; only the input
+            convolution changes (``channels + 1`` more input channels, see ``diffusion.kept_input``).
     """
 
     def __init__(self, dim: int, dim_mults: tuple[int, ...] = (1, 2, 4, 8), channels: int = 3, *,
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] | None = None,
                  dropout: float = 0.0, groups: int = 8, attn_head_dim: int = 32, self_condition: bool = False,
-                 image_size: int | None = None, num_classes: int = 0):
+                 image_size: int | None = None, num_classes: int = 0, mask_conditional: bool = False):
         super().__init__()
         dim_mults = tuple(dim_mults)
         _check_sizes(dim, dim_mults, channels, num_res_blocks, groups, dropout)
@@ -143,6 +150,7 @@ class Unet(nn.Module):
         self.dim, self.dim_mults, self.channels = dim, dim_mults, channels
         self.num_res_blocks = num_res_blocks
         self.self_condition = bool(self_condition)
+        self.mask_conditional = bool(mask_conditional)
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"U-Net num_classes must be a non-negative integer, got {num_classes!r}")
         self.num_classes = num_classes
@@ -160,7 +168,7 @@ class Unet(nn.Module):
             self.class_embed = nn.Embedding(num_classes + 1, time_dim)
         block = dict(time_dim=time_dim, groups=groups, dropout=dropout)
         attention = dict(groups=groups, head_dim=attn_head_dim)
-        self.input_conv = nn.Conv2d(channels * (2 if self.self_condition else 1), dim, 3, padding=1)
+        self.input_conv = nn.Conv2d(self.input_channels, dim, 3, padding=1)
 
         # Down path: every module's output is pushed as a skip connection.
         self.down = nn.ModuleList()
@@ -209,18 +217,25 @@ class Unet(nn.Module):
                 f"{self.downsample_factor} such as {max(1, round(image_size / self.downsample_factor)) * self.downsample_factor}")
 
     @property
+    def input_channels(self) -> int:
+        """Channels of the input convolution: x_t, the x_0 estimate (self-conditioning), the kept pixels and their
+        mask (mask conditioning)."""
+        return self.channels * (2 if self.self_condition else 1) + (self.channels + 1 if self.mask_conditional else 0)
+
+    @property
     def null_class(self) -> int:
         """The label that means "no class" (K); only a class-conditional network has one."""
         return self.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise in ``x`` ([B, C, H, W]) at timesteps ``t`` ([B], 0-indexed); returns [B, C, H, W].
 
         ``x_self_cond`` ([B, C, H, W], in [-1, 1]) is the x_0 estimate of a self-conditioned network (None: zeros,
         i.e. no estimate); a network built without ``self_condition`` does not accept one. ``y`` ([B] integer) are
         the class labels of a class-conditional network (None: "no class" for every image); a network built
-        without ``num_classes`` does not accept them.
+        without ``num_classes`` does not accept them. ``kept`` ([B, C + 1, H, W], ``diffusion.kept_input``) is what a
+        mask-conditional network is given of the image (None: nothing, zeros).
         """
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             self.check_image_size(x.shape[-1] if x.shape[-1] % self.downsample_factor else x.shape[-2])
@@ -228,6 +243,11 @@ class Unet(nn.Module):
             x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond.to(x.dtype)], dim=1)
         elif x_self_cond is not None:
             raise ValueError("this U-Net was built without self_condition, so it takes no x_0 estimate")
+        if self.mask_conditional:
+            kept = x.new_zeros(x.shape[0], self.channels + 1, *x.shape[2:]) if kept is None else kept.to(x.dtype)
+            x = torch.cat([x, kept], dim=1)
+        elif kept is not None:
+            raise ValueError("this U-Net was built without mask_conditional, so it takes no kept pixels")
         emb = self.time_embed(t)  # [B, 4 * dim]
         if self.num_classes:
             if y is None:

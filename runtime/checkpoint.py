@@ -113,13 +113,34 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 def check_architecture(saved: dict, config: Config, path: str | os.PathLike) -> None:
     """Raise UserError naming every network setting in which the checkpoint's recorded config differs from
     ``config`` (the tensors themselves are compared by ``load_state_strict``)."""
-    saved = recorded(saved, training=False)
+    saved = {"mask_conditional": False, **recorded(saved, training=False)}  # earlier checkpoints have none
     differ = [k for k in names("network") if k in saved and saved[k] != comparable(getattr(config, k))]
+    if differ == ["mask_conditional"] and config.trains and config.mask_conditional:
+        return  # training goes on from a model without mask conditioning (``add_kept_channels``)
     if differ:
         diffs = "; ".join(f"{k}={show(saved[k])} in the checkpoint but {show(getattr(config, k))} here" for k in differ)
         flags = " ".join(f"--{k} {show(saved[k])}" for k in differ)
         raise UserError(f"checkpoint {path} has a different architecture: {diffs}; rerun with {flags} or load "
                         f"another checkpoint")
+
+
+def grows_mask_conditioning(saved: dict, config: Config) -> bool:
+    """Whether training goes on with ``--mask_conditional`` from a checkpoint (its recorded config ``saved``) of a
+    model without it."""
+    return bool(config.mask_conditional and config.trains and not saved.get("mask_conditional", False))
+
+
+def add_kept_channels(state: dict, module: torch.nn.Module) -> dict:
+    """A state dict of a U-Net without mask conditioning made to fit ``module``, the same U-Net with it: the input
+    convolution's new channels (the kept pixels and their mask) start at zero, so the network predicts what the
+    checkpoint's did until training moves them."""
+    key = "input_conv.weight"
+    own, old = module.state_dict()[key], state[key]
+    if own.shape[0] != old.shape[0] or own.shape[1] < old.shape[1] or own.shape[2:] != old.shape[2:]:
+        return state  # not a narrower copy of this input convolution: load_state_strict names the mismatch
+    widened = own.new_zeros(own.shape)
+    widened[:, :old.shape[1]] = old
+    return {**state, key: widened}
 
 
 def load_state_strict(module: torch.nn.Module, state: dict, what: str, path: str | os.PathLike) -> None:

@@ -66,7 +66,8 @@ def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | Non
     """Inpaint (``keep`` given) or redraw at ``strength`` the ``images`` ([B, C, S, S] in [0, 1]); returns images
     in [0, 1]. ``sampler``, ``steps``, ``eta``, ``classes``, ``guidance``, ``step`` and ``progress`` as in
     ``Diffusion.run_chain``; ``kept_guidance`` as above (inpainting with ``resample`` > 1 only; ``step`` must
-    then be eager, not a captured graph)."""
+    then be eager, not a captured graph). A mask-conditional model inpaints seeing the kept pixels at every step
+    (``Diffusion.seeing``), with its own steps in place of ``step``."""
     if resample < 1:
         raise ValueError(f"resample must be at least 1, got {resample}")
     if kept_guidance < 0:
@@ -90,6 +91,8 @@ def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | Non
                                                       torch.randn(x.shape, device=x.device, generator=generator))
         return keep * known + (1 - keep) * x
 
+    if keep is not None and diffusion.mask_conditional:  # its steps see the kept pixels: its own, eager ones
+        diffusion, step = diffusion.seeing(x0, keep), None
     if keep is not None and pull_applies(kept_guidance, resample):
         step = pulled_to_kept(step or diffusion.sampler_step(sampler, guidance=guidance, eta=eta), x0, keep,
                               kept_guidance)

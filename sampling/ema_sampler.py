@@ -103,12 +103,13 @@ class EMASampler:
         2 unless ``generator`` is given; ``progress`` as in ``sample``."""
         cfg = self.config
         w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
-        pulled = keep is not None and pull_applies(cfg.kept_guidance, cfg.resample)  # backward passes: no graph
+        # backward passes, or steps that see the kept pixels: no captured graph
+        eager = keep is not None and (pull_applies(cfg.kept_guidance, cfg.resample) or self.ema.mask_conditional)
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.chain_length, generator=generator or self.generator(2), classes=classes,
                         guidance=w, kept_guidance=cfg.kept_guidance,
-                        step=None if pulled else self.chain_step(len(images), cfg.sampler, w),
+                        step=None if eager else self.chain_step(len(images), cfg.sampler, w),
                         progress=progress or self.chain_progress(len(images)))
 
     def fid_sample_fn(self):

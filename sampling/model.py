@@ -28,7 +28,8 @@ def build_diffusion(config, classes: tuple[str, ...] = ()) -> Diffusion:
     try:
         net = Unet(config.unet_dim, config.dim_mults, channels=config.channels, num_res_blocks=config.num_res_blocks,
                    attention_levels=config.attention_levels, dropout=config.dropout,
-                   self_condition=config.self_condition, image_size=config.image_size, num_classes=len(classes))
+                   self_condition=config.self_condition, image_size=config.image_size, num_classes=len(classes),
+                   mask_conditional=config.mask_conditional)
         return Diffusion(net, image_size=config.image_size, channels=config.channels, timesteps=config.time_steps,
                          loss_type=config.loss, class_dropout=config.class_dropout if classes else 0.0)
     except ValueError as e:

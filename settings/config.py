@@ -274,6 +274,10 @@ class Config:
     strength: float = setting(0.5, "how much of the chain --img2img runs: 0 returns the image, 1 draws a new one",
                               group=EDITING, kind=FRACTION)
     edits: int = setting(4, "results per input image of --inpaint and --img2img", group=EDITING, kind=POSITIVE_INT)
+    mask_conditional: bool = setting(False, "train a model that also sees the pixels an inpainting keeps, on random "
+                                     "holes, so that --inpaint fills from them in one plain chain (it samples from "
+                                     "noise too); with --load_path of a model without it, the training goes on from "
+                                     "that model", group=EDITING, role="network", kind=BOOL)
 
     # the page
     serve: bool = setting(False, f"with --load_path: serve a page to sample, inpaint and redraw with the model, until "

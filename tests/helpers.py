@@ -103,12 +103,12 @@ def colour_set(per_class: int = 32, size: int = 16) -> tuple[torch.Tensor, torch
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), labels
 
 
-def train_colours(folder: Path, *, conditional: bool, size: int = 16, steps: int = 200):
+def train_colours(folder: Path, *, conditional: bool, size: int = 16, steps: int = 200, **settings):
     """The EMA sampler of a tiny model trained ``steps`` steps on ``colour_set`` (its classes red, green and blue
-    when ``conditional``)."""
+    when ``conditional``); ``settings`` as in ``train_tiny``."""
     images, labels = colour_set(size=size)
     return train_tiny(folder, images, labels if conditional else None, ("red", "green", "blue") if conditional else (),
-                      steps=steps)
+                      steps=steps, **settings)
 
 
 def bar_set(count: int = 96, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +134,10 @@ def bar_kind(images: torch.Tensor) -> torch.Tensor:
 
 
 def train_tiny(folder: Path, images: torch.Tensor, labels: torch.Tensor | None, classes: tuple[str, ...], *,
-               steps: int = 200):
+               steps: int = 200, **settings):
     """The EMA sampler of a tiny model (16 px, ``--unet_dim 8``, T = 20) trained ``steps`` steps through the
-    package's Trainer on ``images`` (uint8), class-conditional on ``labels`` when ``classes`` are given."""
+    package's Trainer on ``images`` (uint8), class-conditional on ``labels`` when ``classes`` are given; ``settings``
+    change the run's ``Config``."""
     from imagedata.batches import DeviceBatches
     from sampling.model import build_diffusion
     from settings.config import Config
@@ -146,7 +147,7 @@ def train_tiny(folder: Path, images: torch.Tensor, labels: torch.Tensor | None, 
     config = Config(image_size=images.shape[-1], time_steps=20, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1,
                     grad_accum=1, batch_size=16, train_steps=steps, learning_rate=5e-3, save_and_sample_every=10**6,
                     log_every=10**6, self_condition=False, precision="fp32", save_folder=str(folder),
-                    class_conditional=bool(classes))
+                    class_conditional=bool(classes), **settings)
     torch.manual_seed(0)
     batches = DeviceBatches(images, 16, device="cpu", labels=labels if classes else None)
     trainer = Trainer(build_diffusion(config, classes), batches, config=config, device="cpu",

@@ -203,7 +203,7 @@ def test_labels_go_through_the_pass_as_the_images_do(grad_accum):
     images = [torch.rand(4, 3, 16, 16) for _ in range(grad_accum)]
     labels = [torch.tensor([0, 1, 2, 0]) + i for i in range(grad_accum)]
     torch.manual_seed(3)
-    x, t, noise, conditioned, y = draw_inputs(d, [Batch(*pair) for pair in zip(images, labels)])
+    x, t, noise, conditioned, y, keep = draw_inputs(d, [Batch(*pair) for pair in zip(images, labels)])
     torch.manual_seed(3)
     separate = [draw_inputs(d, [Batch(images[i], labels[i])]) for i in range(grad_accum)]
     order = [(i, j) for j in (slice(0, 2), slice(2, 4)) for i in range(grad_accum)]

@@ -28,6 +28,7 @@ from runtime.memory import activation_bytes_per_image, free_bytes
 from runtime.precision import autocast
 from training import build
 from training.ema import update_ema
+from training.masks import random_keep
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as CUDA graphs need
 
@@ -67,24 +68,28 @@ def grad_scaler(device: torch.device, *, enabled: bool):
 
 def draw_inputs(diffusion: Diffusion, batches: list[Batch]) -> tuple:
     """``Diffusion.forward``'s arguments for one pass over ``batches``: x_0, t, noise, the count of
-    self-conditioned images, and the labels (None without). Timesteps and noise are drawn batch by batch (as
-    separate passes draw them), then the labels' dropout; the half of every batch that self-conditioning takes
-    (its first B // 2 images) is placed first."""
-    labelled = batches[0].labels is not None
-    images, ts, noises, labels = [batch.images for batch in batches], [], [], []
+    self-conditioned images, the labels (None without) and a mask-conditional model's keep masks (None without).
+    Timesteps, noise and masks are drawn batch by batch (as separate passes draw them), then the labels' dropout;
+    the half of every batch that self-conditioning takes (its first B // 2 images) is placed first."""
+    labelled, masked = batches[0].labels is not None, diffusion.mask_conditional
+    images, ts, noises, labels, keeps = [batch.images for batch in batches], [], [], [], []
     for batch in batches:
         ts.append(diffusion.sample_timesteps(batch.images.shape[0], batch.images.device))
         noises.append(torch.randn_like(batch.images))
+        if masked:
+            keeps.append(random_keep(batch.images.shape[0], batch.images.shape[-1], device=batch.images.device))
         if labelled:
             labels.append(diffusion.drop_labels(batch.labels))
     halves = [len(x) // 2 for x in images]
     if len(batches) == 1:
-        return images[0], ts[0], noises[0], halves[0], labels[0] if labelled else None
+        return (images[0], ts[0], noises[0], halves[0], labels[0] if labelled else None,
+                keeps[0] if masked else None)
 
     def halves_first(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([p[:h] for p, h in zip(parts, halves)] + [p[h:] for p, h in zip(parts, halves)])
 
-    return (*map(halves_first, (images, ts, noises)), sum(halves), halves_first(labels) if labelled else None)
+    return (*map(halves_first, (images, ts, noises)), sum(halves), halves_first(labels) if labelled else None,
+            halves_first(keeps) if masked else None)
 
 
 class TrainStep:
@@ -201,6 +206,13 @@ class TrainStep:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def forget_moments(self, parameter: torch.nn.Parameter) -> None:
+        """Drop AdamW's state of one parameter (its moments and step count), which then starts as at a first step:
+        for a parameter whose shape changed since the state was saved."""
+        if self.captured.graph is not None:
+            raise RuntimeError("the optimizer cannot change after the step was captured: load checkpoints first")
+        self.optimizer.state.pop(parameter, None)
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("optimizer"):
