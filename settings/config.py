@@ -275,9 +275,10 @@ class Config:
                               group=EDITING, kind=FRACTION)
     edits: int = setting(4, "results per input image of --inpaint and --img2img", group=EDITING, kind=POSITIVE_INT)
     mask_conditional: bool = setting(False, "train a model that also sees the pixels an inpainting keeps, on random "
-                                     "holes, so that --inpaint fills from them in one plain chain (it samples from "
-                                     "noise too); with --load_path of a model without it, the training goes on from "
-                                     "that model", group=EDITING, role="network", kind=BOOL)
+                                     "holes, so that --inpaint fills from them even in one plain chain (--resample "
+                                     "1); it samples from noise too. With --load_path of a model without it (and "
+                                     "another --save_folder), training grows that model into one",
+                                     group=EDITING, role="network", kind=BOOL)
 
     # the page
     serve: bool = setting(False, f"with --load_path: serve a page to sample, inpaint and redraw with the model, until "
