@@ -113,10 +113,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 def check_architecture(saved: dict, config: Config, path: str | os.PathLike) -> None:
     """Raise UserError naming every network setting in which the checkpoint's recorded config differs from
     ``config`` (the tensors themselves are compared by ``load_state_strict``)."""
+    grows = grows_mask_conditioning(saved, config)  # training grows a model without it: ``add_kept_channels``
     saved = {"mask_conditional": False, **recorded(saved, training=False)}  # earlier checkpoints have none
-    differ = [k for k in names("network") if k in saved and saved[k] != comparable(getattr(config, k))]
-    if differ == ["mask_conditional"] and config.trains and config.mask_conditional:
-        return  # training goes on from a model without mask conditioning (``add_kept_channels``)
+    differ = [k for k in names("network") if k in saved and saved[k] != comparable(getattr(config, k))
+              and not (k == "mask_conditional" and grows)]
     if differ:
         diffs = "; ".join(f"{k}={show(saved[k])} in the checkpoint but {show(getattr(config, k))} here" for k in differ)
         flags = " ".join(f"--{k} {show(saved[k])}" for k in differ)
