@@ -122,7 +122,8 @@ def complete(args) -> list[dict]:
         retrieved = scored(name, "retrieval", filled, (time.perf_counter() - start) / len(inputs))
         for method, sampler in inpainting_samplers(bench, args) if bench else ():
             fills = [bench.timed(lambda a, b, g: sampler.edit(inputs[a:b], keep=1 - mask, generator=g),
-                                 len(inputs), seed=seed) for seed in range(args.fills)]
+                                 len(inputs), seed=seed, per_image=sampler.config.candidates)
+                     for seed in range(args.fills)]
             scored(name, method, torch.cat([edited for edited, _ in fills]).float() / 255,
                    sum(seconds for _, seconds in fills) / len(fills), reference=retrieved)
     return rows
@@ -181,6 +182,8 @@ def parse_args(argv=None):
                            help="each --kept_guidance the inpainting rows run (0: replacement and RePaint alone)")
             p.add_argument("--samplers", nargs="+", default=["ancestral:10"],
                            help="NAME[:STEPS] of each sampler the inpainting rows run (bench_samplers' rows)")
+            p.add_argument("--candidates", type=int, nargs="+", default=[1],
+                           help="each --candidates the inpainting rows run (fills drawn per image, the consensus kept)")
             p.add_argument("--fills", type=int, default=1, help="fills of each held-out image in every inpainting "
                            "row, from noise seeds 0, 1, ...; its share is over all of them")
         else:

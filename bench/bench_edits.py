@@ -6,7 +6,7 @@ replacement and a mean fill), image-to-image at each strength, and class transla
     python main.py --data_path ./data/cats-train --train_steps 2000 --save_folder runs/held-out
     python bench/bench_edits.py inpaint --load_path runs/held-out/model.pt --data_path ./data/cats-train \
         --held_out ./data/cats-held-out --masks centre bottom --resample 1 2 5 --kept_guidance 0 10 \
-        --samplers ancestral:10 ddpm
+        --candidates 1 8 --samplers ancestral:10 ddpm
     python bench/bench_edits.py img2img --load_path runs/held-out/model.pt --data_path ./data/cats-train \
         --held_out ./data/cats-held-out --strengths 0 0.25 0.5 0.75 1
     python bench/bench_edits.py translate --load_path runs/digits/model.pt --data_path ./data/digits-train \
@@ -118,12 +118,13 @@ class Bench:
         return EMASampler(self.model.diffusion, checked(self.parser, self.config, **settings), device=self.model.device,
                           precision=self.model.precision, classes=self.model.classes)
 
-    def timed(self, fn, count: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-        """``fn(start, stop, generator)`` over ``count`` images in batches of the commands' size, from the noise
-        seed ``seed``; the uint8 results and the seconds per image."""
+    def timed(self, fn, count: int, seed: int = 0, per_image: int = 1) -> tuple[torch.Tensor, float]:
+        """``fn(start, stop, generator)`` over ``count`` images in batches of the commands' size (``per_image``
+        chains of each image), from the noise seed ``seed``; the uint8 results and the seconds per image."""
         generator = torch.Generator(self.model.device).manual_seed(seed)
+        size = max(1, BATCH // per_image)
         start = time.perf_counter()
-        out = torch.cat([fn(a, min(a + BATCH, count), generator).cpu() for a in range(0, count, BATCH)])
+        out = torch.cat([fn(a, min(a + size, count), generator).cpu() for a in range(0, count, size)])
         return quantize_uint8(out), (time.perf_counter() - start) / count
 
     def fid(self, images: torch.Tensor) -> dict:
@@ -170,7 +171,7 @@ def inpaint(args, *, extractor=None) -> list[dict]:
         rows.append(scored("mean fill", quantize_uint8(mean_fill(inputs, mask))))
         for method, sampler in inpainting_samplers(bench, args):
             edited, seconds = bench.timed(lambda a, b, g: sampler.edit(inputs[a:b], keep=1 - mask, generator=g),
-                                          len(inputs))
+                                          len(inputs), per_image=sampler.config.candidates)
             unchanged = torch.equal(edited * (1 - hole).to(torch.uint8), bench.real * (1 - hole).to(torch.uint8))
             assert unchanged, "kept pixels changed"
             rows.append(scored(method, edited, seconds))
@@ -178,15 +179,18 @@ def inpaint(args, *, extractor=None) -> list[dict]:
 
 
 def inpainting_samplers(bench: Bench, args):
-    """(row name, sampler) for each of ``args.samplers``, ``args.resample`` and ``args.kept_guidance`` (a scale that
-    does not apply, as on plain replacement, is the row without a pull)."""
-    for spec, u, pull in ((spec, u, pull) for spec in args.samplers for u in args.resample
-                          for pull in sorted({p if pull_applies(p, u) else 0.0 for p in args.kept_guidance})):
+    """(row name, sampler) for each of ``args.samplers``, ``args.resample``, ``args.kept_guidance`` (a scale that
+    does not apply, as on plain replacement, is the row without a pull) and ``args.candidates``."""
+    for spec, u, pull, k in ((spec, u, pull, k) for spec in args.samplers for u in args.resample
+                             for pull in sorted({p if pull_applies(p, u) else 0.0 for p in args.kept_guidance})
+                             for k in args.candidates):
         chosen = parse_spec(spec)
-        sampler = bench.sampler(resample=u, kept_guidance=pull, sampler=chosen["sampler"], sample_steps=chosen["steps"])
+        sampler = bench.sampler(resample=u, kept_guidance=pull, candidates=k, sampler=chosen["sampler"],
+                                sample_steps=chosen["steps"])
         method = "replacement" if u == 1 else f"RePaint, {u} resamplings"
         pulled = f", pulled to the kept pixels at {pull:g}" if pull else ""
-        yield f"{method}{pulled} ({sampler.config.sampler_name})", sampler
+        chosen_of = f", the consensus of {k}" if k > 1 else ""
+        yield f"{method}{pulled}{chosen_of} ({sampler.config.sampler_name})", sampler
 
 
 def img2img(args, *, extractor=None) -> list[dict]:
@@ -259,6 +263,8 @@ def parse_args(argv=None):
                            help="each --kept_guidance the inpainting rows run (0: replacement and RePaint alone)")
             p.add_argument("--samplers", nargs="+", default=["ancestral:10"],
                            help="NAME[:STEPS] of each sampler the inpainting rows run (bench_samplers' rows)")
+            p.add_argument("--candidates", type=int, nargs="+", default=[1],
+                           help="each --candidates the inpainting rows run (fills drawn per image, the consensus kept)")
         else:
             p.add_argument("--strengths", type=float, nargs="+",
                            default=[0.0, 0.25, 0.5, 0.75, 1.0] if name == "img2img" else [0.5, 0.75])

@@ -116,9 +116,11 @@ def masks_for(config, files: list[Path], count: int, size: int) -> torch.Tensor:
     return masks
 
 
-def _in_batches(fn, count: int):
-    """``fn(start, stop)`` over ``range(count)`` in chunks of ``BATCH``, results concatenated."""
-    return torch.cat([fn(start, min(start + BATCH, count)) for start in range(0, count, BATCH)])
+def _in_batches(fn, count: int, per_image: int = 1):
+    """``fn(start, stop)`` over ``range(count)`` in chunks of ``BATCH`` chains (``per_image`` of each image),
+    results concatenated."""
+    size = max(1, BATCH // per_image)
+    return torch.cat([fn(start, min(start + size, count)) for start in range(0, count, size)])
 
 
 def _write_each(results: torch.Tensor, files: list[Path], edits: int, folder: Path) -> Path:
@@ -141,7 +143,7 @@ def inpaint_command(model, label: int | None) -> list[Path]:
     with model.sampler.progress(len(repeated), "inpainting"):
         results = _in_batches(lambda a, b: model.sampler.edit(
             repeated[a:b], keep=1 - masks[a:b], classes=None if classes is None else classes[a:b],
-            generator=generator).cpu(), len(repeated))
+            generator=generator).cpu(), len(repeated), config.candidates)
     masked = torch.where(masks.bool(), torch.full_like(repeated, 0.5), repeated)
     name = f"inpaint-{step}"
     rows = torch.cat([torch.stack([inputs[i], masked[i * config.edits], *results[i * config.edits:(i + 1) *
@@ -150,6 +152,7 @@ def inpaint_command(model, label: int | None) -> list[Path]:
     grid = save_grid(rows, Path(config.save_folder) / f"{name}.png", nrow=config.edits + 2)
     shown = min(len(inputs), config.num_vis)
     pull = f", pulled at {config.kept_guidance:g}" if pull_applies(config.kept_guidance, config.resample) else ""
+    pull += f", the consensus of {config.candidates}" if config.candidates > 1 else ""
     columns = {"input": inputs[:shown], "masked": masked[::config.edits][:shown]}
     columns.update({f"result {k + 1}": results[k::config.edits][:shown] for k in range(config.edits)})
     figure = save_table(columns, Path(config.save_folder) / f"{name}-figure.png",

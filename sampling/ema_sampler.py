@@ -98,18 +98,19 @@ class EMASampler:
              classes: torch.Tensor | None = None, guidance: float | None = None,
              generator: torch.Generator | None = None, progress: Callable[[float], None] | None = None
              ) -> torch.Tensor:
-        """``sampling.editing.edit`` with this run's sampler, precision, ``--resample``, ``--kept_guidance`` and
-        ``guidance`` (default ``--guidance``) towards ``classes`` (None: "no class", unguided); the noise of offset
-        2 unless ``generator`` is given; ``progress`` as in ``sample``."""
+        """``sampling.editing.edit`` with this run's sampler, precision, ``--resample``, ``--kept_guidance``,
+        ``--candidates`` (inpainting) and ``guidance`` (default ``--guidance``) towards ``classes`` (None: "no
+        class", unguided); the noise of offset 2 unless ``generator`` is given; ``progress`` as in ``sample``."""
         cfg = self.config
         w = 0.0 if classes is None else cfg.guidance if guidance is None else guidance
+        candidates = 1 if keep is None else cfg.candidates
         # backward passes, or steps that see the kept pixels: no captured graph
         eager = keep is not None and (pull_applies(cfg.kept_guidance, cfg.resample) or self.ema.mask_conditional)
         with autocast(self.device, self.precision):
             return edit(self.ema, images, keep=keep, strength=strength, resample=cfg.resample, sampler=cfg.sampler,
                         steps=cfg.chain_length, generator=generator or self.generator(2), classes=classes,
-                        guidance=w, kept_guidance=cfg.kept_guidance,
-                        step=None if eager else self.chain_step(len(images), cfg.sampler, w),
+                        guidance=w, kept_guidance=cfg.kept_guidance, candidates=candidates,
+                        step=None if eager else self.chain_step(len(images) * candidates, cfg.sampler, w),
                         progress=progress or self.chain_progress(len(images)))
 
     def fid_sample_fn(self):

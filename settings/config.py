@@ -269,6 +269,9 @@ class Config:
     kept_guidance: float = setting(10.0, "how hard each resampled --inpaint step is pulled towards agreeing with "
                                    "the kept pixels (diffusion posterior sampling; 0 = off, and off at --resample 1; "
                                    "on, a step costs about twice)", group=EDITING, kind=NON_NEGATIVE)
+    candidates: int = setting(1, "fills of each hole --inpaint draws, keeping the one nearest the others (the "
+                              "fill most of them agree on; the cost grows with it)", group=EDITING,
+                              kind=POSITIVE_INT)
     img2img: str | None = setting(None, "with --load_path: redraw this image, or every image in this folder, from "
                                   "--strength (towards --sample_class), then exit", group=EDITING, optional=True)
     strength: float = setting(0.5, "how much of the chain --img2img runs: 0 returns the image, 1 draws a new one",

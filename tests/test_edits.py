@@ -21,7 +21,7 @@ from helpers import (
     train_tiny,
 )
 from imagedata.files import decode_image
-from sampling.editing import edit, pulled_to_kept
+from sampling.editing import consensus, edit, pulled_to_kept
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,35 @@ def test_inpainting_keeps_every_kept_pixel(sampler, steps, resample):
     out = edit(diffusion, images, keep=keep, resample=resample, sampler=sampler, steps=steps)
     inside = ~keep.bool().expand_as(images)
     assert torch.equal(out[~inside], images[~inside]) and not torch.equal(out[inside], images[inside])
+
+
+def test_the_consensus_is_the_fill_the_others_agree_with():
+    """Among flat fills the consensus is the median grey (the point of least summed distance); among lines on rows
+    10, 12 and 11 it is row 11, which the blur puts nearer each other line, though unblurred every pair differs
+    in as many pixels."""
+    greys = torch.tensor([[0.9, 0.0, 0.2, 1.0, 0.1], [0.3, 0.35, 1.0, 0.0, 0.95]])
+    flat = greys[:, :, None, None, None].expand(2, 5, 1, 32, 32)
+    assert consensus(flat).tolist() == [2, 1]
+    lines = torch.zeros(1, 3, 1, 32, 32)
+    for k, row in enumerate((10, 12, 11)):
+        lines[0, k, 0, row] = 1
+    assert consensus(lines).tolist() == [2]
+    assert consensus(lines[:, :, :, :8, :8].contiguous()).shape == (1,)  # a small side still blurs
+
+
+def test_candidates_return_for_each_image_the_consensus_of_its_own_fills():
+    diffusion = tiny_diffusion(size=16, T=10).eval()
+    images = torch.rand(2, 3, 16, 16)
+    keep = torch.ones(16, 16)  # any shape that broadcasts to the images'
+    keep[8:] = 0
+    out = edit(diffusion, images, keep=keep, candidates=3, generator=torch.Generator().manual_seed(4))
+    fills = edit(diffusion, images.repeat_interleave(3, 0), keep=keep,
+                 generator=torch.Generator().manual_seed(4)).view(2, 3, 3, 16, 16)
+    assert torch.equal(out, fills[torch.arange(2), consensus(fills)])
+    assert torch.equal(out[..., :8, :], images[..., :8, :])
+    for bad, keep_given in ((0, keep), (2, None)):
+        with pytest.raises(ValueError, match="candidates must be at least 1, and 1 for image-to-image"):
+            edit(diffusion, images, keep=keep_given, candidates=bad)
 
 
 def test_a_trained_model_fills_half_an_image_in_the_colour_of_the_other_half(colour_model):
@@ -170,6 +199,16 @@ def test_strokes_are_drawn_afresh_for_each_result(tiny, tmp_path):
     assert not np.array_equal(first == source, second == source)  # other pixels kept in each
 
 
+def test_inpaint_command_with_candidates_writes_each_consensus_keeping_the_pixels(tiny, tmp_path):
+    assert main.main(edit_args(tiny, tmp_path, "--inpaint", tiny["data"] / "img_003.jpg", "--mask", "bottom",
+                               "--resample", 1, "--candidates", 3)) == 0
+    source, _ = decode_image(tiny["data"] / "img_003.jpg", 16)
+    for k in (0, 1):
+        result = np.asarray(Image.open(tmp_path / "out" / "inpaint-2" / f"img_003-{k}.png"))
+        assert np.array_equal(result[:8], source[:8]) and not np.array_equal(result[8:], source[8:])
+    assert (tmp_path / "out" / "inpaint-2-figure.png").exists()
+
+
 def test_img2img_command_writes_a_grid_the_strengths_figure_and_each_result(tiny, tmp_path):
     assert main.main(edit_args(tiny, tmp_path, "--img2img", tiny["data"] / "img_002.jpg", "--strength", 0.3)) == 0
     out = tmp_path / "out"
@@ -213,6 +252,7 @@ def bad_mask(tmp_path, size, colour) -> str:
     (lambda t, d: ["--inpaint", d, "--mask", bad_mask(t, (24, 24), 255)], "hides every pixel at 16px"),
     (lambda t, d: ["--inpaint", d, "--mask", "middle"], "--mask middle is neither a mask image nor one of centre"),
     (lambda t, d: ["--img2img", d, "--strength", "1.5"], "--strength: expected a number in [0, 1], got '1.5'"),
+    (lambda t, d: ["--inpaint", d, "--candidates", "0"], "--candidates: expected a positive integer, got '0'"),
     (lambda t, d: ["--img2img", d, "--sample_class", "cat"], "--sample_class needs a class-conditional model"),
     (lambda t, d: ["--img2img", str(t / "nothing")], "does not exist; pass an image or a folder of images"),
     (lambda t, d: ["--img2img", str(t / "empty")], "holds no files"),
