@@ -92,17 +92,20 @@ class Actions:
         return self.write(images, "sample", seed, grid=True)
 
     def inpaint(self, image: str | Path, mask: np.ndarray | None, results: int, seed: int, resample: int,
-                sampler: str, steps: int | None, class_name: str | None = None, guidance: float | None = None, *,
-                progress: Callable[[float], None] | None = None,
+                candidates: int, sampler: str, steps: int | None, class_name: str | None = None,
+                guidance: float | None = None, *, progress: Callable[[float], None] | None = None,
                 cancelled: Callable[[], bool] | None = None) -> tuple[Path, list[Path]]:
-        """Fill the painted region of ``image`` ``results`` times: the input with its hole grey, then the
-        results, as one grid and each result as a PNG file. Outside the region the results are the input's
-        pixels (at the model's size) exactly."""
+        """Fill the painted region of ``image`` ``results`` times, each the consensus of ``candidates`` fills
+        (``--candidates``): the input with its hole grey, then the results, as one grid and each result as a PNG
+        file. Outside the region the results are the input's pixels (at the model's size) exactly."""
         results = self.checked_count(results, "results")
-        resample = whole(resample)
+        resample, candidates = whole(resample), whole(candidates)
         if not isinstance(resample, int) or resample < 1:
             raise PageError(f"resamplings must be a whole number of at least 1, got {resample}")
-        runner = self.runner(sampler, steps, resample=resample)
+        if not isinstance(candidates, int) or not 1 <= candidates <= MAX_IMAGES // results:
+            raise PageError(f"fills to choose from must be a whole number from 1 to {MAX_IMAGES // results} for "
+                            f"{results} results ({MAX_IMAGES} fills at most), got {candidates}")
+        runner = self.runner(sampler, steps, resample=resample, candidates=candidates)
         x = self.read(image)
         keep = 1 - self.mask(mask, image)
         labels = self.labels(class_name, results)

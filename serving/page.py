@@ -169,16 +169,19 @@ def build_page(actions: Actions):
                                     sources=("upload", "clipboard"), transforms=(), layers=False)
             resample = gr.Slider(1, 10, value=actions.model.config.resample, step=1,
                                  label="resamplings per step (1 = plain replacement; cost grows with it)")
+            candidates = gr.Slider(1, 16, value=min(actions.model.config.candidates, 16), step=1,
+                                   label="fills to choose from: each result is the one most of them agree on "
+                                   "(cost grows with it)")
             c = controls("results", 4, "class of the fill", "input, the hole, the results", "each result")
 
-            def inpaint(editor, results, seed, resample, sampler, steps, name, guidance, request: gr.Request,
-                        progress=gr.Progress()):
+            def inpaint(editor, results, seed, resample, candidates, sampler, steps, name, guidance,
+                        request: gr.Request, progress=gr.Progress()):
                 background = path_of((editor or {}).get("background"))
                 return call(actions.inpaint, request, progress, background, painted_region(editor), results, seed,
-                            resample, sampler, steps, class_or_none(name), guidance)
+                            resample, candidates, sampler, steps, class_or_none(name), guidance)
 
-            wire(c.run, c.stop, inpaint, [editor, c.count, c.seed, resample, c.sampler, c.steps, c.name, c.guidance],
-                 c.outputs, "inpaint", uploads=True)
+            wire(c.run, c.stop, inpaint, [editor, c.count, c.seed, resample, candidates, c.sampler, c.steps, c.name,
+                                          c.guidance], c.outputs, "inpaint", uploads=True)
 
         with gr.Tab("Redraw"):
             source = gr.Image(type="filepath", format="png", label="upload an image", sources=("upload", "clipboard"))

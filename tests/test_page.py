@@ -73,10 +73,11 @@ def test_sample_gives_the_asked_images_and_the_same_seed_the_same_images(page):
     assert len(written) == 3 * 5  # each request: a grid and its four images, under the save folder
 
 
-def test_inpaint_keeps_the_unpainted_pixels_exactly_and_fills_the_painted_ones(page, tmp_path):
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_inpaint_keeps_the_unpainted_pixels_exactly_and_fills_the_painted_ones(page, tmp_path, candidates):
     image, layer, keep = squares(tmp_path)
     client = Client(page["url"], verbose=False)
-    grid, results = client.predict(editor(image, layer), 3, 0, 2, "ancestral", 5, "(no class)", 1.0,
+    grid, results = client.predict(editor(image, layer), 3, 0, 2, candidates, "ancestral", 5, "(no class)", 1.0,
                                    api_name="/inpaint")
     source = np.asarray(Image.open(image))
     assert len(results) == 3
@@ -93,7 +94,7 @@ def test_a_mask_painted_on_a_larger_upload_is_cropped_and_resized_with_it(page, 
     layer = np.zeros((32, 48, 4), dtype=np.uint8)
     layer[:, :24, 3] = 255  # the left half of the upload: the left half of its centre square, cols 8-23 of 8-39
     result = Client(page["url"], verbose=False).predict(editor(big, picture(tmp_path / "half.png", layer)), 1, 0, 1,
-                                                        "ancestral", 3, "(no class)", 1.0, api_name="/inpaint")[1][0]
+                                                        1, "ancestral", 3, "(no class)", 1.0, api_name="/inpaint")[1][0]
     out = pixels(result)
     assert (out[:, SIZE // 2 + 1:] == 200).all()  # the right half kept (one column of resizing margin)
     assert (out[:, :SIZE // 2 - 1] != 200).any(axis=-1).mean() > 0.9
@@ -110,9 +111,12 @@ def test_redraw_at_strength_zero_returns_the_image_and_at_one_draws_anew(page, t
 
 
 REFUSALS = {  # name: (endpoint, arguments given the test's files, what the page says)
-    "empty mask": ("/inpaint", lambda f: (editor(f["image"]), 1, 0, 1, "ancestral", 3, "", 1.0), "the mask is empty"),
-    "mask over everything": ("/inpaint", lambda f: (editor(f["image"], f["full"]), 1, 0, 1, "ancestral", 3, "", 1.0),
-                             "covers the whole image"),
+    "empty mask": ("/inpaint", lambda f: (editor(f["image"]), 1, 0, 1, 1, "ancestral", 3, "", 1.0),
+                   "the mask is empty"),
+    "mask over everything": ("/inpaint", lambda f: (editor(f["image"], f["full"]), 1, 0, 1, 1, "ancestral", 3, "",
+                                                        1.0), "covers the whole image"),
+    "more fills than a chain holds": ("/inpaint", lambda f: (editor(f["image"]), 8, 0, 1, 9, "ancestral", 3, "", 1.0),
+                                      "fills to choose from must be a whole number from 1 to 8 for 8 results"),
     "no image": ("/redraw", lambda f: (None, 0.5, 1, 0, "ancestral", 3, "", 1.0), "no image"),
     "not an image": ("/redraw", lambda f: (handle_file(str(f["text"])), 0.5, 1, 0, "ancestral", 3, "", 1.0),
                      "cannot be read as an image"),
@@ -157,7 +161,7 @@ def test_a_cancelled_request_stops_and_frees_the_queue(page, tmp_path):
     while it runs; it ends as cancelled, and a request queued behind it completes."""
     image, layer, _ = squares(tmp_path)
     owner, other = Client(page["url"], verbose=False), Client(page["url"], verbose=False)
-    long = owner.submit(editor(image, layer), 64, 0, 10, "ddpm", 10, "", 1.0, api_name="/inpaint")
+    long = owner.submit(editor(image, layer), 64, 0, 10, 1, "ddpm", 10, "", 1.0, api_name="/inpaint")
     deadline = time.monotonic() + 60
     while long.status().code.name not in ("PROCESSING", "PROGRESS") and time.monotonic() < deadline:
         time.sleep(0.05)
