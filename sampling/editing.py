@@ -102,7 +102,7 @@ def edit(diffusion: Diffusion, images: torch.Tensor, *, keep: torch.Tensor | Non
                       classes=None if classes is None else classes.repeat_interleave(candidates, dim=0),
                       guidance=guidance, kept_guidance=kept_guidance, step=step, progress=progress)
         filled = filled.view(batch, candidates, *filled.shape[1:])
-        return filled[torch.arange(batch), consensus(filled).to(filled.device)]
+        return filled[torch.arange(batch, device=filled.device), consensus(filled)]
     x0 = images.to(diffusion.device, torch.float32) * 2 - 1
     plan = chain_plan(diffusion.num_timesteps, sampler, steps=steps)
     if keep is None:

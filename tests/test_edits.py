@@ -300,7 +300,7 @@ def test_edits_are_logged_to_wandb(tiny, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_edits_run_on_cuda_with_masks_drawn_on_the_cpu(tiny, tmp_path):
     args = edit_args(tiny, tmp_path, "--inpaint", tiny["data"] / "img_000.jpg", "--mask", "strokes", "--img2img",
-                     tiny["data"] / "img_001.jpg", "--resample", 2)
+                     tiny["data"] / "img_001.jpg", "--resample", 2, "--candidates", 2)
     args[args.index("--device") + 1] = "cuda"
     assert main.main(args) == 0
     assert len(list((tmp_path / "out" / "inpaint-2").iterdir())) == 2
