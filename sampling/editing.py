@@ -30,7 +30,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from torchvision.transforms.functional import gaussian_blur
 
 from diffusion import Diffusion
 from sampling.samplers import chain_plan
@@ -67,13 +66,17 @@ def start_of(diffusion: Diffusion, strength: float, plan: list[tuple[int, int]])
 
 def consensus(candidates: torch.Tensor) -> torch.Tensor:
     """The index, for each image, of its candidate nearest the others: ``candidates`` [B, K, C, S, S] -> [B], each
-    candidate's summed Euclidean distance to the others, compared after a Gaussian blur of sigma S / 16."""
+    candidate's summed Euclidean distance to the others, compared in fp32 after a Gaussian blur of sigma S / 16.
+    With K = 2 both are equally near, and the first is returned."""
+    from torchvision.transforms.functional import gaussian_blur  # torchvision only where it is used
+
     batch, k = candidates.shape[:2]
     sigma = candidates.shape[-1] / 16
     radius = min(math.ceil(3 * sigma), candidates.shape[-1] - 1)  # reflect padding needs a kernel below the side
-    blurred = gaussian_blur(candidates.flatten(0, 1).float(), [2 * radius + 1] * 2, [sigma] * 2)
-    flat = blurred.view(batch, k, -1)
-    return torch.cdist(flat, flat).sum(dim=2).argmin(dim=1)
+    with torch.autocast(candidates.device.type, enabled=False):
+        blurred = gaussian_blur(candidates.flatten(0, 1).float(), [2 * radius + 1] * 2, [sigma] * 2)
+        flat = blurred.view(batch, k, -1)
+        return torch.cdist(flat, flat).sum(dim=2).argmin(dim=1)
 
 
 @torch.no_grad()

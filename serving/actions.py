@@ -2,13 +2,13 @@
 at a time, each with its own settings, seed, progress and cancel.
 
 ``Actions`` wraps a ``sampling.model.LoadedModel``. Every request runs its chains through the model's own
-``EMASampler`` (``using`` gives it the request's sampler, steps and resamplings), so the page has no sampling or
-editing of its own. A lock lets one chain run at a time on the model's device, whatever the web server does;
-``progress(f)`` hears the fraction done after every network pass, and ``cancelled()``, asked at the same moments,
-stops the chain with ``Cancelled``. Inputs arrive as files the web server has stored and are decoded as training
-images are (``imagedata.files.decode_image``); a mask arrives as a picture whose painted pixels (alpha above zero)
-are the region to fill. Results are PNG files at the model's size, written only under ``folder``. Bad input
-raises ``PageError`` with a one-line message for the page.
+``EMASampler`` (``using`` gives it the request's sampler, steps, resamplings and fills to choose from), so the page
+has no sampling or editing of its own. A lock lets one chain run at a time on the model's device, whatever the web
+server does; ``progress(f)`` hears the fraction done after every network pass, and ``cancelled()``, asked at the
+same moments, stops the chain with ``Cancelled``. Inputs arrive as files the web server has stored and are decoded
+as training images are (``imagedata.files.decode_image``); a mask arrives as a picture whose painted pixels (alpha
+above zero) are the region to fill. Results are PNG files at the model's size, written only under ``folder``. Bad
+input raises ``PageError`` with a one-line message for the page.
 """
 from __future__ import annotations
 

@@ -127,6 +127,10 @@ POSITIVE_INT = _number(int, "a positive integer", 1)
 NON_NEGATIVE_INT = _number(int, "a non-negative integer", 0)
 NON_NEGATIVE = _number(float, "a non-negative number", 0.0)
 FRACTION = _number(float, "a number in [0, 1]", 0.0, 1.0)
+MAX_CANDIDATES = 64  # one chain batch of fills per image
+_UP_TO_CANDIDATES = _number(int, "", 1, MAX_CANDIDATES)
+CANDIDATES = Kind(int, f"1, or 3 to {MAX_CANDIDATES} (two fills have no majority)",
+                  lambda v: _UP_TO_CANDIDATES.test(v) and v != 2)
 
 
 def setting(default, help: str, *, group: str, role: str = "run", kind: Kind = TEXT, choices: tuple = (),
@@ -271,7 +275,7 @@ class Config:
                                    "on, a step costs about twice)", group=EDITING, kind=NON_NEGATIVE)
     candidates: int = setting(1, "fills of each hole --inpaint draws, keeping the one nearest the others (the "
                               "fill most of them agree on; the cost grows with it)", group=EDITING,
-                              kind=POSITIVE_INT)
+                              kind=CANDIDATES)
     img2img: str | None = setting(None, "with --load_path: redraw this image, or every image in this folder, from "
                                   "--strength (towards --sample_class), then exit", group=EDITING, optional=True)
     strength: float = setting(0.5, "how much of the chain --img2img runs: 0 returns the image, 1 draws a new one",

@@ -250,11 +250,15 @@ def test_the_editing_benchmark_scores_inpainting_and_img2img_on_held_out_images(
     extractor = fid.FeatureExtractor(model=TinyFeatures().eval())
     rows = bench_edits.inpaint(bench_edits.parse_args(["inpaint", *common, "--masks", "centre", "left",
                                                        "--resample", "1", "3", "--kept_guidance", "0",
-                                                       "--samplers", "ancestral:3", "ddpm"]),
+                                                       "--samplers", "ancestral:3", "ddpm", "--candidates", "1",
+                                                       "3"]),
                                extractor=extractor)
     assert [row["method"] for row in rows] == ["held-out images", "plain sampling"] + 2 * [
-        "mean fill", "replacement (ancestral, 3 steps)", "RePaint, 3 resamplings (ancestral, 3 steps)",
-        "replacement (ddpm)", "RePaint, 3 resamplings (ddpm)"]
+        "mean fill", "replacement (ancestral, 3 steps)", "replacement, the consensus of 3 (ancestral, 3 steps)",
+        "RePaint, 3 resamplings (ancestral, 3 steps)",
+        "RePaint, 3 resamplings, the consensus of 3 (ancestral, 3 steps)",
+        "replacement (ddpm)", "replacement, the consensus of 3 (ddpm)", "RePaint, 3 resamplings (ddpm)",
+        "RePaint, 3 resamplings, the consensus of 3 (ddpm)"]
     filled = rows[2:]
     assert all(row["hole_rmse"] > 0 and row["seam"] >= 0 and row["fid"] >= 0 for row in filled)
     assert len({row["seam_of_originals"] for row in filled}) == 2  # one per mask

@@ -126,3 +126,19 @@ def test_the_captured_step_samples_what_the_eager_chain_samples_on_a_gpu(sampler
     assert step.captured.graph is not None
     torch.testing.assert_close(first, expected, rtol=0, atol=2e-3)
     torch.testing.assert_close(again, expected, rtol=0, atol=2e-3)
+
+
+def test_inpainting_candidates_run_every_fill_through_one_static_step(tmp_path):
+    """``--candidates 3`` on 2 images, replacement (no backward pass, so a graph may run it): the static step is
+    made for the 6 chains, and the consensus is the eager run's."""
+    from sampling.model import LoadedModel
+
+    d = trained_looking(True)
+    config = Config(image_size=16, time_steps=12, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1, sampler="ddim",
+                    sample_steps=4, precision="fp32", resample=1, candidates=3, save_folder=str(tmp_path))
+    eager, graphed = LoadedModel.of(d, config).sampler, LoadedModel.of(d, config).sampler
+    graphed.chain_steps = ChainSteps(d, capture=False)
+    images, keep = torch.rand(2, 3, 16, 16), torch.ones(1, 1, 16, 16)
+    keep[..., 8:, :] = 0
+    assert torch.equal(graphed.edit(images, keep=keep), eager.edit(images, keep=keep))
+    assert graphed.chain_steps.made() == [(6, "ddim", 0.0)]

@@ -73,6 +73,9 @@ def test_the_consensus_is_the_fill_the_others_agree_with():
         lines[0, k, 0, row] = 1
     assert consensus(lines).tolist() == [2]
     assert consensus(lines[:, :, :, :8, :8].contiguous()).shape == (1,)  # a small side still blurs
+    close = torch.tensor([0.501, 0.5, 0.5005])[None, :, None, None, None].expand(1, 3, 1, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the commands call it; bf16 would round all three to 0.5
+        assert consensus(close).tolist() == [2]
 
 
 def test_candidates_return_for_each_image_the_consensus_of_its_own_fills():
@@ -83,7 +86,8 @@ def test_candidates_return_for_each_image_the_consensus_of_its_own_fills():
     out = edit(diffusion, images, keep=keep, candidates=3, generator=torch.Generator().manual_seed(4))
     fills = edit(diffusion, images.repeat_interleave(3, 0), keep=keep,
                  generator=torch.Generator().manual_seed(4)).view(2, 3, 3, 16, 16)
-    assert torch.equal(out, fills[torch.arange(2), consensus(fills)])
+    chosen = consensus(fills)
+    assert torch.equal(out, fills[torch.arange(2), chosen]) and chosen.tolist() != [0, 0]  # not merely the first
     assert torch.equal(out[..., :8, :], images[..., :8, :])
     for bad, keep_given in ((0, keep), (2, None)):
         with pytest.raises(ValueError, match="candidates must be at least 1, and 1 for image-to-image"):
@@ -252,7 +256,9 @@ def bad_mask(tmp_path, size, colour) -> str:
     (lambda t, d: ["--inpaint", d, "--mask", bad_mask(t, (24, 24), 255)], "hides every pixel at 16px"),
     (lambda t, d: ["--inpaint", d, "--mask", "middle"], "--mask middle is neither a mask image nor one of centre"),
     (lambda t, d: ["--img2img", d, "--strength", "1.5"], "--strength: expected a number in [0, 1], got '1.5'"),
-    (lambda t, d: ["--inpaint", d, "--candidates", "0"], "--candidates: expected a positive integer, got '0'"),
+    (lambda t, d: ["--inpaint", d, "--candidates", "2"], "--candidates: expected 1, or 3 to 64 (two fills have no "
+                                                         "majority), got '2'"),
+    (lambda t, d: ["--inpaint", d, "--candidates", "65"], "--candidates: expected 1, or 3 to 64"),
     (lambda t, d: ["--img2img", d, "--sample_class", "cat"], "--sample_class needs a class-conditional model"),
     (lambda t, d: ["--img2img", str(t / "nothing")], "does not exist; pass an image or a folder of images"),
     (lambda t, d: ["--img2img", str(t / "empty")], "holds no files"),
@@ -300,7 +306,7 @@ def test_edits_are_logged_to_wandb(tiny, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_edits_run_on_cuda_with_masks_drawn_on_the_cpu(tiny, tmp_path):
     args = edit_args(tiny, tmp_path, "--inpaint", tiny["data"] / "img_000.jpg", "--mask", "strokes", "--img2img",
-                     tiny["data"] / "img_001.jpg", "--resample", 2, "--candidates", 2)
+                     tiny["data"] / "img_001.jpg", "--resample", 2, "--candidates", 3)
     args[args.index("--device") + 1] = "cuda"
     assert main.main(args) == 0
     assert len(list((tmp_path / "out" / "inpaint-2").iterdir())) == 2

@@ -117,6 +117,8 @@ REFUSALS = {  # name: (endpoint, arguments given the test's files, what the page
                                                         1.0), "covers the whole image"),
     "more fills than a chain holds": ("/inpaint", lambda f: (editor(f["image"]), 8, 0, 1, 9, "ancestral", 3, "", 1.0),
                                       "fills to choose from must be a whole number from 1 to 8 for 8 results"),
+    "two fills to choose from": ("/inpaint", lambda f: (editor(f["image"]), 1, 0, 1, 2, "ancestral", 3, "", 1.0),
+                                 "two fills have no majority"),
     "no image": ("/redraw", lambda f: (None, 0.5, 1, 0, "ancestral", 3, "", 1.0), "no image"),
     "not an image": ("/redraw", lambda f: (handle_file(str(f["text"])), 0.5, 1, 0, "ancestral", 3, "", 1.0),
                      "cannot be read as an image"),
