@@ -44,7 +44,7 @@ from evaluation.fid import quantize_uint8  # noqa: E402
 from evaluation.scoring import build_evaluator  # noqa: E402
 from imagedata.dataset import class_labels  # noqa: E402
 from imagedata.files import scan  # noqa: E402
-from sampling.edit_commands import BATCH, input_files, named_mask, read_inputs  # noqa: E402
+from sampling.edit_commands import in_batches, input_files, named_mask, read_inputs  # noqa: E402
 from sampling.editing import pull_applies  # noqa: E402
 from sampling.ema_sampler import EMASampler  # noqa: E402
 from settings.cli import checked  # noqa: E402
@@ -122,9 +122,8 @@ class Bench:
         """``fn(start, stop, generator)`` over ``count`` images in batches of the commands' size (``per_image``
         chains of each image), from the noise seed ``seed``; the uint8 results and the seconds per image."""
         generator = torch.Generator(self.model.device).manual_seed(seed)
-        size = max(1, BATCH // per_image)
         start = time.perf_counter()
-        out = torch.cat([fn(a, min(a + size, count), generator).cpu() for a in range(0, count, size)])
+        out = in_batches(lambda a, b: fn(a, b, generator).cpu(), count, per_image)
         return quantize_uint8(out), (time.perf_counter() - start) / count
 
     def fid(self, images: torch.Tensor) -> dict:

@@ -116,7 +116,7 @@ def masks_for(config, files: list[Path], count: int, size: int) -> torch.Tensor:
     return masks
 
 
-def _in_batches(fn, count: int, per_image: int = 1):
+def in_batches(fn, count: int, per_image: int = 1):
     """``fn(start, stop)`` over ``range(count)`` in chunks of ``BATCH`` chains (``per_image`` of each image),
     results concatenated."""
     size = max(1, BATCH // per_image)
@@ -141,7 +141,7 @@ def inpaint_command(model, label: int | None) -> list[Path]:
     generator = model.sampler.generator(2)
     classes = None if label is None else torch.full((len(repeated),), label)
     with model.sampler.progress(len(repeated), "inpainting"):
-        results = _in_batches(lambda a, b: model.sampler.edit(
+        results = in_batches(lambda a, b: model.sampler.edit(
             repeated[a:b], keep=1 - masks[a:b], classes=None if classes is None else classes[a:b],
             generator=generator).cpu(), len(repeated), config.candidates)
     masked = torch.where(masks.bool(), torch.full_like(repeated, 0.5), repeated)
@@ -171,7 +171,7 @@ def img2img_command(model, label: int | None) -> list[Path]:
     generator = model.sampler.generator(2)
 
     def redraw(images, strength, classes):
-        return _in_batches(lambda a, b: model.sampler.edit(
+        return in_batches(lambda a, b: model.sampler.edit(
             images[a:b], strength=strength, classes=None if classes is None else classes[a:b],
             generator=generator).cpu(), len(images))
 
