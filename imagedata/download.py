@@ -28,7 +28,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from imagedata.files import CLASSES, find_images, has_images
+from imagedata.files import CLASSES, find_images, has_images, sub_folders
 from runtime.errors import UserError
 from settings.config import DOWNLOAD_MODES
 
@@ -53,7 +53,8 @@ def ensure_dataset(data_path: str | Path, data_class: str, *, download: str = "a
     """Make sure ``<data_path>/<class>/`` exists, downloading AFHQ into ``data_path``'s parent if needed.
 
     ``download="auto"`` fetches only when the class folder(s) are missing and ``data_path`` is the default
-    location (``./data/train``, beside the working directory or this package); ``"always"`` fetches and
+    location (``./data/train``, beside the working directory or this package); there, ``"all"`` fetches the
+    AFHQ classes still missing when every folder present is an AFHQ class; ``"always"`` fetches and
     re-extracts wherever ``data_path`` (which must end in ``train``) points; ``"never"`` leaves it to
     ``imagedata.files.find_images`` to report what is missing. Call it from one process only (rank 0).
     """
@@ -62,6 +63,11 @@ def ensure_dataset(data_path: str | Path, data_class: str, *, download: str = "a
     root = Path(data_path).expanduser()
     wanted = CLASSES if data_class == "all" else (data_class,)
     present = has_images(root) if data_class == "all" else (root / data_class).is_dir()
+    if data_class == "all" and download == "auto" and present and _is_default_location(root):
+        # AFHQ fetched earlier for some classes only (a cat run before a class-conditional one): fetch the rest
+        missing = tuple(c for c in CLASSES if not (root / c).is_dir())
+        if missing and set(sub_folders(root)) <= set(CLASSES):
+            wanted, present = missing, False
     if download == "never" or (download == "auto" and present):
         return root
     if download == "always" and data_class not in (*CLASSES, "all"):

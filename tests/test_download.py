@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import socket
 import threading
 import zipfile
@@ -250,6 +251,23 @@ def test_ensure_dataset_downloads_into_the_default_location_only(tmp_path, serve
     assert listing(tmp_path / "data/train") == [f"cat/cat_{i}.png" for i in range(3)]
     ensure_dataset("data/train", "cat", url=server.url, progress=False)  # present: nothing fetched
     assert len(server.ranges) == 1
+
+
+def test_ensure_dataset_fetches_the_missing_afhq_classes_for_all(tmp_path, server, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ensure_dataset("data/train", "cat", url=server.url, progress=False)
+    (tmp_path / "data/train/cat/cat_0.png").write_bytes(b"kept: not fetched again")
+    ensure_dataset("data/train", "all", url=server.url, progress=False)  # a class-conditional run after a cat run
+    files = listing(tmp_path / "data/train")
+    assert [f for f in files if not f.startswith("cat/")] == [f"{c}/{c}_{i}.png" for c in ("dog", "wild") for i in range(3)]
+    assert (tmp_path / "data/train/cat/cat_0.png").read_bytes() == b"kept: not fetched again"
+    ensure_dataset("data/train", "all", url=server.url, progress=False)  # all present: nothing fetched
+    assert len(server.ranges) == 2
+    shutil.rmtree(tmp_path / "data/train/wild")
+    (tmp_path / "data/train/horse").mkdir()
+    (tmp_path / "data/train/horse/h.png").write_bytes((tmp_path / "data/train/dog/dog_0.png").read_bytes())
+    assert ensure_dataset("data/train", "all", url=server.url, progress=False) == Path("data/train")
+    assert len(server.ranges) == 2  # a folder of the user's own: their data, not AFHQ's, so nothing fetched
 
 
 def test_ensure_dataset_always_fetches_anywhere_under_a_train_folder(tmp_path, server):
