@@ -54,7 +54,7 @@ def ensure_dataset(data_path: str | Path, data_class: str, *, download: str = "a
 
     ``download="auto"`` fetches only when the class folder(s) are missing and ``data_path`` is the default
     location (``./data/train``, beside the working directory or this package); there, ``"all"`` fetches the
-    AFHQ classes still missing when every folder present is an AFHQ class; ``"always"`` fetches and
+    other AFHQ classes when the one folder present is an AFHQ class; ``"always"`` fetches and
     re-extracts wherever ``data_path`` (which must end in ``train``) points; ``"never"`` leaves it to
     ``imagedata.files.find_images`` to report what is missing. Call it from one process only (rank 0).
     """
@@ -64,10 +64,11 @@ def ensure_dataset(data_path: str | Path, data_class: str, *, download: str = "a
     wanted = CLASSES if data_class == "all" else (data_class,)
     present = has_images(root) if data_class == "all" else (root / data_class).is_dir()
     if data_class == "all" and download == "auto" and present and _is_default_location(root):
-        # AFHQ fetched earlier for some classes only (a cat run before a class-conditional one): fetch the rest
-        missing = tuple(c for c in CLASSES if not (root / c).is_dir())
-        if missing and set(sub_folders(root)) <= set(CLASSES):
-            wanted, present = missing, False
+        # AFHQ fetched earlier for one class (a cat run before a class-conditional one): fetch the others; two
+        # or more folders, or one of the user's own, are data someone chose, so nothing is fetched
+        folders = sub_folders(root)
+        if len(folders) == 1 and folders[0] in CLASSES:
+            wanted, present = tuple(c for c in CLASSES if c != folders[0]), False
     if download == "never" or (download == "auto" and present):
         return root
     if download == "always" and data_class not in (*CLASSES, "all"):

@@ -264,10 +264,12 @@ def test_ensure_dataset_fetches_the_missing_afhq_classes_for_all(tmp_path, serve
     ensure_dataset("data/train", "all", url=server.url, progress=False)  # all present: nothing fetched
     assert len(server.ranges) == 2
     shutil.rmtree(tmp_path / "data/train/wild")
-    (tmp_path / "data/train/horse").mkdir()
-    (tmp_path / "data/train/horse/h.png").write_bytes((tmp_path / "data/train/dog/dog_0.png").read_bytes())
     assert ensure_dataset("data/train", "all", url=server.url, progress=False) == Path("data/train")
-    assert len(server.ranges) == 2  # a folder of the user's own: their data, not AFHQ's, so nothing fetched
+    assert len(server.ranges) == 2  # cat and dog: a choice someone made, so nothing fetched
+    shutil.rmtree(tmp_path / "data/train/dog")
+    shutil.move(tmp_path / "data/train/cat", tmp_path / "data/train/horse")
+    assert ensure_dataset("data/train", "all", url=server.url, progress=False) == Path("data/train")
+    assert len(server.ranges) == 2 and not (tmp_path / "data/train/cat").exists()  # the user's own folder
 
 
 def test_ensure_dataset_always_fetches_anywhere_under_a_train_folder(tmp_path, server):
