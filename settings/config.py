@@ -242,8 +242,8 @@ class Config:
     flip: bool = setting(True, "random horizontal flips", group=DATA, role="training", kind=BOOL)
     cache_dir: str | None = setting(None, "where the decoded-image cache and FID statistics go (default: beside the "
                                     "data)", group=DATA, optional=True)
-    download: str = setting("auto", "download AFHQ: auto = when the data folder is missing", group=DATA,
-                            choices=DOWNLOAD_MODES)
+    download: str = setting("auto", "download AFHQ: auto = when the data folder is missing, or holds one AFHQ class "
+                            "alone where every class is asked for", group=DATA, choices=DOWNLOAD_MODES)
     dataset_source: str = setting("v2", "which AFHQ archive to download", group=DATA, choices=DOWNLOAD_SOURCES)
 
     # sampling, FID and figures

@@ -259,7 +259,8 @@ def test_ensure_dataset_fetches_the_missing_afhq_classes_for_all(tmp_path, serve
     (tmp_path / "data/train/cat/cat_0.png").write_bytes(b"kept: not fetched again")
     ensure_dataset("data/train", "all", url=server.url, progress=False)  # a class-conditional run after a cat run
     files = listing(tmp_path / "data/train")
-    assert [f for f in files if not f.startswith("cat/")] == [f"{c}/{c}_{i}.png" for c in ("dog", "wild") for i in range(3)]
+    fetched = [f"{c}/{c}_{i}.png" for c in ("dog", "wild") for i in range(3)]
+    assert [f for f in files if not f.startswith("cat/")] == fetched
     assert (tmp_path / "data/train/cat/cat_0.png").read_bytes() == b"kept: not fetched again"
     ensure_dataset("data/train", "all", url=server.url, progress=False)  # all present: nothing fetched
     assert len(server.ranges) == 2

@@ -15,7 +15,8 @@ def lines(name: str) -> list[str]:
 
 
 def requirements() -> dict[str, Requirement]:
-    reqs = [Requirement(line) for name in ("requirements.txt", "requirements-dev.txt", "requirements-page.txt") for line in lines(name)]
+    names = ("requirements.txt", "requirements-dev.txt", "requirements-page.txt")
+    reqs = [Requirement(line) for name in names for line in lines(name)]
     return {canonicalize_name(r.name): r for r in reqs}
 
 
