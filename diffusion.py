@@ -126,6 +126,8 @@ class Diffusion(nn.Module):
         self.num_timesteps, self.loss_type = timesteps, loss_type
         for name, value in coefficients(timesteps).items():  # Eqs. (16) to (18), as float32 buffers
             self.register_buffer(name, value.to(torch.float32))
+        # The training images' mean (``set_data_mean``): the x_0 estimate at the last timestep once known.
+        self.register_buffer("data_mean", None, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -178,6 +180,22 @@ class Diffusion(nn.Module):
         view = copy.copy(self)
         view.kept = kept
         return view
+
+    def set_data_mean(self, means: torch.Tensor | None) -> None:
+        """Give the model its training images' mean in [-1, 1]: [K + 1, C, S, S], each class's mean by label and the
+        mean over all images last (an unconditional model: [1, C, S, S]). ``predict_start`` estimates x_0 with it
+        at the last timestep. A mean of the same shape is copied into the one held, so that a captured CUDA graph
+        reads the new values; None forgets it."""
+        if means is None:
+            self.data_mean = None
+            return
+        shape = (self.num_classes + 1, self.channels, self.image_size, self.image_size)
+        if tuple(means.shape) != shape:
+            raise ValueError(f"the data mean must have shape {list(shape)}, got {list(means.shape)}")
+        if self.data_mean is not None and self.data_mean.shape == means.shape:
+            self.data_mean.copy_(means)
+        else:
+            self.data_mean = means.detach().to(self.device, torch.float32).clone()
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """Training labels with each replaced by "no class" with probability ``class_dropout`` (one uniform draw
@@ -261,11 +279,23 @@ class Diffusion(nn.Module):
                 - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
     def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, x_self_cond: torch.Tensor | None = None,
-                      y: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
+                      y: torch.Tensor | None = None, guidance: float = 0.0, *, mean_at_last: bool = True) -> torch.Tensor:
         """The network's x_0 estimate, clamped to [-1, 1] (Algorithm 2, lines 4 to 6): eps_theta through Eq. (19)
-        (guided by ``y`` and ``guidance`` as in ``predict_noise``)."""
+        (guided by ``y`` and ``guidance`` as in ``predict_noise``).
+
+        At the last timestep, once the model knows its data's mean (``set_data_mean``) and unless
+        ``mean_at_last`` is false, the estimate is that mean (of class ``y``; of all images for "no class").
+        There alpha_bar is about 1e-6 for the cosine schedule's clipped last step: x_T holds a thousandth of x_0,
+        so the best estimate is the data's mean, while Eq. (19) multiplies the network's error by
+        1 / sqrt(alpha_bar), about 1,000, and the clamp turns that into a saturated image. A chain that jumps
+        from there to a timestep with signal keeps that image's colours (docs/sampling.md, "The first step")."""
         eps = self.predict_noise(x_t, t, x_self_cond, y, guidance)
-        return self.predict_start_from_noise(x_t, t, eps).clamp(-1.0, 1.0)
+        x_start = self.predict_start_from_noise(x_t, t, eps).clamp(-1.0, 1.0)
+        if self.data_mean is None or not mean_at_last:
+            return x_start
+        row = torch.full_like(t, self.null_class) if y is None else y
+        last = (t == self.num_timesteps - 1).view(-1, *((1,) * (x_t.dim() - 1)))
+        return torch.where(last, self.data_mean[row].to(x_start.dtype), x_start)
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0), Eq. (18)."""
@@ -290,8 +320,9 @@ class Diffusion(nn.Module):
                      x_self_cond: torch.Tensor | None = None, y: torch.Tensor | None = None,
                      guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm 2, lines 4 to 9, with the step's noise ``z`` given (None: none): x_{t-1}, and the clamped x_0
-        estimate (a self-conditioned network's input at the next step)."""
-        x_start = self.predict_start(x, t, x_self_cond, y, guidance)  # lines 4 to 6
+        estimate (a self-conditioned network's input at the next step). The estimate is always the network's, as
+        the handout has it (the data's mean at the last step measured no better on this chain)."""
+        x_start = self.predict_start(x, t, x_self_cond, y, guidance, mean_at_last=False)  # lines 4 to 6
         mean, variance = self.q_posterior(x_start, x, t)  # lines 7 and 8
         return (mean if z is None else mean + variance.sqrt() * z), x_start  # line 9; the variance is 0 at t = 1
 

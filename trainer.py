@@ -30,6 +30,7 @@ from sampling.ema_sampler import EMASampler
 from settings.config import Config
 from settings.record import RunRecord
 from training import build
+from training.data_mean import DataMean, means_from_state
 from training.ema import ema_decay
 from training.interrupt import StopSignals, TrainingInterrupted
 from training.step import TrainStep, learning_rate
@@ -63,6 +64,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.ema = build.ema_copy(self.diffusion)
+        self.data_mean = DataMean(diffusion.num_classes, (diffusion.channels, diffusion.image_size, diffusion.image_size),
+                                  self.device)
         self.stepper = TrainStep(self.diffusion, self.ema, config=config, device=self.device,
                                  precision=self.precision, world_size=self.dist.world_size,
                                  batch_size=getattr(batches, "batch_size", 0), announce=self.dist.is_main)
@@ -88,6 +91,9 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """Algorithm 1 on ``grad_accum`` batches, one optimizer step, one EMA update; returns the loss (no sync)."""
         batches = [next(self.data_iter) for _ in range(self.config.grad_accum)]
+        for batch in batches:
+            self.data_mean.add(batch.images, batch.labels)
+        self.ema.set_data_mean(self.data_mean.means())  # in place, on the device: no host read
         loss = self.stepper.step(batches, lr=self.lr_at(self.step), ema_weight=1.0 - self.ema_decay_at(self.step))
         self.step += 1
         return loss
@@ -222,6 +228,7 @@ class Trainer:
             "rng": ckpt_io.rng_state(),
             "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else {},
             "history": [dict(r) for r in self.history],
+            "data_mean": self.data_mean.state_dict(),
             "best_fid": self.best_fid,
             "wandb_run_id": self.logger.wandb_run_id if self.logger is not None else None,
             **({"examples": self.examples.cpu()} if self.examples is not None else {}),
@@ -246,7 +253,11 @@ class Trainer:
         self.history = list(ckpt.get("history", []))
         self.best_fid = float(ckpt.get("best_fid", math.inf))
         self.examples = ckpt.get("examples")
+        if ckpt.get("data_mean") is not None:
+            self.ema.set_data_mean(means_from_state(ckpt["data_mean"]))
         if resume:
+            if ckpt.get("data_mean") is not None:
+                self.data_mean.load_state_dict(ckpt["data_mean"])
             self.stepper.load_state_dict(ckpt)
             if grows:  # the widened input convolution's moments start afresh (Adam's own first steps)
                 self.stepper.forget_moments(self.diffusion.model.input_conv.weight)

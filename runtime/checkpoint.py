@@ -6,7 +6,9 @@ came from somewhere else cannot run code. It holds everything a resumed run need
     {"format": 2, "step": int, "config": {setting: value}, "run": {...},
      "model": state_dict, "ema": state_dict, "optimizer": state_dict, "scaler": state_dict | None,
      "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]}, "data": {...}, "history": [{...}, ...],
-     "wandb_run_id": str | None, "examples": uint8 [K, C, S, S] (a few training images, for --visualize)}
+     "wandb_run_id": str | None, "examples": uint8 [K, C, S, S] (a few training images, for --visualize),
+     "data_mean": {"sum": float [K' + 1, C, S, S], "count": float [K' + 1]} (the images trained on, per class and
+     over all, for the chain's first step; ``training.data_mean``)}
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from runtime.errors import UserError
 from runtime.precision import choose_precision
 from sampling.ema_sampler import EMASampler
 from settings.record import RunRecord
+from training.data_mean import means_from_state
 from unet import Unet
 
 
@@ -70,8 +71,12 @@ class LoadedModel:
     def describe(self) -> str:
         """One line: where it runs, in what precision, how large, and from which step."""
         params = sum(p.numel() for p in self.diffusion.model.parameters())
-        return (f"device {self.device}, precision {self.precision}, {params:,} parameters, "
+        line = (f"device {self.device}, precision {self.precision}, {params:,} parameters, "
                 f"checkpoint at step {self.step}")
+        if self.diffusion.data_mean is None:
+            line += ("; the checkpoint keeps no data mean, so the chain's first step takes the network's estimate "
+                     "(resume its training for a step to add one)")
+        return line
 
 
 def load_model(config, *, device: torch.device | str | None = None, run: RunRecord | None = None) -> LoadedModel:
@@ -85,6 +90,8 @@ def load_model(config, *, device: torch.device | str | None = None, run: RunReco
     diffusion = build_diffusion(config, run.classes)
     load_state_strict(diffusion.model, ckpt.get("ema", ckpt["model"]), "EMA model", config.load_path)
     diffusion = diffusion.to(device).eval().requires_grad_(False)
+    if ckpt.get("data_mean") is not None:
+        diffusion.set_data_mean(means_from_state(ckpt["data_mean"]))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     examples = ckpt.get("examples")

@@ -153,6 +153,23 @@ def test_visualize_writes_both_figures_and_the_gif(tmp_path):
         assert fig.width > 200 and fig.height > 150
 
 
+def test_a_checkpoint_without_a_data_mean_loads_samples_and_says_its_first_step_is_the_networks(tiny, tmp_path):
+    from runtime.checkpoint import load_checkpoint, save_checkpoint
+    from sampling.model import load_model
+
+    ckpt = load_checkpoint(tiny["save"] / "model.pt")
+    assert ckpt["data_mean"]["count"][-1] > 0
+    del ckpt["data_mean"]  # as checkpoints were written before it
+    save_checkpoint(ckpt, tmp_path / "old.pt")
+    config = Config(image_size=16, unet_dim=8, dim_mults=(1, 2), num_res_blocks=1, time_steps=10, device="cpu",
+                    save_folder=str(tmp_path))
+    old, new = (load_model(config.replace(load_path=str(path))) for path in (tmp_path / "old.pt", tiny["save"] / "model.pt"))
+    assert old.diffusion.data_mean is None and new.diffusion.data_mean is not None
+    assert "keeps no data mean" in old.describe() and "data mean" not in new.describe()
+    drawn = old.sampler.sample(2)
+    assert drawn.shape == (2, 3, 16, 16) and not torch.equal(drawn, new.sampler.sample(2))
+
+
 def test_a_loaded_model_is_the_checkpoints_ema_and_samples_what_training_sampled(tiny, tmp_path):
     from runtime.checkpoint import load_checkpoint
     from sampling.model import load_model

@@ -68,6 +68,18 @@ def test_the_static_step_samples_what_the_eager_chain_samples(self_condition, sa
     assert expected.std() > 0.05  # the images depend on the network
 
 
+def test_the_static_step_reads_the_data_mean_the_model_holds_when_it_runs():
+    d = trained_looking(True)
+    d.set_data_mean(torch.full((1, 3, 16, 16), -0.5))
+    step = ChainStep(d, (3, 3, 16, 16), sampler="ancestral", capture=False)
+    first = d.sample(3, sampler="ancestral", steps=5, generator=generator(), step=step)
+    assert torch.equal(first, d.sample(3, sampler="ancestral", steps=5, generator=generator()))
+    d.set_data_mean(torch.full((1, 3, 16, 16), 0.5))  # as training updates it between grids: in place
+    again = d.sample(3, sampler="ancestral", steps=5, generator=generator(), step=step)
+    assert torch.equal(again, d.sample(3, sampler="ancestral", steps=5, generator=generator()))
+    assert not torch.equal(again, first)
+
+
 def test_a_partial_chain_with_intermediates_for_the_backward_figure():
     d = trained_looking(True)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -118,14 +130,19 @@ def test_with_cuda_graphs_the_trainer_samples_grids_fid_images_and_figures_throu
 @pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 5), ("dpmpp_2m", 5), ("dpmpp_2m_sde", 5)])
 def test_the_captured_step_samples_what_the_eager_chain_samples_on_a_gpu(sampler, steps):
     d = trained_looking(True, "cuda")
+    d.set_data_mean(torch.full((1, 3, 16, 16), -0.5, device="cuda"))
     step = ChainStep(d, (4, 3, 16, 16), sampler=sampler)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         expected = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"))
         first = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"), step=step)  # warm-up, capture
         again = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"), step=step)  # replays only
+        d.set_data_mean(torch.full((1, 3, 16, 16), 0.5, device="cuda"))  # in place: the replay reads it
+        moved = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"))
+        replayed = d.sample(4, sampler=sampler, steps=steps, generator=generator("cuda"), step=step)
     assert step.captured.graph is not None
     torch.testing.assert_close(first, expected, rtol=0, atol=2e-3)
     torch.testing.assert_close(again, expected, rtol=0, atol=2e-3)
+    torch.testing.assert_close(replayed, moved, rtol=0, atol=2e-3)
 
 
 def test_inpainting_candidates_run_every_fill_through_one_static_step(tmp_path):

@@ -140,6 +140,64 @@ def test_predict_start_inverts_q_sample():
     assert torch.allclose(d.predict_start_from_noise(d.q_sample(x, t, noise), t, noise), x, atol=1e-4)
 
 
+class ZeroClasses(nn.Module):
+    """A class-conditional network over two classes that predicts no noise."""
+
+    num_classes = 2
+
+    def forward(self, x_t, t, y=None):
+        return torch.zeros_like(x_t)
+
+
+def test_with_the_data_mean_the_last_timesteps_estimate_is_that_mean_and_no_other_estimate_changes():
+    d = make(T=50)
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([49, 48, 10, 49])
+    plain = d.predict_start(x, t)
+    # what the mean replaces: at t = 49 Eq. (19) multiplies by about 1,000, so the clamp saturates every pixel
+    assert (plain[0].abs() == 1).float().mean().item() > 0.95
+    mean = torch.rand(1, 3, 8, 8) * 2 - 1
+    d.set_data_mean(mean)
+    estimate = d.predict_start(x, t)
+    assert torch.equal(estimate[[0, 3]], mean.expand(2, -1, -1, -1))
+    assert torch.equal(estimate[1:3], plain[1:3])
+    d.set_data_mean(None)
+    assert torch.equal(d.predict_start(x, t), plain)
+
+
+def test_a_class_conditional_models_last_estimate_is_its_classs_mean_and_no_class_the_mean_of_all():
+    d = make(ZeroClasses(), T=20)
+    means = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 8, 8) / 4  # classes 0, 1 and all
+    d.set_data_mean(means)
+    x, t = torch.randn(3, 3, 8, 8), torch.full((3,), 19)
+    assert torch.equal(d.predict_start(x, t, y=torch.tensor([1, 0, 2])), means[[1, 0, 2]])
+    assert torch.equal(d.predict_start(x, t), means[[2, 2, 2]])
+
+
+def test_algorithm_2_keeps_the_networks_estimate_while_the_samplers_that_jump_take_the_mean():
+    d = make(T=20)
+
+    def draw(sampler):
+        steps = None if sampler == "ddpm" else 5
+        return d.sample(2, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+
+    names = ("ddpm", "ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+    before = {name: draw(name) for name in names}
+    d.set_data_mean(torch.zeros(1, 3, 8, 8))
+    after = {name: draw(name) for name in names}
+    assert torch.equal(after["ddpm"], before["ddpm"])
+    assert all(not torch.allclose(after[name], before[name], atol=1e-3) for name in names[1:])
+
+
+def test_a_new_data_mean_is_copied_into_the_held_tensor_and_a_wrong_shape_is_refused():
+    d = make(T=10)
+    d.set_data_mean(torch.zeros(1, 3, 8, 8))
+    held = d.data_mean
+    d.set_data_mean(torch.ones(1, 3, 8, 8))
+    assert d.data_mean is held and torch.equal(held, torch.ones(1, 3, 8, 8))  # a captured graph reads it
+    with pytest.raises(ValueError, match=r"shape \[1, 3, 8, 8\]"):
+        d.set_data_mean(torch.zeros(2, 3, 8, 8))
+
+
 def test_oracle_gives_zero_loss_and_chain_ends_at_data_point():
     x_start = torch.rand(1, 3, 8, 8) * 2 - 1
     oracle = Oracle(x_start)

@@ -11,6 +11,7 @@ from runtime import checkpoint as ckpt_io
 from runtime.errors import UserError
 from settings.config import Config
 from trainer import Trainer, TrainingDiverged
+from training.data_mean import DataMean, means_from_state
 from training.ema import MAX_SIGMA_REL, sigma_rel_to_gamma
 
 # tiny_diffusion's network, trained as plain Algorithm 1 (one batch per step, no weight decay) unless asked
@@ -63,6 +64,36 @@ def test_dropout_acts_in_training_only_never_when_sampling_the_ema(tmp_path):
     plain.model.load_state_dict(trainer.ema.model.state_dict())
     trainer.ema = plain.eval()
     assert torch.equal(trainer.sampler.sample(2), first)
+
+
+def test_checkpoints_keep_the_mean_of_the_images_trained_on_and_a_resumed_run_goes_on_counting(tmp_path):
+    trainer = make_trainer(tmp_path, train_steps=3, save_and_sample_every=3)
+    trainer.train()
+    stream = iter(FakeBatches())
+    seen = torch.cat([next(stream).images for _ in range(3)])
+    state = ckpt_io.load_checkpoint(tmp_path / "model.pt")["data_mean"]
+    assert state["count"].tolist() == [12.0]
+    assert torch.allclose(means_from_state(state)[0], seen.mean(dim=0), atol=1e-6)
+    assert torch.allclose(trainer.ema.data_mean[0], seen.mean(dim=0), atol=1e-6)
+    assert trainer.diffusion.data_mean is None  # training's own estimates (self-conditioning) never take it
+    resumed = make_trainer(tmp_path, train_steps=5, save_and_sample_every=5)
+    resumed.load(tmp_path / "model.pt")
+    assert torch.allclose(resumed.ema.data_mean, trainer.ema.data_mean)  # before any step of its own
+    resumed.train()
+    seen = torch.cat([seen, next(stream).images, next(stream).images])
+    state = ckpt_io.load_checkpoint(tmp_path / "model.pt")["data_mean"]
+    assert state["count"].tolist() == [20.0]
+    assert torch.allclose(means_from_state(state)[0], seen.mean(dim=0), atol=1e-6)
+
+
+def test_the_data_mean_counts_each_class_and_a_class_not_seen_takes_the_mean_of_all():
+    mean = DataMean(3, (1, 2, 2), "cpu")
+    assert means_from_state(mean.state_dict()) is None
+    mean.add(torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2), torch.tensor([0, 0, 1, 1]))
+    means = mean.means()
+    assert means.shape == (4, 1, 2, 2)
+    assert [means[k, 0, 0, 0].item() for k in range(4)] == [0.5, 2.5, 1.5, 1.5]
+    assert torch.equal(means_from_state(mean.state_dict()), means)
 
 
 def test_ema_follows_the_weights_at_the_warm_up_decay(tmp_path):
