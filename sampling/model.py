@@ -75,7 +75,7 @@ class LoadedModel:
                 f"checkpoint at step {self.step}")
         if self.diffusion.data_mean is None:
             line += ("; the checkpoint keeps no data mean, so the chain's first step takes the network's estimate "
-                     "(resume its training for a step to add one)")
+                     "(resuming its training adds the mean of the images it then trains on)")
         return line
 
 
