@@ -192,7 +192,7 @@ class Diffusion(nn.Module):
         shape = (self.num_classes + 1, self.channels, self.image_size, self.image_size)
         if tuple(means.shape) != shape:
             raise ValueError(f"the data mean must have shape {list(shape)}, got {list(means.shape)}")
-        if self.data_mean is not None and self.data_mean.shape == means.shape:
+        if self.data_mean is not None:  # of the checked shape too
             self.data_mean.copy_(means)
         else:
             self.data_mean = means.detach().to(self.device, torch.float32).clone()

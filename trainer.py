@@ -253,11 +253,12 @@ class Trainer:
         self.history = list(ckpt.get("history", []))
         self.best_fid = float(ckpt.get("best_fid", math.inf))
         self.examples = ckpt.get("examples")
-        if ckpt.get("data_mean") is not None:
-            self.ema.set_data_mean(means_from_state(ckpt["data_mean"]))
+        data_mean = ckpt.get("data_mean")
+        if data_mean is not None:
+            self.ema.set_data_mean(means_from_state(data_mean))
+            if resume:
+                self.data_mean.load_state_dict(data_mean)
         if resume:
-            if ckpt.get("data_mean") is not None:
-                self.data_mean.load_state_dict(ckpt["data_mean"])
             self.stepper.load_state_dict(ckpt)
             if grows:  # the widened input convolution's moments start afresh (Adam's own first steps)
                 self.stepper.forget_moments(self.diffusion.model.input_conv.weight)
