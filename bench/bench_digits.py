@@ -23,7 +23,8 @@ a 95 % interval paired over the held-out images (each image's share of right fil
 that a lead smaller than the held-out set can show reads as such.
 
 ``balance`` draws ``--samples`` images from each checkpoint given (its sampler, one noise seed) and compares the
-share of each class the classifier names with the data's own; the largest gap, in points, is the row's summary.
+share of each class the classifier names with the data's own; the largest gap and the total variation (half the
+sum of the gaps), in points, are the row's summary.
 Several checkpoints of one run (saved along its training) give the balance over training.
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ def balance(args) -> list[dict]:
         row = {"load_path": path, "step": bench.model.step, "sampler": sampler.config.sampler_name,
                "samples": dict(zip(classes, named.tolist())), "largest_gap_points": max(gaps, key=abs),
                "class_of_largest_gap": classes[max(range(len(gaps)), key=lambda c: abs(gaps[c]))],
-               "s_per_image": seconds}
+               "total_variation_points": sum(map(abs, gaps)) / 2, "s_per_image": seconds}
         report(row)
         rows.append(row)
     return rows

@@ -123,11 +123,11 @@ def test_the_gpu_checks_networks_part_trains_each_candidate_and_reads_its_last_f
 
     args = gpu_check.parse_args(["--parts", "networks", "--network_steps", "500"])
     commands = gpu_check.network_commands(args)
-    assert [name for name, _ in commands] == ["1 1 2 2 4 8, attention 4 5", "1 1 2 4 8 8, attention 4",
+    assert [name for name, _ in commands] == ["1 1 2 4 8 8, attention 4", "1 1 2 2 4 8, attention 4 5",
                                               "1 2 4 8, attention 3"]
     configs = [parse(flags)[0] for _, flags in commands]  # every command is one main.py takes
     assert [(c.dim_mults, c.attention_levels) for c in configs] == [
-        ((1, 1, 2, 2, 4, 8), (4, 5)), ((1, 1, 2, 4, 8, 8), (4,)), ((1, 2, 4, 8), (3,))]
+        ((1, 1, 2, 4, 8, 8), (4,)), ((1, 1, 2, 2, 4, 8), (4, 5)), ((1, 2, 4, 8), (3,))]
     assert all(c.image_size == 128 and c.train_steps == c.save_and_sample_every == 500 and c.fid for c in configs)
     assert [flags for _, flags in gpu_check.network_commands(gpu_check.parse_args(["--networks", "1 2: 1"]))] == [
         ["--image_size", "128", "--train_steps", "1000", "--save_and_sample_every", "1000", "--fid", "--dim_mults",
@@ -370,3 +370,4 @@ def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_
         gap = {c: 100 * (row["samples"][c] - head["data"][c]) for c in "ab"}
         assert row["largest_gap_points"] == pytest.approx(gap[row["class_of_largest_gap"]])
         assert abs(row["largest_gap_points"]) == pytest.approx(max(map(abs, gap.values())))
+        assert row["total_variation_points"] == pytest.approx(sum(map(abs, gap.values())) / 2)

@@ -175,7 +175,7 @@ def test_resuming_on_other_data_is_refused_saying_how_it_differs(tmp_path, capsy
 
 
 @pytest.mark.parametrize("size, mults, attention", [
-    (32, (1, 2, 4, 8), (3,)), (64, (1, 2, 4, 8, 8), (3,)), (128, (1, 1, 2, 2, 4, 8), (4, 5)),
+    (32, (1, 2, 4, 8), (3,)), (64, (1, 2, 4, 8, 8), (3,)), (128, (1, 1, 2, 4, 8, 8), (4,)),
     (48, (1, 2, 4, 8, 8), (3,))])
 def test_each_size_gets_its_network_and_flags_override_it(size, mults, attention):
     from sampling.model import build_diffusion
@@ -197,24 +197,26 @@ def test_a_checkpoint_of_an_earlier_version_keeps_its_network():
     ckpt_io.check_architecture(saved, Config(image_size=64, dim_mults=(1, 2, 4, 8)), "old.pt")
 
 
-def test_a_64px_checkpoint_of_the_former_network_keeps_it(tmp_path):
-    """Before the 64-px network was chosen by FID, 64 px got ``1 1 2 4 8`` with attention at 8 x 8 and 4 x 4;
-    such a checkpoint records that network, and loading it builds that network and its weights, not today's."""
+@pytest.mark.parametrize("size, mults, attention", [(64, (1, 1, 2, 4, 8), (3, 4)), (128, (1, 1, 2, 2, 4, 8), (4, 5))])
+def test_a_checkpoint_of_a_former_size_network_keeps_it(tmp_path, size, mults, attention):
+    """Before their networks were chosen by FID, 64 px got ``1 1 2 4 8`` and 128 px ``1 1 2 2 4 8``, each with
+    attention at 8 x 8 and 4 x 4; such a checkpoint records its network, and loading it builds that network and
+    its weights, not today's."""
     from sampling.model import build_diffusion, load_model
     from settings.cli import build_parser, parse
 
-    former = Config(image_size=64, unet_dim=8, dim_mults=(1, 1, 2, 4, 8), attention_levels=(3, 4))
-    assert Config(image_size=64).dim_mults != former.dim_mults
+    former = Config(image_size=size, unet_dim=8, dim_mults=mults, attention_levels=attention)
+    assert (Config(image_size=size).dim_mults, Config(image_size=size).attention_levels) != (mults, attention)
     state = build_diffusion(former).model.state_dict()
     ckpt_io.save_checkpoint({"format": ckpt_io.FORMAT, "step": 7, "config": former.to_dict(), "model": state},
                             tmp_path / "old.pt")
     parser = build_parser()
     config, named = parse(["--load_path", str(tmp_path / "old.pt"), "--sample", "4", "--device", "cpu"], parser)
     config, adopted, _ = main.adopt_checkpoint_settings(config, named, parser)
-    assert (config.dim_mults, config.attention_levels) == ((1, 1, 2, 4, 8), (3, 4)) == (adopted["dim_mults"],
-                                                                                       adopted["attention_levels"])
+    assert (config.dim_mults, config.attention_levels) == (mults, attention) == (adopted["dim_mults"],
+                                                                                 adopted["attention_levels"])
     model = load_model(config)
-    assert model.step == 7 and model.diffusion.model.attention_levels == (3, 4)
+    assert model.step == 7 and model.diffusion.model.attention_levels == attention
     assert all(torch.equal(v, state[k]) for k, v in model.diffusion.model.state_dict().items())
 
 
