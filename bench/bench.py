@@ -162,10 +162,12 @@ def measure_training(spec: dict) -> dict:
         if spec["pipeline"] == "package":
             from imagedata import dataset
 
-            images = dataset.load_images(spec["data"], "cat", size, cache_dir=spec["cache_dir"], progress=False).images
+            images = dataset.load_images(spec["data"], "cat", size, cache_dir=spec["cache_dir"], progress=False,
+                                         channels=args.channels).images
             batches = _Counted(DeviceBatches(images, batch_size, device=device))
         else:  # synthetic: one batch already on the device, served again and again
-            batches = _Counted(itertools.repeat(Batch(torch.rand(batch_size, 3, size, size, device=device) * 2 - 1)))
+            shape = (batch_size, args.channels, size, size)
+            batches = _Counted(itertools.repeat(Batch(torch.rand(shape, device=device) * 2 - 1)))
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(diffusion, batches, config=args.replace(save_folder=tmp), device=device)
         step, precision = trainer.train_step, trainer.precision

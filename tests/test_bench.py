@@ -227,6 +227,15 @@ def test_the_size_benchmark_measures_each_size_with_its_own_network(capsys):
     assert capsys.readouterr().out.count("steps/s") == 2
 
 
+def test_the_size_benchmark_trains_a_grey_network_on_grey_batches():
+    import bench_sizes
+
+    args = bench_sizes.parse_args(["--sizes", "32", "--steps", "1", "--warmup", "1", "--device", "cpu", "--flags",
+                                   "--unet_dim", "8", "--batch_size", "2", "--time_steps", "5", "--channels", "1"])
+    (row,) = bench_sizes.run(args)
+    assert row["images"] == 2 * 2 and row["steps_per_s"] > 0
+
+
 def test_the_editing_benchmark_splits_a_folder_and_keeps_every_class_folder(tmp_path):
     import bench_edits
 
