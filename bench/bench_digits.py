@@ -22,10 +22,14 @@ what is kept worse than a lookup does. Each row after retrieval also gives its l
 a 95 % interval paired over the held-out images (each image's share of right fills less retrieval's 0 or 1), so
 that a lead smaller than the held-out set can show reads as such.
 
-``balance`` draws ``--samples`` images from each checkpoint given (its sampler, one noise seed) and compares the
-share of each class the classifier names with the data's own; the largest gap and the total variation (half the
-sum of the gaps), in points, are the row's summary.
-Several checkpoints of one run (saved along its training) give the balance over training.
+``balance`` draws ``--samples`` images from each checkpoint given (its sampler or each of ``--samplers``, one noise
+seed) and compares the share of each class the classifier names with the data's own; the largest gap and the total
+variation (half the sum of the gaps), in points, are the row's summary. Each row also gives the samples' mean level (``ink``: on
+dark-ground digits, how much of an image is stroke) beside the data's: a model whose samples hold less ink than the
+data draws the thinner digits more often.
+With ``--held_out``, a first row reads real images the same way: the classifier's own errors give them gaps too,
+the floor a model drawing the data's very shares would score. Several checkpoints of one run (saved along its
+training) give the balance over training.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_edits import KEPT_GUIDANCE, Bench, inpainting_samplers, report  # noqa: E402
+from bench_samplers import parse_spec  # noqa: E402
 from bench_guidance import classify, train_classifier  # noqa: E402
 from imagedata.dataset import class_labels, load_images  # noqa: E402
 from sampling.edit_commands import input_files, named_mask, read_inputs  # noqa: E402
@@ -130,6 +135,20 @@ def complete(args) -> list[dict]:
     return rows
 
 
+def ink(images: torch.Tensor) -> float:
+    """The mean level of ``images`` (uint8) in [0, 1]: on dark-ground digits, how much of each image is stroke."""
+    return images.float().mean().item() / 255
+
+
+def gaps_from(named: torch.Tensor, data: list[float], classes: tuple[str, ...]) -> dict:
+    """The shares ``named`` (per class, summing to 1) against the data's ``data``: each class's share, the largest
+    gap and its class, and the total variation (half the sum of the gaps), in points."""
+    gaps = [100 * (s - d) for s, d in zip(named.tolist(), data)]
+    return {"samples": dict(zip(classes, named.tolist())), "largest_gap_points": max(gaps, key=abs),
+            "class_of_largest_gap": classes[max(range(len(gaps)), key=lambda c: abs(gaps[c]))],
+            "total_variation_points": sum(map(abs, gaps)) / 2}
+
+
 def balance(args) -> list[dict]:
     rows, classifier = [], None
     for path in args.load_path:
@@ -140,17 +159,27 @@ def balance(args) -> list[dict]:
             classifier, accuracy = train_classifier(training.images, training.labels, len(classes))
             data = (training.labels.bincount(minlength=len(classes)).float() / len(training.labels)).tolist()
             print(f"classifier: {accuracy:.1%} of its own held-out tenth of the training images right", flush=True)
-            rows.append({"classifier_accuracy": accuracy, "data": dict(zip(classes, data))})
-        sampler = bench.sampler()
-        drawn, seconds = bench.timed(lambda a, b, g: sampler.sample(b - a, generator=g), args.samples)
-        named = classify(classifier, drawn.float() / 255).bincount(minlength=len(classes)).float() / args.samples
-        gaps = [100 * (s - d) for s, d in zip(named.tolist(), data)]
-        row = {"load_path": path, "step": bench.model.step, "sampler": sampler.config.sampler_name,
-               "samples": dict(zip(classes, named.tolist())), "largest_gap_points": max(gaps, key=abs),
-               "class_of_largest_gap": classes[max(range(len(gaps)), key=lambda c: abs(gaps[c]))],
-               "total_variation_points": sum(map(abs, gaps)) / 2, "s_per_image": seconds}
-        report(row)
-        rows.append(row)
+            rows.append({"classifier_accuracy": accuracy, "data": dict(zip(classes, data)),
+                         "data_ink": ink(training.images)})
+            if args.held_out:  # what a model drawing the data's very shares would score: real images, as named
+                found, truth = class_labels(bench.files, Path(args.held_out))
+                if found != classes:
+                    raise SystemExit(f"{args.held_out} holds the classes {found}, {args.data_path} {classes}")
+                own = (truth.bincount(minlength=len(classes)).float() / len(truth)).tolist()
+                named = classify(classifier, bench.inputs).bincount(minlength=len(classes)).float() / len(truth)
+                row = {"reference": "held-out images, as the classifier names them", "images": len(truth),
+                       **gaps_from(named, own, classes), "ink": ink(bench.real)}
+                report(row)
+                rows.append(row)
+        for spec in args.samplers or [None]:
+            chosen = parse_spec(spec) if spec else {}
+            sampler = bench.sampler(**({"sampler": chosen["sampler"], "sample_steps": chosen["steps"]} if spec else {}))
+            drawn, seconds = bench.timed(lambda a, b, g: sampler.sample(b - a, generator=g), args.samples)
+            named = classify(classifier, drawn.float() / 255).bincount(minlength=len(classes)).float() / args.samples
+            row = {"load_path": path, "step": bench.model.step, "sampler": sampler.config.sampler_name,
+                   **gaps_from(named, data, classes), "ink": ink(drawn), "s_per_image": seconds}
+            report(row)
+            rows.append(row)
     return rows
 
 
@@ -188,7 +217,11 @@ def parse_args(argv=None):
             p.add_argument("--fills", type=int, default=1, help="fills of each held-out image in every inpainting "
                            "row, from noise seeds 0, 1, ...; its share is over all of them")
         else:
-            p.add_argument("--samples", type=int, default=1000, help="images drawn from each checkpoint")
+            p.add_argument("--samples", type=int, default=1000, help="images drawn from each checkpoint and sampler")
+            p.add_argument("--samplers", nargs="+", default=None,
+                           help="NAME[:STEPS] of each sampler to draw with (default: the checkpoint's own)")
+            p.add_argument("--held_out", default=None, help="class folders of real images kept out of training: "
+                           "their shares as the classifier names them, the reading a perfect model would get")
     return parser.parse_args(argv)
 
 

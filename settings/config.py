@@ -200,8 +200,9 @@ class Config:
     self_condition: bool = setting(True, "self-conditioning (Chen et al. 2023): the U-Net also takes an x_0 estimate "
                                    "(its own, from a first pass or the previous sampling step)", group=MODEL,
                                    role="network", kind=BOOL)
-    loss: str = setting("l1", "loss on the predicted noise (the assignment's is L1)", group=MODEL, role="training",
-                        choices=LOSSES)
+    loss: str = setting("l1", "loss on the predicted noise (the assignment's is L1; L1 learns a median, which thins "
+                        "strokes, and l2 draws each class nearer its share of the data)", group=MODEL,
+                        role="training", choices=LOSSES)
 
     # how the weights are trained, and how fast
     grad_accum: int = setting(2, "batches per optimizer step (2, as the handout trainer takes)", group=TRAINING,

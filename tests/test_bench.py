@@ -336,6 +336,8 @@ def test_a_fills_lead_over_retrieval_is_paired_over_the_images():
 def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_samples(tmp_path):
     import bench_digits
     import main
+    import numpy as np
+    from PIL import Image
     from helpers import TINY_FLAGS
 
     data = shape_digits(tmp_path / "train", {"a": 80, "b": 40}, seed=0)
@@ -380,3 +382,14 @@ def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_
         assert row["largest_gap_points"] == pytest.approx(gap[row["class_of_largest_gap"]])
         assert abs(row["largest_gap_points"]) == pytest.approx(max(map(abs, gap.values())))
         assert row["total_variation_points"] == pytest.approx(sum(map(abs, gap.values())) / 2)
+        assert 0 <= row["ink"] <= 1
+    pngs = [np.asarray(Image.open(f)) for f in sorted(data.rglob("*.png"))]  # 16 px, as the model trains on them
+    assert head["data_ink"] == pytest.approx(np.mean(pngs) / 255, abs=1e-6)
+    assert bench_digits.ink(torch.tensor([[0, 255], [51, 0]], dtype=torch.uint8)) == pytest.approx(0.3)
+    _, real, *rows = bench_digits.balance(bench_digits.parse_args(
+        ["balance", "--load_path", str(save / "model.pt"), *common, "--samples", "4", "--samplers", "ancestral:3",
+         "ddim:2", "ddpm", "--held_out", str(held)]))
+    assert [(row["step"], row["sampler"]) for row in rows] == [(4, "ancestral, 3 steps"), (4, "ddim, 2 steps"),
+                                                               (4, "ddpm")]
+    assert real["images"] == 8 and real["samples"] == {"a": 0.5, "b": 0.5}  # the reader names all 8 right (above)
+    assert real["largest_gap_points"] == real["total_variation_points"] == 0
