@@ -24,10 +24,9 @@ that a lead smaller than the held-out set can show reads as such.
 
 ``balance`` draws ``--samples`` images from each checkpoint given (its sampler or each of ``--samplers``, one noise
 seed) and compares the share of each class the classifier names with the data's own; the largest gap and the total
-variation (half the sum of the gaps), in points, are the row's summary. Each row also gives the samples' mean level (``ink``: on
-dark-ground digits, how much of an image is stroke) beside the data's: a model whose samples hold less ink than the
-data draws the thinner digits more often.
-With ``--held_out``, a first row reads real images the same way: the classifier's own errors give them gaps too,
+variation (half the sum of the gaps), in points, are the row's summary. Each row also gives the samples' mean
+level (``ink``: on dark-ground digits, how much of an image is stroke) beside the data's: a model whose samples
+hold less ink than the data draws the thinner digits more often. With ``--held_out``, a first row reads real images the same way: the classifier's own errors give them gaps too,
 the floor a model drawing the data's very shares would score. Several checkpoints of one run (saved along its
 training) give the balance over training.
 """
@@ -45,7 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_edits import KEPT_GUIDANCE, Bench, inpainting_samplers, report  # noqa: E402
-from bench_samplers import parse_spec  # noqa: E402
 from bench_guidance import classify, train_classifier  # noqa: E402
 from imagedata.dataset import class_labels, load_images  # noqa: E402
 from sampling.edit_commands import input_files, named_mask, read_inputs  # noqa: E402
@@ -57,6 +55,14 @@ def labelled_training(images, data_path: str):
         raise SystemExit(f"{data_path} has no class folders; the classifier needs one folder per class "
                          f"(python bench/class_data.py writes digits so)")
     return images
+
+
+def held_out_truth(files, args, classes: tuple[str, ...]) -> torch.Tensor:
+    """The class of each held-out file (long [N]), refusing held-out class folders other than the training data's."""
+    found, truth = class_labels(files, Path(args.held_out))
+    if found != classes:
+        raise SystemExit(f"{args.held_out} holds the classes {found}, {args.data_path} {classes}")
+    return truth
 
 
 def floors_data(args):
@@ -95,9 +101,7 @@ def complete(args) -> list[dict]:
     bench = Bench(args) if args.load_path else None
     training, files, inputs = (bench.training_images, bench.files, bench.inputs) if bench else floors_data(args)
     classes = labelled_training(training, args.data_path).classes
-    found, truth = class_labels(files, Path(args.held_out))
-    if found != classes:
-        raise SystemExit(f"{args.held_out} holds the classes {found}, {args.data_path} {classes}")
+    truth = held_out_truth(files, args, classes)
     classifier, accuracy = train_classifier(training.images, training.labels, len(classes))
     size = inputs.shape[-1]
     train_x = training.images.float() / 255
@@ -140,10 +144,15 @@ def ink(images: torch.Tensor) -> float:
     return images.float().mean().item() / 255
 
 
-def gaps_from(named: torch.Tensor, data: list[float], classes: tuple[str, ...]) -> dict:
+def shares_of(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Each class's share of ``labels`` (long [N]), float [classes]."""
+    return labels.bincount(minlength=classes).float() / len(labels)
+
+
+def gaps_from(named: torch.Tensor, data: torch.Tensor, classes: tuple[str, ...]) -> dict:
     """The shares ``named`` (per class, summing to 1) against the data's ``data``: each class's share, the largest
     gap and its class, and the total variation (half the sum of the gaps), in points."""
-    gaps = [100 * (s - d) for s, d in zip(named.tolist(), data)]
+    gaps = [100 * (s - d) for s, d in zip(named.tolist(), data.tolist())]
     return {"samples": dict(zip(classes, named.tolist())), "largest_gap_points": max(gaps, key=abs),
             "class_of_largest_gap": classes[max(range(len(gaps)), key=lambda c: abs(gaps[c]))],
             "total_variation_points": sum(map(abs, gaps)) / 2}
@@ -157,25 +166,21 @@ def balance(args) -> list[dict]:
         classes = training.classes
         if classifier is None:
             classifier, accuracy = train_classifier(training.images, training.labels, len(classes))
-            data = (training.labels.bincount(minlength=len(classes)).float() / len(training.labels)).tolist()
+            data = shares_of(training.labels, len(classes))
             print(f"classifier: {accuracy:.1%} of its own held-out tenth of the training images right", flush=True)
-            rows.append({"classifier_accuracy": accuracy, "data": dict(zip(classes, data)),
+            rows.append({"classifier_accuracy": accuracy, "data": dict(zip(classes, data.tolist())),
                          "data_ink": ink(training.images)})
             if args.held_out:  # what a model drawing the data's very shares would score: real images, as named
-                found, truth = class_labels(bench.files, Path(args.held_out))
-                if found != classes:
-                    raise SystemExit(f"{args.held_out} holds the classes {found}, {args.data_path} {classes}")
-                own = (truth.bincount(minlength=len(classes)).float() / len(truth)).tolist()
-                named = classify(classifier, bench.inputs).bincount(minlength=len(classes)).float() / len(truth)
+                truth = held_out_truth(bench.files, args, classes)
+                named = shares_of(classify(classifier, bench.inputs), len(classes))
                 row = {"reference": "held-out images, as the classifier names them", "images": len(truth),
-                       **gaps_from(named, own, classes), "ink": ink(bench.real)}
+                       **gaps_from(named, shares_of(truth, len(classes)), classes), "ink": ink(bench.real)}
                 report(row)
                 rows.append(row)
         for spec in args.samplers or [None]:
-            chosen = parse_spec(spec) if spec else {}
-            sampler = bench.sampler(**({"sampler": chosen["sampler"], "sample_steps": chosen["steps"]} if spec else {}))
+            sampler = bench.sampler(spec)
             drawn, seconds = bench.timed(lambda a, b, g: sampler.sample(b - a, generator=g), args.samples)
-            named = classify(classifier, drawn.float() / 255).bincount(minlength=len(classes)).float() / args.samples
+            named = shares_of(classify(classifier, drawn.float() / 255), len(classes))
             row = {"load_path": path, "step": bench.model.step, "sampler": sampler.config.sampler_name,
                    **gaps_from(named, data, classes), "ink": ink(drawn), "s_per_image": seconds}
             report(row)

@@ -114,7 +114,11 @@ class Bench:
             self.inputs = read_inputs(self.files, diffusion.image_size, diffusion.channels, "held_out")
             self.real = quantize_uint8(self.inputs)
 
-    def sampler(self, **settings) -> EMASampler:
+    def sampler(self, spec: str | None = None, **settings) -> EMASampler:
+        """The checkpoint's sampler with ``settings`` changed; ``spec`` (``NAME[:STEPS]``) names another sampler."""
+        if spec is not None:
+            chosen = parse_spec(spec)
+            settings = {"sampler": chosen["sampler"], "sample_steps": chosen["steps"], **settings}
         return EMASampler(self.model.diffusion, checked(self.parser, self.config, **settings), device=self.model.device,
                           precision=self.model.precision, classes=self.model.classes)
 
@@ -183,9 +187,7 @@ def inpainting_samplers(bench: Bench, args):
     for spec, u, pull, k in ((spec, u, pull, k) for spec in args.samplers for u in args.resample
                              for pull in sorted({p if pull_applies(p, u) else 0.0 for p in args.kept_guidance})
                              for k in args.candidates):
-        chosen = parse_spec(spec)
-        sampler = bench.sampler(resample=u, kept_guidance=pull, candidates=k, sampler=chosen["sampler"],
-                                sample_steps=chosen["steps"])
+        sampler = bench.sampler(spec, resample=u, kept_guidance=pull, candidates=k)
         method = "replacement" if u == 1 else f"RePaint, {u} resamplings"
         pulled = f", pulled to the kept pixels at {pull:g}" if pull else ""
         chosen_of = f", the consensus of {k}" if k > 1 else ""
