@@ -26,9 +26,12 @@ that a lead smaller than the held-out set can show reads as such.
 seed) and compares the share of each class the classifier names with the data's own; the largest gap and the total
 variation (half the sum of the gaps), in points, are the row's summary. Each row also gives the samples' mean
 level (``ink``: on dark-ground digits, how much of an image is stroke) beside the data's: a model whose samples
-hold less ink than the data draws the thinner digits more often. With ``--held_out``, a first row reads real images the same way: the classifier's own errors give them gaps too,
-the floor a model drawing the data's very shares would score. Several checkpoints of one run (saved along its
-training) give the balance over training.
+hold less ink than the data draws the thinner digits more often. With ``--held_out``, a first row reads real
+images the same way: the classifier's own errors give them gaps too, the floor a model drawing the data's very
+shares would score. From how it reads them (each class's images named as each class) come the data's shares as the
+classifier would name them (``data_as_read``), and each sample row's gaps against those as well
+(``against_data_as_read``): a model drawing the data's shares scores no gap there but the sampling noise, as long
+as the classifier errs on its samples as it errs on real images. Several checkpoints of one run (saved along its training) give the balance over training.
 """
 from __future__ import annotations
 
@@ -158,8 +161,20 @@ def gaps_from(named: torch.Tensor, data: torch.Tensor, classes: tuple[str, ...])
             "total_variation_points": sum(map(abs, gaps)) / 2}
 
 
+def confusion(named: torch.Tensor, truth: torch.Tensor, classes: tuple[str, ...]) -> torch.Tensor:
+    """How the classifier reads labelled images it never fitted (long [N] each): float [classes, classes], column
+    ``j`` the shares of class ``j``'s images it names as each class."""
+    counts = torch.zeros(len(classes), len(classes))
+    counts.index_put_((named, truth), torch.ones(len(named)), accumulate=True)
+    missing = [name for name, seen in zip(classes, counts.sum(0).tolist()) if seen == 0]
+    if missing:
+        raise SystemExit(f"the held-out folders hold no images of {', '.join(missing)}; the classifier's reading "
+                         f"of every class is needed")
+    return counts / counts.sum(0)
+
+
 def balance(args) -> list[dict]:
-    rows, classifier = [], None
+    rows, classifier, read = [], None, None
     for path in args.load_path:
         bench = Bench(args, load_path=path)
         training = labelled_training(bench.training_images, args.data_path)
@@ -171,10 +186,12 @@ def balance(args) -> list[dict]:
             rows.append({"classifier_accuracy": accuracy, "data": dict(zip(classes, data.tolist())),
                          "data_ink": ink(training.images)})
             if args.held_out:  # what a model drawing the data's very shares would score: real images, as named
-                truth = held_out_truth(bench.files, args, classes)
-                named = shares_of(classify(classifier, bench.inputs), len(classes))
+                truth, labels = held_out_truth(bench.files, args, classes), classify(classifier, bench.inputs)
+                read = confusion(labels, truth, classes) @ data
+                named = shares_of(labels, len(classes))
                 row = {"reference": "held-out images, as the classifier names them", "images": len(truth),
-                       **gaps_from(named, shares_of(truth, len(classes)), classes), "ink": ink(bench.real)}
+                       **gaps_from(named, shares_of(truth, len(classes)), classes), "ink": ink(bench.real),
+                       "data_as_read": dict(zip(classes, read.tolist()))}
                 report(row)
                 rows.append(row)
         for spec in args.samplers or [None]:
@@ -183,6 +200,9 @@ def balance(args) -> list[dict]:
             named = shares_of(classify(classifier, drawn.float() / 255), len(classes))
             row = {"load_path": path, "step": bench.model.step, "sampler": sampler.config.sampler_name,
                    **gaps_from(named, data, classes), "ink": ink(drawn), "s_per_image": seconds}
+            if read is not None:  # against the data's shares as the classifier would name them: its errors out
+                row["against_data_as_read"] = {k: v for k, v in gaps_from(named, read, classes).items()
+                                               if k != "samples"}
             report(row)
             rows.append(row)
     return rows
@@ -226,7 +246,8 @@ def parse_args(argv=None):
             p.add_argument("--samplers", nargs="+", default=None,
                            help="NAME[:STEPS] of each sampler to draw with (default: the checkpoint's own)")
             p.add_argument("--held_out", default=None, help="class folders of real images kept out of training: "
-                           "their shares as the classifier names them, the reading a perfect model would get")
+                           "their shares as the classifier names them, the reading a perfect model would get, "
+                           "and the samples' gaps against the data as the classifier reads it")
     return parser.parse_args(argv)
 
 

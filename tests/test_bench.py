@@ -393,3 +393,25 @@ def test_the_digit_benchmark_judges_fills_of_held_out_images_and_the_balance_of_
                                                                (4, "ddpm")]
     assert real["images"] == 8 and real["samples"] == {"a": 0.5, "b": 0.5}  # the reader names all 8 right (above)
     assert real["largest_gap_points"] == real["total_variation_points"] == 0
+    assert real["data_as_read"] == pytest.approx(head["data"])  # a reader that errs on none reads the data as it is
+    for row in rows:
+        assert row["against_data_as_read"] == {k: row[k] for k in (
+            "largest_gap_points", "class_of_largest_gap", "total_variation_points")}
+
+
+def test_the_balance_sets_the_samples_against_the_data_as_the_classifier_reads_real_images():
+    import bench_digits
+
+    classes = ("a", "b", "c")  # half the a's read as b's, every b right, c's read as a's a quarter of the time
+    truth = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    named = torch.tensor([0, 1, 1, 1, 2, 2, 0, 2])
+    read = bench_digits.confusion(named, truth, classes)
+    assert read.tolist() == [[0.5, 0.0, 0.25], [0.5, 1.0, 0.0], [0.0, 0.0, 0.75]]
+    data = torch.tensor([0.5, 0.25, 0.25])
+    as_read = read @ data  # a model drawing the data's shares is named a 31.25 %, b 50 %, c 18.75 % of the time
+    assert as_read.tolist() == pytest.approx([0.3125, 0.5, 0.1875])
+    row = bench_digits.gaps_from(as_read, as_read, classes)
+    assert row["total_variation_points"] == 0
+    assert bench_digits.gaps_from(as_read, data, classes)["largest_gap_points"] == pytest.approx(25.0)
+    with pytest.raises(SystemExit, match="no images of c"):
+        bench_digits.confusion(named[:4], truth[:4], classes)
