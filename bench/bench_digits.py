@@ -31,7 +31,8 @@ images the same way: the classifier's own errors give them gaps too, the floor a
 shares would score. From how it reads them (each class's images named as each class) come the data's shares as the
 classifier would name them (``data_as_read``), and each sample row's gaps against those as well
 (``against_data_as_read``): a model drawing the data's shares scores no gap there but the sampling noise, as long
-as the classifier errs on its samples as it errs on real images. Several checkpoints of one run (saved along its training) give the balance over training.
+as the classifier errs on its samples as it errs on real images. Several checkpoints of one run (saved along its
+training) give the balance over training.
 """
 from __future__ import annotations
 
