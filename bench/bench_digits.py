@@ -154,11 +154,11 @@ def shares_of(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 
 def gaps_from(named: torch.Tensor, data: torch.Tensor, classes: tuple[str, ...]) -> dict:
-    """The shares ``named`` (per class, summing to 1) against the data's ``data``: each class's share, the largest
-    gap and its class, and the total variation (half the sum of the gaps), in points."""
+    """The shares ``named`` (per class, summing to 1) against the data's ``data``: the largest gap and its class,
+    and the total variation (half the sum of the gaps), in points."""
     gaps = [100 * (s - d) for s, d in zip(named.tolist(), data.tolist())]
-    return {"samples": dict(zip(classes, named.tolist())), "largest_gap_points": max(gaps, key=abs),
-            "class_of_largest_gap": classes[max(range(len(gaps)), key=lambda c: abs(gaps[c]))],
+    largest = max(range(len(gaps)), key=lambda c: abs(gaps[c]))
+    return {"largest_gap_points": gaps[largest], "class_of_largest_gap": classes[largest],
             "total_variation_points": sum(map(abs, gaps)) / 2}
 
 
@@ -191,6 +191,7 @@ def balance(args) -> list[dict]:
                 read = confusion(labels, truth, classes) @ data
                 named = shares_of(labels, len(classes))
                 row = {"reference": "held-out images, as the classifier names them", "images": len(truth),
+                       "samples": dict(zip(classes, named.tolist())),
                        **gaps_from(named, shares_of(truth, len(classes)), classes), "ink": ink(bench.real),
                        "data_as_read": dict(zip(classes, read.tolist()))}
                 report(row)
@@ -200,10 +201,10 @@ def balance(args) -> list[dict]:
             drawn, seconds = bench.timed(lambda a, b, g: sampler.sample(b - a, generator=g), args.samples)
             named = shares_of(classify(classifier, drawn.float() / 255), len(classes))
             row = {"load_path": path, "step": bench.model.step, "sampler": sampler.config.sampler_name,
-                   **gaps_from(named, data, classes), "ink": ink(drawn), "s_per_image": seconds}
+                   "samples": dict(zip(classes, named.tolist())), **gaps_from(named, data, classes),
+                   "ink": ink(drawn), "s_per_image": seconds}
             if read is not None:  # against the data's shares as the classifier would name them: its errors out
-                row["against_data_as_read"] = {k: v for k, v in gaps_from(named, read, classes).items()
-                                               if k != "samples"}
+                row["against_data_as_read"] = gaps_from(named, read, classes)
             report(row)
             rows.append(row)
     return rows
